@@ -1,0 +1,90 @@
+"""Export a bnnc PyTorch model to the export form: ONNX with ``ai.bnnc`` ops and their function bodies."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import torch
+
+from . import __version__
+from .ops import DOMAIN
+from .ops import export as export_ops
+from .util import atomic_path
+
+# ONNX Runtime 1.31 reads IR version ≤ 13; onnx 1.23 writes 14 by default.
+IR_VERSION = 10
+OPSET = 18
+
+
+from .nn import frozen_for_export  # noqa: E402
+
+
+def _supported_check(model: torch.nn.Module) -> None:
+    """Refuse modules whose semantics the export form cannot express, naming them."""
+    from .nn import BinaryConv2d
+
+    for name, m in model.named_modules():
+        if isinstance(m, BinaryConv2d):
+            continue
+        if type(m).__module__.startswith("bnnc.nn") and not list(m.children()) and any(
+                p.requires_grad for p in m.parameters(recurse=False)) and m.__class__.__name__.endswith("Quantizer"):
+            raise ValueError(f"module {name!r} ({type(m).__name__}) cannot be exported yet")
+
+
+def to_onnx(model: torch.nn.Module, input_shape, *, dynamic_batch: bool = True) -> onnx.ModelProto:
+    """Trace ``model`` (eval mode) into an export-form ``onnx.ModelProto``."""
+    _supported_check(model)
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(tuple(input_shape), dtype=torch.float32)
+    dyn = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), frozen_for_export(model):
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            program = torch.onnx.export(
+                model, (x,), dynamo=True, opset_version=OPSET, optimize=True, verbose=False,
+                custom_translation_table=export_ops.TRANSLATION_TABLE, dynamic_shapes=dyn,
+                input_names=["input"], output_names=["logits"],
+            )
+    finally:
+        model.train(was_training)
+    ir_model = program.model
+    export_ops.attach_functions(ir_model)
+    ir_model.producer_name = "bnnc"
+    ir_model.producer_version = __version__
+    ir_model.metadata_props["bnnc.form"] = "export"
+    if getattr(model, "bnnc_name", None):
+        ir_model.metadata_props["bnnc.model"] = model.bnnc_name
+    proto = ir.serde.serialize_model(ir_model)
+    proto.ir_version = IR_VERSION
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def save_onnx(proto: onnx.ModelProto, path) -> Path:
+    """Write an ONNX model atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
+    return path
+
+
+def export(model: torch.nn.Module, path, input_shape=None) -> Path:
+    """Export ``model`` to ``path`` in the export form (``ai.bnnc`` ops with ONNX function bodies)."""
+    if input_shape is None:
+        recipe = getattr(model, "bnnc_recipe", None)
+        if recipe is None:
+            raise ValueError("export: input_shape is required for models without a recipe")
+        input_shape = recipe.input_shape
+    return save_onnx(to_onnx(model, input_shape), path)
+
+
+def uses_bnnc_domain(proto: onnx.ModelProto) -> bool:
+    return any(n.domain == DOMAIN for n in proto.graph.node)

@@ -1,0 +1,170 @@
+"""Export-form ops of the ``ai.bnnc`` domain (float semantics).
+
+Each op is defined once, here, in three coupled forms:
+
+* a ``torch.library`` custom op (``torch.ops.bnnc.*``): the forward used in training and traced by export;
+* an ONNX schema plus an onnxscript function body in standard ONNX ops, attached to every exported model
+  as a model-local function, so stock ONNX Runtime runs the export form as the reference;
+* the translation that maps the torch op onto the ONNX node during ``torch.onnx.export``.
+
+Semantics (``docs/ops.md``):
+
+``SignBinarize(X, T) -> Y``: Y = +1 where X ≥ T[c] else −1 (T per channel along axis 1).
+``BinaryConv2d(X, W, R) -> Y``: Y = Conv(X, sign(W)) · R[o], sign(w) = +1 if w ≥ 0 else −1, zero padding.
+    The conv runs on ±1 weights (exact integers in float32), then one multiply by the per-output-channel
+    weight scale R, which is how XNOR-popcount hardware computes it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import onnx
+import onnx_ir as ir
+import onnxscript
+import torch
+from onnx.defs import OpSchema
+from onnxscript import FLOAT
+from onnxscript import opset18 as op
+
+from . import DOMAIN, OPSET_VERSION
+
+bnnc_opset = onnxscript.values.Opset(DOMAIN, OPSET_VERSION)
+
+# ---------------------------------------------------------------------------------------------- torch
+
+
+def _channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+@torch.library.custom_op("bnnc::sign_binarize", mutates_args=())
+def sign_binarize(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """+1 where x ≥ threshold (per channel, axis 1) else −1."""
+    one = torch.ones((), dtype=x.dtype)
+    return torch.where(x >= _channel_view(threshold, x), one, -one)
+
+
+@sign_binarize.register_fake
+def _(x, threshold):
+    return torch.empty_like(x)
+
+
+def weight_sign(w: torch.Tensor) -> torch.Tensor:
+    """sign(w) with sign(0) = +1, the convention of bnnc's quantizers (deploy.md §2)."""
+    one = torch.ones((), dtype=w.dtype)
+    return torch.where(w >= 0, one, -one)
+
+
+@torch.library.custom_op("bnnc::binary_conv2d", mutates_args=())
+def binary_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
+    """conv2d(x, sign(weight)) · scale[o], zero padding."""
+    y = torch.nn.functional.conv2d(x, weight_sign(weight), None, stride, padding, dilation, groups)
+    return y * scale.reshape(1, -1, 1, 1)
+
+
+@binary_conv2d.register_fake
+def _(x, weight, scale, stride, padding, dilation, groups):
+    n, _, h, w = x.shape
+    kh, kw = weight.shape[2], weight.shape[3]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return x.new_empty((n, weight.shape[0], oh, ow))
+
+
+# ----------------------------------------------------------------------------------------------- ONNX
+
+
+def _schema(name, inputs, attributes=()):
+    return OpSchema(
+        name,
+        DOMAIN,
+        OPSET_VERSION,
+        inputs=[OpSchema.FormalParameter(i, "T") for i in inputs],
+        outputs=[OpSchema.FormalParameter("Y", "T")],
+        type_constraints=[("T", ["tensor(float)"], "float32 tensors")],
+        attributes=list(attributes),
+    )
+
+
+EXPORT_SCHEMAS = {
+    "SignBinarize": _schema("SignBinarize", ["X", "T"]),
+    "BinaryConv2d": _schema(
+        "BinaryConv2d",
+        ["X", "W", "R"],
+        [
+            OpSchema.Attribute("strides", OpSchema.AttrType.INTS, "stride per spatial axis"),
+            OpSchema.Attribute("pads", OpSchema.AttrType.INTS, "zero padding [top, left, bottom, right]"),
+            OpSchema.Attribute("dilations", OpSchema.AttrType.INTS, "dilation per spatial axis"),
+            OpSchema.Attribute("group", OpSchema.AttrType.INT, "number of groups"),
+        ],
+    ),
+}
+
+
+@onnxscript.script(bnnc_opset, default_opset=op)
+def SignBinarize(X: FLOAT, T: FLOAT) -> FLOAT:
+    rank = op.Size(op.Shape(X))
+    extra = op.Reshape(op.Sub(rank, op.Constant(value_int=2)), op.Constant(value_ints=[1]))
+    ones = op.Expand(op.Constant(value_ints=[1]), extra)
+    view = op.Concat(op.Constant(value_ints=[1, -1]), ones, axis=0)
+    one = op.CastLike(op.Constant(value_float=1.0), X)
+    return op.Where(op.GreaterOrEqual(X, op.Reshape(T, view)), one, op.Neg(one))
+
+
+@onnxscript.script(bnnc_opset, default_opset=op)
+def BinaryConv2d(X: FLOAT, W: FLOAT, R: FLOAT, strides: Sequence[int], pads: Sequence[int], dilations: Sequence[int], group: int) -> FLOAT:
+    zero = op.CastLike(op.Constant(value_float=0.0), W)
+    one = op.CastLike(op.Constant(value_float=1.0), W)
+    ws = op.Where(op.GreaterOrEqual(W, zero), one, op.Neg(one))
+    y = op.Conv(X, ws, strides=strides, pads=pads, dilations=dilations, group=group)
+    return op.Mul(y, op.Reshape(R, op.Constant(value_ints=[1, -1, 1, 1])))
+
+
+FUNCTIONS = {"SignBinarize": SignBinarize, "BinaryConv2d": BinaryConv2d}
+
+for _s in EXPORT_SCHEMAS.values():
+    try:
+        onnx.defs.register_schema(_s)
+    except Exception:  # already registered (module reloaded)
+        pass
+
+_node = {name: onnxscript.values.Op(bnnc_opset, name, s) for name, s in EXPORT_SCHEMAS.items()}
+
+
+def _translate_sign_binarize(x, threshold):
+    return _node["SignBinarize"](x, threshold)
+
+
+def _translate_binary_conv2d(x, weight, scale, stride, padding, dilation, groups):
+    pads = [int(padding[0]), int(padding[1]), int(padding[0]), int(padding[1])]
+    return _node["BinaryConv2d"](
+        x, weight, scale, strides=[int(s) for s in stride], pads=pads, dilations=[int(d) for d in dilation],
+        group=int(groups),
+    )
+
+
+TRANSLATION_TABLE = {
+    torch.ops.bnnc.sign_binarize.default: _translate_sign_binarize,
+    torch.ops.bnnc.binary_conv2d.default: _translate_binary_conv2d,
+}
+
+
+def attach_functions(model: ir.Model) -> None:
+    """Add the ONNX function body of every ``ai.bnnc`` export op used in ``model``."""
+    used = {n.op_type for n in model.graph.all_nodes() if n.domain == DOMAIN} if hasattr(model.graph, "all_nodes") \
+        else {n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.domain == DOMAIN}
+    for name in sorted(used):
+        if name not in FUNCTIONS:
+            continue
+        f = ir.serde.deserialize_function(FUNCTIONS[name].to_function_proto())
+        model.functions[f.identifier()] = f
+    model.opset_imports[DOMAIN] = OPSET_VERSION

@@ -1,0 +1,1 @@
+"""Graph passes: turn the export form (float semantics) into the deploy form (bit-packed)."""

@@ -1,0 +1,1 @@
+"""Runtimes that execute bnnc ONNX forms: reference ORT, NumPy deploy executor, TVM."""

@@ -1,0 +1,1 @@
+"""TVM backend: bit-packed XNOR-popcount kernels and whole-network Relax compilation."""
