@@ -1,0 +1,210 @@
+"""The ``bnnc`` command line: train, export, fold, compile, eval, quickstart, models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  bnnc quickstart                                   # train → export → compile → eval, one table
+  bnnc train --model fmnist_bnn --epochs 4 --out runs/fm
+  bnnc export runs/fm/last.pt -o model.onnx
+  bnnc fold model.onnx -o model.deploy.onnx
+  bnnc compile model.onnx --target cpu --runtime tvm -o model.bnnc
+  bnnc eval model.bnnc --dataset fashion-mnist --split test --json
+"""
+
+
+def _add_data(p):
+    p.add_argument("--dataset", default="fashion-mnist", help="dataset name (default: fashion-mnist)")
+    p.add_argument("--data-path", help="folder with the dataset files (default: the Debian package's "
+                                       "/usr/share/datasets/fashion-mnist, or $BNNC_FASHION_MNIST)")
+
+
+def _threads(p):
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bnnc", description="Binary neural networks from PyTorch training to "
+                                 "bit-packed XNOR-popcount kernels.", epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+
+    ap.add_argument("--version", action="version", version=f"bnnc {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a registered model; writes last.pt/best.pt checkpoints",
+                       description="Train a model from the zoo with its recipe (flags override it). "
+                                   "Checkpoints are written atomically to OUT/last.pt and OUT/best.pt.")
+    p.add_argument("--model", default="fmnist_bnn", help="model name (see `bnnc models`; default fmnist_bnn)")
+    p.add_argument("--epochs", type=int, help="epochs (default: the recipe's)")
+    p.add_argument("--batch-size", type=int, help="batch size (default: the recipe's)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
+    p.add_argument("--out", default="runs/train", help="output folder (default runs/train)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="use only the first N images of each split (smoke tests)")
+    _add_data(p)
+    _threads(p)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (the export form, ai.bnnc ops)",
+                       description="Export a bnnc checkpoint to ONNX. The file runs on stock ONNX Runtime "
+                                   "(each ai.bnnc op carries its ONNX function body).")
+    p.add_argument("checkpoint", help="a bnnc checkpoint (.pt) written by `bnnc train`")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path")
+    p.add_argument("--input-shape", help="input shape, e.g. 1,1,28,28 (default: the model's recipe)")
+
+    p = sub.add_parser("fold", help="run the deploy passes: export form in, deploy form out",
+                       description="Fold quantizer scales and BatchNorm into integer thresholds and pack "
+                                   "binary weights: writes the deploy form (bit-packed ai.bnnc ops).")
+    p.add_argument("model", help="export-form .onnx")
+    p.add_argument("-o", "--output", required=True, help="output deploy-form .onnx")
+
+    p = sub.add_parser("compile", help="compile an ONNX model into a runnable artifact",
+                       description="Compile an export-form ONNX model for a runtime and target into an "
+                                   "artifact folder (manifest.json + model + library) that `bnnc eval` "
+                                   "and bnnc.load() accept.")
+    p.add_argument("model", help="export-form .onnx (from `bnnc export`)")
+    p.add_argument("-o", "--output", help="artifact path (default: MODEL with suffix .bnnc)")
+    p.add_argument("--target", default="cpu", help="cpu (default); arm and cuda are not available yet")
+    p.add_argument("--runtime", default="tvm", help="tvm (default, bit-packed kernels), reference (stock "
+                                                   "ONNX Runtime on the export form), numpy (deploy-form reference)")
+    p.add_argument("--batch-size", type=int, default=1, help="batch size the kernels are built for (default 1); "
+                                                             "any batch runs, in chunks")
+    _threads(p)
+
+    p = sub.add_parser("eval", help="evaluate a model: top-1, top-5, loss, n",
+                       description="Evaluate an artifact (.bnnc), an ONNX model (compiled on the fly for "
+                                   "--runtime) or a bnnc checkpoint (.pt, in PyTorch) on a dataset split.")
+    p.add_argument("model", help="model.bnnc, model.onnx or checkpoint.pt")
+    p.add_argument("--runtime", default=None, help="for .onnx input: tvm (default), reference or numpy")
+    p.add_argument("--split", default="test", help="train or test (default test)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    _add_data(p)
+    _threads(p)
+
+    p = sub.add_parser("quickstart", help="the whole path on Fashion-MNIST, offline, in a few minutes",
+                       description="Train fmnist_bnn, export it, fold and compile it with TVM, evaluate the "
+                                   "test split on PyTorch, reference ONNX Runtime and TVM, and print one table.")
+    p.add_argument("--epochs", type=int, default=4, help="training epochs (default 4, ≈2 min on 2 cores)")
+    p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
+    p.add_argument("--limit", type=int, help="use only the first N images (smoke test)")
+    _add_data(p)
+    _threads(p)
+
+    sub.add_parser("models", help="list the registered models", description="List the model zoo.")
+    return ap
+
+
+def cmd_train(a):
+    import bnnc
+
+    net = bnnc.models.create(a.model)
+    r = bnnc.train(net, a.dataset, epochs=a.epochs, out=a.out, batch_size=a.batch_size, lr=a.lr,
+                   data_path=a.data_path, seed=a.seed, limit=a.limit)
+    print(f"checkpoint: {r['checkpoint']}  test top-1: {r['test_top1']:.4f}")
+
+
+def cmd_export(a):
+    import bnnc
+
+    net = bnnc.load_checkpoint(a.checkpoint)
+    shape = tuple(int(s) for s in a.input_shape.split(",")) if a.input_shape else None
+    path = bnnc.export(net, a.output, input_shape=shape)
+    print(f"wrote {path} ({os.path.getsize(path):,} bytes, export form)")
+
+
+def cmd_fold(a):
+    import bnnc
+
+    bnnc.fold(a.model, a.output)
+    print(f"wrote {a.output} ({os.path.getsize(a.output):,} bytes, deploy form)")
+
+
+def cmd_compile(a):
+    import bnnc
+
+    cm = bnnc.compile(a.model, target=a.target, runtime=a.runtime, batch_size=a.batch_size, num_threads=a.threads)
+    out = a.output or str(Path(a.model).with_suffix(".bnnc"))
+    cm.save(out)
+    print(f"wrote {out} (runtime {cm.runtime}, target {cm.target}, {cm.manifest['form']} form)")
+
+
+def _open_model(path: str, runtime: str | None, threads):
+    import bnnc
+
+    p = Path(path)
+    if p.is_dir() or p.suffix == ".bnnc":
+        if runtime:
+            raise bnnc.BnncError("--runtime applies to .onnx input; an artifact runs on the runtime it was compiled for")
+        cm = bnnc.load(p, num_threads=threads)
+        return cm, cm.runtime
+    if p.suffix in (".pt", ".pth", ".th"):
+        return bnnc.load_checkpoint(p), "pytorch"
+    rt = runtime or "tvm"
+    return bnnc.compile(p, runtime=rt, num_threads=threads), rt
+
+
+def cmd_eval(a):
+    import bnnc
+
+    model, runtime = _open_model(a.model, a.runtime, a.threads)
+    r = bnnc.evaluate(model, a.dataset, a.split, batch_size=a.batch_size, data_path=a.data_path, limit=a.limit,
+                      progress=not a.json)
+    r = {"model": a.model, "runtime": runtime, "dataset": a.dataset, "split": a.split, **r}
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print(f"{a.model} [{runtime}] {a.dataset}/{a.split}: top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  "
+              f"loss {r['loss']:.4f}  n {r['n']}")
+
+
+def cmd_quickstart(a):
+    from .quickstart import quickstart
+
+    quickstart(epochs=a.epochs, out=a.out, data_path=a.data_path, limit=a.limit, threads=a.threads)
+
+
+def cmd_models(a):
+    from . import models
+
+    for name in models.names():
+        r = models.get_recipe(name)
+        print(f"{name:16s} dataset {r.dataset}, input {r.input_shape}, {r.epochs} epochs ({r.optimizer}, lr {r.lr})")
+
+
+COMMANDS = {"train": cmd_train, "export": cmd_export, "fold": cmd_fold, "compile": cmd_compile, "eval": cmd_eval,
+            "quickstart": cmd_quickstart, "models": cmd_models}
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    if not a.command:
+        ap.print_help()
+        return 2
+    if getattr(a, "threads", None):
+        os.environ["TVM_NUM_THREADS"] = str(a.threads)
+        import torch
+
+        torch.set_num_threads(a.threads)
+    from .errors import BnncError
+
+    try:
+        COMMANDS[a.command](a)
+    except (BnncError, FileNotFoundError, ValueError, NotADirectoryError, PermissionError) as e:
+        print(f"bnnc {a.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bnnc: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

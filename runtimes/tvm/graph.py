@@ -1,0 +1,713 @@
+"""Deploy-form ONNX graph → Relax module → compiled TVM VM.
+
+The translation is done by hand with ``relax.BlockBuilder`` (the TVM ONNX frontend ignores op domains and
+cannot see the ``ai.bnnc`` ops). Standard ONNX ops map to ``relax.op.*`` and are legalized by TVM;
+``ai.bnnc`` ops become ``call_tir`` calls to the scheduled PrimFuncs of :mod:`.kernels`. Unscheduled
+PrimFuncs produced by legalization get a simple parallel schedule (outer spatial loops) before lowering.
+
+Shapes are static: the batch dimension is fixed to ``batch_size`` at compile time; :meth:`TVMModel.run`
+accepts any N by splitting it into chunks (the last chunk zero-padded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+import tvm
+from tvm import relax
+
+from . import kernels as K
+from .target import cpu_target
+
+__all__ = ["compile_model", "TVMModel", "translate", "set_num_threads", "BNNC_DOMAIN"]
+
+BNNC_DOMAIN = "ai.bnnc"
+_ONNX_DOMAINS = ("", "ai.onnx")
+
+
+# --------------------------------------------------------------------------------------------------
+# Threads
+
+
+def set_num_threads(num_threads: int | None) -> None:
+    """Set the TVM runtime thread pool size (also exported as TVM_NUM_THREADS for fresh pools)."""
+    if not num_threads:
+        return
+    n = int(num_threads)
+    os.environ["TVM_NUM_THREADS"] = str(n)
+    f = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
+    if f is not None:
+        try:
+            f(1, n)  # mode 1 = big cores (all cores on homogeneous machines), n threads
+        except Exception:  # pragma: no cover - keep the env fallback
+            pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Translation
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    out = {}
+    for a in node.attribute:
+        v = onnx.helper.get_attribute_value(a)
+        if isinstance(v, bytes):
+            v = v.decode()
+        elif isinstance(v, list) and v and isinstance(v[0], bytes):
+            v = [x.decode() for x in v]
+        elif isinstance(v, onnx.TensorProto):
+            v = numpy_helper.to_array(v)
+        out[a.name] = v
+    return out
+
+
+def _shape(expr) -> list[int]:
+    sinfo = expr.ty
+    if not isinstance(sinfo, relax.TensorType) or sinfo.shape is None:
+        raise ValueError(f"expected a tensor with a static shape, got {sinfo}")
+    dims = []
+    for d in sinfo.shape.values:
+        if not isinstance(d, tvm.tirx.IntImm):
+            raise ValueError(f"non-static shape {sinfo.shape}")
+        dims.append(int(d))
+    return dims
+
+
+def _dtype(expr) -> str:
+    return str(expr.ty.dtype)
+
+
+class _Translator:
+    def __init__(self, model: onnx.ModelProto, batch_size: int):
+        self.model = model
+        self.graph = model.graph
+        self.batch_size = int(batch_size)
+        self.bb = relax.BlockBuilder()
+        self.values: dict[str, Any] = {}  # name → relax expr
+        self.consts: dict[str, np.ndarray] = {}  # name → numpy value (initializers, Constant nodes)
+        self.nfunc = 0
+        self.orig_batch = None
+
+    # -- helpers -------------------------------------------------------------------------------
+    def const(self, name_or_arr, dtype=None):
+        arr = self.consts[name_or_arr] if isinstance(name_or_arr, str) else name_or_arr
+        arr = np.asarray(arr)
+        if dtype is not None:
+            arr = arr.astype(dtype)
+        return relax.const(np.ascontiguousarray(arr), str(arr.dtype))
+
+    def get(self, name: str):
+        if name in self.values:
+            return self.values[name]
+        if name in self.consts:
+            v = self.const(name)
+            self.values[name] = v
+            return v
+        raise ValueError(f"value {name!r} is not defined (missing initializer or producer)")
+
+    def cval(self, name: str, what: str, node) -> np.ndarray:
+        if name not in self.consts:
+            raise ValueError(f"node {node.name!r} ({node.op_type}): {what} must be a constant/initializer")
+        return self.consts[name]
+
+    def emit(self, expr):
+        return self.bb.emit(expr)
+
+    def call_kernel(self, func, base: str, args, out_shape, out_dtype):
+        name = f"bnnc_{base}_{self.nfunc}"
+        gv = self.bb.add_func(func.with_attr("global_symbol", name), name)
+        self.nfunc += 1
+        return self.emit(relax.call_tir(gv, list(args), relax.TensorType(out_shape, out_dtype)))
+
+    # -- driver --------------------------------------------------------------------------------
+    def run(self):
+        g = self.graph
+        init_names = {t.name for t in g.initializer}
+        for t in g.initializer:
+            self.consts[t.name] = numpy_helper.to_array(t)
+        inputs = [i for i in g.input if i.name not in init_names]
+        if len(inputs) != 1:
+            raise ValueError(f"expected exactly one graph input, got {[i.name for i in inputs]}")
+        inp = inputs[0]
+        ttype = inp.type.tensor_type
+        dims = []
+        for k, d in enumerate(ttype.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(int(d.dim_value))
+            elif k == 0:
+                dims.append(-1)
+            else:
+                raise ValueError(f"input {inp.name!r}: only the batch dimension may be symbolic")
+        if not dims:
+            raise ValueError("graph input has no shape")
+        self.orig_batch = dims[0] if dims[0] > 0 else None
+        dims[0] = self.batch_size
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
+        self.input_name, self.input_shape, self.input_dtype = inp.name, dims, str(np.dtype(dtype))
+        self.output_names = [o.name for o in g.output]
+
+        x = relax.Var(inp.name.replace(".", "_") or "x", relax.TensorType(dims, self.input_dtype))
+        with self.bb.function("main", [x]):
+            with self.bb.dataflow():
+                self.values[inp.name] = x
+                for node in g.node:
+                    self.node(node)
+                outs = [self.get(o) for o in self.output_names]
+                out = outs[0] if len(outs) == 1 else relax.Tuple(outs)
+                gv = self.bb.emit_output(out)
+            self.bb.emit_func_output(gv)
+        mod = self.bb.get()
+        self.output_shape = _shape(outs[0]) if len(outs) >= 1 else None
+        self.output_dtype = _dtype(outs[0])
+        return mod
+
+    def node(self, node: onnx.NodeProto):
+        dom = node.domain or ""
+        if dom == BNNC_DOMAIN:
+            fn = getattr(self, f"bnnc_{node.op_type}", None)
+        elif dom in _ONNX_DOMAINS:
+            fn = getattr(self, f"op_{node.op_type}", None)
+        else:
+            fn = None
+        if fn is None:
+            raise ValueError(f"unsupported op: node {node.name!r} has op type {dom + '::' if dom else ''}"
+                             f"{node.op_type}")
+        try:
+            res = fn(node, _attrs(node))
+        except ValueError as e:
+            msg = str(e)
+            if node.op_type not in msg or repr(node.name) not in msg:
+                msg = f"node {node.name!r} ({node.op_type}): {msg}"
+            raise ValueError(msg) from e
+        if not isinstance(res, (list, tuple)):
+            res = [res]
+        for name, val in zip(node.output, res):
+            if name:
+                if isinstance(val, np.ndarray):
+                    self.consts[name] = val
+                else:
+                    self.values[name] = val
+
+    def inputs(self, node):
+        return [self.get(n) if n else None for n in node.input]
+
+    def opt(self, node, i):
+        return node.input[i] if len(node.input) > i and node.input[i] else None
+
+    def all_const(self, node):
+        return all((not n) or (n in self.consts and n not in self.values) for n in node.input)
+
+    # -- ai.bnnc ops -----------------------------------------------------------------------------
+    def bnnc_PackSign(self, node, a):
+        x = self.get(node.input[0])
+        shp = _shape(x)
+        tname = self.opt(node, 1)
+        args = [x]
+        if tname:
+            t = self.const(tname, "float32") if tname in self.consts else self.get(tname)
+            args.append(t)
+        f = K.pack_sign_primfunc(shp, tname is not None)
+        out = [shp[0], K.num_words(shp[1])] if len(shp) == 2 else [shp[0], shp[2], shp[3], K.num_words(shp[1])]
+        return self.call_kernel(f, "pack_sign", args, out, "uint32")
+
+    def bnnc_UnpackSign(self, node, a):
+        x = self.get(node.input[0])
+        shp = _shape(x)
+        c = int(a["channels"])
+        f = K.unpack_sign_primfunc(shp, c)
+        out = [shp[0], c] if len(shp) == 2 else [shp[0], c, shp[1], shp[2]]
+        return self.call_kernel(f, "unpack_sign", args=[x], out_shape=out, out_dtype="float32")
+
+    def bnnc_MaxPoolBits(self, node, a):
+        x = self.get(node.input[0])
+        n, h, w, cw = _shape(x)
+        ks = [int(v) for v in a["kernel_shape"]]
+        st = [int(v) for v in a.get("strides", ks)]
+        pads = [int(v) for v in a.get("pads", [0, 0, 0, 0])]
+        mode = a.get("mode", "or")
+        f = K.maxpool_bits_primfunc([n, h, w, cw], int(a["channels"]), ks, st, pads, mode)
+        oh = K._out_size(h, ks[0], st[0], pads[0], pads[2])
+        ow = K._out_size(w, ks[1], st[1], pads[1], pads[3])
+        return self.call_kernel(f, "maxpool_bits", [x], [n, oh, ow, cw], "uint32")
+
+    def bnnc_BinaryConv2dPacked(self, node, a):
+        output = a.get("output", "float")
+        o = int(a["out_channels"])
+        ks = [int(v) for v in a["kernel_shape"]]
+        st = [int(v) for v in a.get("strides", [1, 1])]
+        pads = [int(v) for v in a.get("pads", [0, 0, 0, 0])]
+        dil = [int(v) for v in a.get("dilations", [1, 1])]
+        pdtype = "float32" if output == "float" else "int32"
+        dtypes = ["uint32", "uint32", "int32", "int32", "int32", pdtype, pdtype]
+        args = []
+        for i, (name, dt) in enumerate(zip(node.input, dtypes)):
+            if i >= 2 and name in self.consts:
+                args.append(self.const(name, dt))
+            else:
+                v = self.get(name)
+                if _dtype(v) != dt:
+                    v = self.emit(relax.op.astype(v, dt))
+                args.append(v)
+        xs = _shape(args[0])
+        ws = _shape(args[1])
+        es = _shape(args[2])
+        f = K.binary_conv2d_packed_primfunc(xs, ws, es, out_channels=o, kernel_shape=ks, strides=st, pads=pads,
+                                            dilations=dil, output=output)
+        oshape, odtype = K.output_spec(f)
+        return self.call_kernel(f, "bconv", args, oshape, odtype)
+
+    # -- standard ONNX ops ------------------------------------------------------------------------
+    def op_Identity(self, node, a):
+        n = node.input[0]
+        if n in self.consts and n not in self.values:
+            return self.consts[n]
+        return self.get(n)
+
+    def op_Constant(self, node, a):
+        if "value" in a:
+            return np.asarray(a["value"])
+        for k, dt in (("value_float", np.float32), ("value_int", np.int64)):
+            if k in a:
+                return np.asarray(a[k], dt)
+        for k, dt in (("value_floats", np.float32), ("value_ints", np.int64)):
+            if k in a:
+                return np.asarray(a[k], dt)
+        raise ValueError(f"node {node.name!r} (Constant): unsupported attribute {list(a)}")
+
+    def _binary(self, node, fn, npfn):
+        if self.all_const(node):
+            return npfn(self.consts[node.input[0]], self.consts[node.input[1]])
+        x, y = self.inputs(node)[:2]
+        return self.emit(fn(x, y))
+
+    def op_Add(self, node, a):
+        return self._binary(node, relax.op.add, np.add)
+
+    def op_Sub(self, node, a):
+        return self._binary(node, relax.op.subtract, np.subtract)
+
+    def op_Mul(self, node, a):
+        return self._binary(node, relax.op.multiply, np.multiply)
+
+    def op_Div(self, node, a):
+        return self._binary(node, relax.op.divide, np.divide)
+
+    def op_Relu(self, node, a):
+        return self.emit(relax.op.nn.relu(self.get(node.input[0])))
+
+    def op_Sigmoid(self, node, a):
+        return self.emit(relax.op.sigmoid(self.get(node.input[0])))
+
+    def op_Tanh(self, node, a):
+        return self.emit(relax.op.tanh(self.get(node.input[0])))
+
+    def op_Softmax(self, node, a):
+        return self.emit(relax.op.nn.softmax(self.get(node.input[0]), axis=int(a.get("axis", -1))))
+
+    def op_PRelu(self, node, a):
+        x = self.get(node.input[0])
+        slope = self.get(node.input[1])
+        zero = relax.const(np.zeros((), _dtype(x)))
+        return self.emit(relax.op.where(relax.op.less(x, zero), relax.op.multiply(x, slope), x))
+
+    def op_LeakyRelu(self, node, a):
+        x = self.get(node.input[0])
+        alpha = relax.const(np.asarray(a.get("alpha", 0.01), _dtype(x)))
+        zero = relax.const(np.zeros((), _dtype(x)))
+        return self.emit(relax.op.where(relax.op.less(x, zero), relax.op.multiply(x, alpha), x))
+
+    def op_Clip(self, node, a):
+        x = self.get(node.input[0])
+        dt = _dtype(x)
+        lo = a.get("min")
+        hi = a.get("max")
+        if self.opt(node, 1):
+            lo = self.cval(node.input[1], "min", node)
+        if self.opt(node, 2):
+            hi = self.cval(node.input[2], "max", node)
+        y = x
+        if lo is not None:
+            y = self.emit(relax.op.maximum(y, relax.const(np.asarray(lo, dt).reshape(()))))
+        if hi is not None:
+            y = self.emit(relax.op.minimum(y, relax.const(np.asarray(hi, dt).reshape(()))))
+        return y
+
+    def op_Conv(self, node, a):
+        x = self.get(node.input[0])
+        xs = _shape(x)
+        if len(xs) != 4:
+            raise ValueError(f"node {node.name!r} (Conv): only 2-D convolutions are supported")
+        wname = node.input[1]
+        w = self.get(wname)
+        ws = _shape(w)
+        ks = [int(v) for v in a.get("kernel_shape", ws[2:])]
+        st = [int(v) for v in a.get("strides", [1, 1])]
+        dil = [int(v) for v in a.get("dilations", [1, 1])]
+        pads = self._pads(node, a, xs[2:], ks, st, dil)
+        y = self.emit(relax.op.nn.conv2d(x, w, strides=st, padding=pads, dilation=dil,
+                                         groups=int(a.get("group", 1))))
+        bname = self.opt(node, 2)
+        if bname:
+            b = self.get(bname)
+            y = self.emit(relax.op.add(y, relax.op.reshape(b, [1, -1, 1, 1])))
+        return y
+
+    def _pads(self, node, a, spatial, ks, st, dil):
+        auto = a.get("auto_pad", "NOTSET")
+        if auto in ("NOTSET", ""):
+            p = [int(v) for v in a.get("pads", [0] * (2 * len(ks)))]
+            return p
+        if auto == "VALID":
+            return [0] * (2 * len(ks))
+        begins, ends = [], []
+        for size, k, s, d in zip(spatial, ks, st, dil):
+            out = -(-size // s)
+            total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+            small, big = total // 2, total - total // 2
+            if auto == "SAME_UPPER":
+                begins.append(small), ends.append(big)
+            else:
+                begins.append(big), ends.append(small)
+        return begins + ends
+
+    def op_BatchNormalization(self, node, a):
+        x = self.get(node.input[0])
+        eps = float(a.get("epsilon", 1e-5))
+        names = node.input[1:5]
+        scale, bias, mean, var = [self.cval(n, "BN parameters", node).astype(np.float32) for n in names]
+        nd = len(_shape(x))
+        bshape = [1, -1] + [1] * (nd - 2)
+        # y = (x - mean) * (scale / sqrt(var + eps)) + bias
+        mul = (scale / np.sqrt(var + np.float32(eps))).astype(np.float32)
+        y = self.emit(relax.op.subtract(x, self.const(mean.reshape(bshape))))
+        y = self.emit(relax.op.multiply(y, self.const(mul.reshape(bshape))))
+        return self.emit(relax.op.add(y, self.const(bias.reshape(bshape))))
+
+    def _pool(self, node, a, kind):
+        x = self.get(node.input[0])
+        xs = _shape(x)
+        if len(xs) != 4:
+            raise ValueError(f"node {node.name!r} ({node.op_type}): only 2-D pooling is supported")
+        ks = [int(v) for v in a["kernel_shape"]]
+        st = [int(v) for v in a.get("strides", [1, 1])]
+        dil = [int(v) for v in a.get("dilations", [1, 1])]
+        pads = self._pads(node, a, xs[2:], ks, st, dil)
+        ceil = bool(a.get("ceil_mode", 0))
+        if kind == "max":
+            if len(node.output) > 1 and node.output[1]:
+                raise ValueError(f"node {node.name!r} (MaxPool): the Indices output is not supported")
+            return self.emit(relax.op.nn.max_pool2d(x, ks, st, pads, dil, ceil_mode=ceil))
+        return self.emit(relax.op.nn.avg_pool2d(x, ks, st, pads, dil, ceil_mode=ceil,
+                                                count_include_pad=bool(a.get("count_include_pad", 0))))
+
+    def op_MaxPool(self, node, a):
+        return self._pool(node, a, "max")
+
+    def op_AveragePool(self, node, a):
+        return self._pool(node, a, "avg")
+
+    def op_GlobalAveragePool(self, node, a):
+        x = self.get(node.input[0])
+        nd = len(_shape(x))
+        return self.emit(relax.op.mean(x, axis=list(range(2, nd)), keepdims=True))
+
+    def op_GlobalMaxPool(self, node, a):
+        x = self.get(node.input[0])
+        nd = len(_shape(x))
+        return self.emit(relax.op.max(x, axis=list(range(2, nd)), keepdims=True))
+
+    def op_Flatten(self, node, a):
+        x = self.get(node.input[0])
+        xs = _shape(x)
+        ax = int(a.get("axis", 1))
+        ax = ax + len(xs) if ax < 0 else ax
+        return self.emit(relax.op.reshape(x, [int(np.prod(xs[:ax])), int(np.prod(xs[ax:]))]))
+
+    def op_Reshape(self, node, a):
+        x = self.get(node.input[0])
+        xs = _shape(x)
+        shape = [int(v) for v in self.cval(node.input[1], "the shape input", node).reshape(-1)]
+        allowzero = int(a.get("allowzero", 0))
+        total = int(np.prod(xs))
+        new = [xs[i] if (v == 0 and not allowzero and i < len(xs)) else v for i, v in enumerate(shape)]
+        if -1 not in new and int(np.prod(new)) != total and new and xs:
+            # a batch dimension baked into the shape constant at export time
+            if new[0] in (1, self.orig_batch) and xs[0] == self.batch_size:
+                new[0] = self.batch_size
+        if -1 in new:
+            known = int(np.prod([v for v in new if v != -1]))
+            if known == 0 or total % known:
+                raise ValueError(f"node {node.name!r} (Reshape): cannot reshape {xs} to {shape}")
+            new[new.index(-1)] = total // known
+            if new[0] != xs[0] and xs[0] == self.batch_size and shape[0] in (1, self.orig_batch) \
+                    and shape.count(-1) == 1 and shape[0] != -1:
+                # e.g. [1, -1] exported at batch 1: keep the batch dimension, recompute the rest
+                new = [xs[0]] + [v for v in shape[1:]]
+                known = int(np.prod([v for v in new if v != -1]))
+                new[new.index(-1)] = total // known
+        if int(np.prod(new)) != total:
+            raise ValueError(f"node {node.name!r} (Reshape): cannot reshape {xs} to {shape}")
+        return self.emit(relax.op.reshape(x, new))
+
+    def op_Transpose(self, node, a):
+        x = self.get(node.input[0])
+        perm = a.get("perm")
+        return self.emit(relax.op.permute_dims(x, None if perm is None else [int(p) for p in perm]))
+
+    def op_Squeeze(self, node, a):
+        x = self.get(node.input[0])
+        axes = a.get("axes")
+        if self.opt(node, 1):
+            axes = self.cval(node.input[1], "axes", node).reshape(-1).tolist()
+        return self.emit(relax.op.squeeze(x, None if axes is None else [int(v) for v in axes]))
+
+    def op_Unsqueeze(self, node, a):
+        x = self.get(node.input[0])
+        axes = a.get("axes")
+        if self.opt(node, 1):
+            axes = self.cval(node.input[1], "axes", node).reshape(-1).tolist()
+        nd = len(_shape(x)) + len(axes)
+        axes = sorted(int(v) % nd for v in axes)
+        for ax in axes:
+            x = self.emit(relax.op.expand_dims(x, ax))
+        return x
+
+    def op_Concat(self, node, a):
+        xs = self.inputs(node)
+        return self.emit(relax.op.concat(xs, axis=int(a["axis"])))
+
+    def op_MatMul(self, node, a):
+        x, y = self.inputs(node)[:2]
+        return self.emit(relax.op.matmul(x, y))
+
+    def op_Gemm(self, node, a):
+        alpha = float(a.get("alpha", 1.0))
+        beta = float(a.get("beta", 1.0))
+        ta, tb = int(a.get("transA", 0)), int(a.get("transB", 0))
+        A = self.get(node.input[0])
+        if ta:
+            A = self.emit(relax.op.permute_dims(A, [1, 0]))
+        bname = node.input[1]
+        if bname in self.consts and bname not in self.values:
+            bval = self.consts[bname]
+            B = self.const(np.ascontiguousarray(bval.T if tb else bval))
+        else:
+            B = self.get(bname)
+            if tb:
+                B = self.emit(relax.op.permute_dims(B, [1, 0]))
+        y = self.emit(relax.op.matmul(A, B))
+        dt = _dtype(y)
+        if alpha != 1.0:
+            y = self.emit(relax.op.multiply(y, relax.const(np.asarray(alpha, dt))))
+        cname = self.opt(node, 2)
+        if cname and beta != 0.0:
+            C = self.get(cname)
+            if beta != 1.0:
+                C = self.emit(relax.op.multiply(C, relax.const(np.asarray(beta, dt))))
+            y = self.emit(relax.op.add(y, C))
+        return y
+
+    def op_ReduceMean(self, node, a):
+        x = self.get(node.input[0])
+        axes = a.get("axes")
+        if self.opt(node, 1):
+            axes = self.cval(node.input[1], "axes", node).reshape(-1).tolist()
+        return self.emit(relax.op.mean(x, axis=None if axes is None else [int(v) for v in axes],
+                                       keepdims=bool(a.get("keepdims", 1))))
+
+    def op_Cast(self, node, a):
+        x = self.get(node.input[0])
+        dt = str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(a["to"]))))
+        return self.emit(relax.op.astype(x, dt))
+
+
+def translate(model: onnx.ModelProto, batch_size: int = 1):
+    """ONNX deploy graph → (Relax IRModule, info dict with input/output names, shapes and dtypes)."""
+    t = _Translator(model, batch_size)
+    mod = t.run()
+    info = dict(input_name=t.input_name, input_shape=list(t.input_shape), input_dtype=t.input_dtype,
+                output_name=t.output_names[0], output_shape=list(t.output_shape), output_dtype=t.output_dtype,
+                batch_size=int(batch_size))
+    return mod, info
+
+
+# --------------------------------------------------------------------------------------------------
+# Compilation
+
+
+def _schedule_generic(func):
+    """Parallelize the outer spatial loops of every block of an unscheduled (legalized) PrimFunc."""
+    from tvm import s_tir
+
+    try:
+        sch = s_tir.Schedule(func)
+        root = sch.get_sblock("root") if _has_root(sch) else None
+        blocks = sch.get_child_blocks(root) if root is not None else []
+    except Exception:
+        return func
+    for blk in blocks:
+        try:
+            loops = sch.get_loops(blk)
+            if not loops:
+                continue
+            ivs = sch.get(blk).iter_vars
+            if len(ivs) != len(loops):
+                continue  # not a plain legalized loop nest
+            n_spatial = 0
+            # leading loops bound to spatial (data-parallel) iter vars only
+            for iv in ivs:
+                if int(iv.iter_type) != 0:
+                    break
+                n_spatial += 1
+            if n_spatial == 0:
+                continue
+            lead = loops[: min(n_spatial, 3)]
+            fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+            sch.parallel(fused)
+        except Exception:
+            continue
+    return sch.mod["main"]
+
+
+def _has_root(sch):
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:
+        return False
+
+
+@tvm.transform.module_pass(opt_level=0, name="BnncScheduleGenericCPU")
+def _schedule_generic_pass(mod, _ctx):
+    updates = {}
+    for gv, func in mod.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc) and not (func.attrs and "bnnc.scheduled" in func.attrs):
+            new = _schedule_generic(func)
+            if new is not func:
+                updates[gv] = new
+    for gv, f in updates.items():
+        mod[gv] = f
+    return mod
+
+
+def _relax_pipeline(target):
+    from tvm.relax.backend.cpu_generic import pipeline as P
+
+    @tvm.transform.module_pass(opt_level=0, name="BnncRelaxPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                P.library_dispatch_passes(target)
+                + P.legalize_passes(target)
+                + [_schedule_generic_pass]
+                + P.dataflow_lower_passes(target)
+                + P.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
+
+
+def _resolve_target(target, num_threads):
+    if target is None or target == "cpu" or target == "host":
+        return cpu_target(num_threads)
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, dict):
+        return dict(target)
+    raise ValueError(f"target must be 'cpu', a dict or a tvm.target.Target, got {target!r}")
+
+
+def compile_model(model: onnx.ModelProto | str, target="cpu", batch_size: int = 1,
+                  num_threads: int | None = None) -> "TVMModel":
+    """Compile a deploy-form ONNX model (ai.bnnc + standard ops) for the CPU with TVM."""
+    if isinstance(model, (str, os.PathLike)):
+        model = onnx.load(str(model))
+    set_num_threads(num_threads)
+    tdict = _resolve_target(target, num_threads)
+    tgt = tdict if isinstance(tdict, tvm.target.Target) else tvm.target.Target(tdict)
+    mod, info = translate(model, batch_size)
+    ex = tvm.compile(mod, target=tgt, relax_pipeline=_relax_pipeline(tgt))
+    info["target"] = tdict if isinstance(tdict, dict) else str(tdict)
+    info["num_threads"] = num_threads
+    return TVMModel(ex, info)
+
+
+class TVMModel:
+    """A compiled network: ``run(x) -> y`` for any batch, ``export_library``/``load`` for deployment."""
+
+    def __init__(self, executable, info: dict, device=None):
+        self.dev = device or tvm.cpu()
+        self.executable = executable
+        self.info = dict(info)
+        self.vm = relax.VirtualMachine(executable, self.dev)
+        self._main = self.vm["main"]
+
+    # -- metadata --------------------------------------------------------------------------------
+    @property
+    def input_name(self) -> str:
+        return self.info["input_name"]
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(self.info["input_shape"])
+
+    @property
+    def output_name(self) -> str:
+        return self.info["output_name"]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.info["batch_size"])
+
+    def meta(self) -> dict:
+        """JSON-serializable metadata needed (with the .so) by :meth:`load`."""
+        return json.loads(json.dumps(self.info))
+
+    # -- execution -------------------------------------------------------------------------------
+    def _run_batch(self, x: np.ndarray) -> np.ndarray:
+        out = self._main(tvm.runtime.tensor(x, self.dev))
+        if isinstance(out, (tuple, list)) or hasattr(out, "__getitem__") and not hasattr(out, "numpy"):
+            out = out[0]
+        return out.numpy()
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=self.info.get("input_dtype", "float32"))
+        shape = self.input_shape
+        if x.ndim == len(shape) - 1:
+            x = x[None]
+        if tuple(x.shape[1:]) != tuple(shape[1:]):
+            raise ValueError(f"input shape {x.shape} does not match the compiled shape (N,{','.join(map(str, shape[1:]))})")
+        b = self.batch_size
+        n = x.shape[0]
+        outs = []
+        for s in range(0, n, b):
+            chunk = x[s : s + b]
+            m = chunk.shape[0]
+            if m < b:
+                pad = np.zeros((b - m,) + chunk.shape[1:], chunk.dtype)
+                chunk = np.concatenate([chunk, pad], axis=0)
+            outs.append(self._run_batch(np.ascontiguousarray(chunk))[:m])
+        if not outs:
+            return np.zeros((0,) + tuple(self.info["output_shape"][1:]), self.info.get("output_dtype", "float32"))
+        return np.concatenate(outs, axis=0)
+
+    __call__ = run
+
+    # -- deployment ------------------------------------------------------------------------------
+    def export_library(self, path: str) -> str:
+        path = str(path)
+        self.executable.export_library(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str, meta: dict, num_threads: int | None = None) -> "TVMModel":
+        set_num_threads(num_threads or meta.get("num_threads"))
+        lib = tvm.runtime.load_module(str(path))
+        return cls(lib, meta)

@@ -1,0 +1,418 @@
+"""TE compute definitions and CPU schedules for the ``ai.bnnc`` deploy ops.
+
+Each ``*_te`` function builds the TE tensors of one op (static shapes); each ``*_primfunc`` function
+returns a scheduled ``tirx.PrimFunc`` ready to be added to a Relax module (``call_tir``) or compiled on
+its own. :func:`build_kernel` compiles one op for direct calls from NumPy (tests, micro-benchmarks).
+
+Semantics are those of the NumPy references in :mod:`bnnc.ops.deploy`, bit for bit:
+
+* packing: uint32 words, channel c is bit c % 32 of word c // 32, NHWC, tail bits 0;
+* ``BinaryConv2dPacked``: ``D = E[o, RowClass[oh], ColClass[ow]] - 2*pc``; ``float``:
+  ``Y = float32(float32(D) * P0[o]) + P1[o]`` (the product is formed exactly in float64 and rounded once
+  to float32, so no FMA contraction can change the rounding); ``bits``: ``int64(P0)*D >= int64(P1)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import te, tirx
+
+WORD = 32
+VEC = 16  # int32 lanes of a 512-bit vector; also fine (two registers) on AVX2
+
+__all__ = [
+    "num_words",
+    "pack_sign_te",
+    "unpack_sign_te",
+    "maxpool_bits_te",
+    "binary_conv2d_packed_te",
+    "pack_sign_primfunc",
+    "unpack_sign_primfunc",
+    "maxpool_bits_primfunc",
+    "binary_conv2d_packed_primfunc",
+    "build_kernel",
+]
+
+
+def num_words(c: int) -> int:
+    return (int(c) + WORD - 1) // WORD
+
+
+def _out_size(size, k, stride, pb, pe, dil=1):
+    return (size + pb + pe - dil * (k - 1) - 1) // stride + 1
+
+
+def _u32(v: int):
+    return tirx.const(int(v) & 0xFFFFFFFF, "uint32")
+
+
+def _or_all(terms):
+    acc = terms[0]
+    for t in terms[1:]:
+        acc = acc | t
+    return acc
+
+
+# --------------------------------------------------------------------------------------------------
+# PackSign / UnpackSign
+
+
+def pack_sign_te(X: te.Tensor, T: te.Tensor | None = None) -> te.Tensor:
+    """float32 NCHW (or NC) [, threshold [C]] → uint32 NHWC (or NC) packed, bit = X >= T."""
+    shape = [int(s) for s in X.shape]
+    c = shape[1]
+    cw = num_words(c)
+
+    def thr(ch):
+        return T[ch] if T is not None else tirx.const(0.0, "float32")
+
+    if len(shape) == 2:
+        n = shape[0]
+
+        def f2(i, k):
+            terms = []
+            for b in range(WORD):
+                ch = k * WORD + b
+                chc = tirx.min(ch, c - 1)
+                bit = tirx.all(ch < c, X[i, chc] >= thr(chc))
+                terms.append(tirx.Select(bit, _u32(1 << b), _u32(0)))
+            return _or_all(terms)
+
+        return te.compute((n, cw), f2, name="pack_sign")
+    if len(shape) != 4:
+        raise ValueError(f"PackSign: expected a 2-D or 4-D input, got shape {shape}")
+    n, _, h, w = shape
+
+    def f4(i, y, x, k):
+        terms = []
+        for b in range(WORD):
+            ch = k * WORD + b
+            chc = tirx.min(ch, c - 1)
+            bit = tirx.all(ch < c, X[i, chc, y, x] >= thr(chc))
+            terms.append(tirx.Select(bit, _u32(1 << b), _u32(0)))
+        return _or_all(terms)
+
+    return te.compute((n, h, w, cw), f4, name="pack_sign")
+
+
+def unpack_sign_te(X: te.Tensor, channels: int) -> te.Tensor:
+    """uint32 packed NHWC (or NC) → float32 ±1 NCHW (or NC)."""
+    shape = [int(s) for s in X.shape]
+    one, mone = tirx.const(1.0, "float32"), tirx.const(-1.0, "float32")
+
+    def bit(word, ch):
+        return ((word >> (ch % WORD).astype("uint32")) & _u32(1)) == _u32(1)
+
+    if len(shape) == 2:
+        return te.compute((shape[0], channels),
+                          lambda i, ch: tirx.Select(bit(X[i, ch // WORD], ch), one, mone), name="unpack_sign")
+    n, h, w, _ = shape
+    return te.compute((n, channels, h, w),
+                      lambda i, ch, y, x: tirx.Select(bit(X[i, y, x, ch // WORD], ch), one, mone),
+                      name="unpack_sign")
+
+
+# --------------------------------------------------------------------------------------------------
+# MaxPoolBits
+
+
+def maxpool_bits_te(X: te.Tensor, channels, kernel_shape, strides, pads, mode) -> te.Tensor:
+    if mode not in ("or", "and"):
+        raise ValueError(f"MaxPoolBits: mode must be 'or' or 'and', got {mode!r}")
+    n, h, w, cw = [int(s) for s in X.shape]
+    kh, kw = [int(v) for v in kernel_shape]
+    sh, sw = [int(v) for v in strides]
+    pt, pl, pb, pr = [int(v) for v in pads]
+    oh, ow = _out_size(h, kh, sh, pt, pb), _out_size(w, kw, sw, pl, pr)
+    tail = int(channels) - (cw - 1) * WORD
+    tail_mask = (1 << tail) - 1 if tail < WORD else 0xFFFFFFFF
+
+    def f(i, y, x, k):
+        if mode == "or":
+            acc = _u32(0)
+        else:
+            acc = tirx.Select(k == cw - 1, _u32(tail_mask), _u32(0xFFFFFFFF))
+        ident = _u32(0) if mode == "or" else _u32(0xFFFFFFFF)
+        for a in range(kh):
+            for b in range(kw):
+                yy = y * sh - pt + a
+                xx = x * sw - pl + b
+                valid = tirx.all(yy >= 0, yy < h, xx >= 0, xx < w)
+                v = tirx.if_then_else(valid, X[i, tirx.max(tirx.min(yy, h - 1), 0),
+                                                tirx.max(tirx.min(xx, w - 1), 0), k], ident)
+                acc = (acc | v) if mode == "or" else (acc & v)
+        return acc
+
+    return te.compute((n, oh, ow, cw), f, name="maxpool_bits")
+
+
+# --------------------------------------------------------------------------------------------------
+# BinaryConv2dPacked
+
+
+def _padded_o(o: int) -> int:
+    return max(WORD, num_words(o) * WORD)
+
+
+def binary_conv2d_packed_te(X, W, E, RC, CC, P0, P1, *, out_channels, kernel_shape, strides, pads,
+                            dilations, output, **_ignored):
+    """TE stages: weight transpose (→ [KH,KW,Cw,Opad]), zero padding, popcount conv, epilogue."""
+    n, h, w, cw = [int(s) for s in X.shape]
+    o_, kh, kw, cw2 = [int(s) for s in W.shape]
+    if cw2 != cw:
+        raise ValueError(f"BinaryConv2dPacked: X has {cw} words per pixel but W has {cw2}")
+    o = int(out_channels)
+    if o != o_:
+        raise ValueError(f"BinaryConv2dPacked: out_channels={o} but W has {o_} filters")
+    if [int(v) for v in kernel_shape] != [kh, kw]:
+        raise ValueError("BinaryConv2dPacked: kernel_shape does not match W")
+    sh, sw = [int(v) for v in strides]
+    pt, pl, pb, pr = [int(v) for v in pads]
+    dh, dw = [int(v) for v in dilations]
+    oh, ow = _out_size(h, kh, sh, pt, pb, dh), _out_size(w, kw, sw, pl, pr, dw)
+    if int(RC.shape[0]) != oh or int(CC.shape[0]) != ow:
+        raise ValueError(f"BinaryConv2dPacked: RowClass/ColClass lengths {RC.shape}/{CC.shape} "
+                         f"do not match the output size {oh}x{ow}")
+    op = _padded_o(o)
+    hp, wp = h + pt + pb, w + pl + pr
+
+    wt = te.compute(
+        (kh, kw, cw, op),
+        lambda a, b, c, oo: tirx.if_then_else(oo < o, W[tirx.min(oo, o - 1), a, b, c], _u32(0)),
+        name="wt")
+    xpad = te.compute(
+        (n, hp, wp, cw),
+        lambda i, y, x, c: tirx.if_then_else(
+            tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w),
+            X[i, tirx.max(tirx.min(y - pt, h - 1), 0), tirx.max(tirx.min(x - pl, w - 1), 0), c], _u32(0)),
+        name="xpad")
+    rk = te.reduce_axis((0, kh), name="rk")
+    rw = te.reduce_axis((0, kw), name="rw")
+    rc = te.reduce_axis((0, cw), name="rc")
+    pc = te.compute(
+        (n, oh, ow, op),
+        lambda i, y, x, oo: te.sum(
+            tirx.popcount(xpad[i, y * sh + rk * dh, x * sw + rw * dw, rc] ^ wt[rk, rw, rc, oo]).astype("int32"),
+            axis=[rk, rw, rc]),
+        name="pc")
+
+    def dval(i, y, x, oo):
+        return E[oo, RC[y], CC[x]] - 2 * pc[i, y, x, oo]
+
+    if output == "float":
+        return te.compute(
+            (n, o, oh, ow),
+            lambda i, oo, y, x: (dval(i, y, x, oo).astype("float64") * P0[oo].astype("float64")).astype("float32")
+            + P1[oo],
+            name="epilogue")
+    if output == "bits":
+        ow_words = num_words(o)
+
+        def fb(i, y, x, k):
+            terms = []
+            for b in range(WORD):
+                ch = k * WORD + b
+                chc = tirx.min(ch, o - 1)
+                d = (E[chc, RC[y], CC[x]] - 2 * pc[i, y, x, ch]).astype("int64")
+                bit = tirx.all(ch < o, P0[chc].astype("int64") * d >= P1[chc].astype("int64"))
+                terms.append(tirx.Select(bit, _u32(1 << b), _u32(0)))
+            return _or_all(terms)
+
+        return te.compute((n, oh, ow, ow_words), fb, name="epilogue")
+    raise ValueError(f"BinaryConv2dPacked: output must be 'float' or 'bits', got {output!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedules
+
+
+def _finish(sch) -> tirx.PrimFunc:
+    f = sch.mod["main"]
+    # op_pattern 8 = kOpaque: Relax FuseOps must not fuse (and FuseTIR re-lower) a scheduled kernel.
+    return f.with_attrs({"bnnc.scheduled": True, "op_pattern": 8})
+
+
+def _parallel_outer(sch, block, n_fuse: int, vec_last: bool = False, vec_max: int = 16):
+    loops = sch.get_loops(block)
+    if vec_last and len(loops) > n_fuse:
+        last = loops[-1]
+        ext = _extent(sch, last)
+        if ext is not None and ext > 1:
+            if ext > vec_max:
+                _, last = sch.split(last, [None, vec_max])
+            sch.vectorize(last)
+        loops = sch.get_loops(block)
+    if n_fuse > 1:
+        fused = sch.fuse(*loops[:n_fuse])
+    else:
+        fused = loops[0]
+    sch.parallel(fused)
+
+
+def _extent(sch, loop):
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _schedule_elementwise(args, out, n_parallel: int, vectorize: bool) -> tirx.PrimFunc:
+    f = te.create_prim_func(list(args) + [out])
+    sch = tvm.s_tir.Schedule(f)
+    blk = sch.get_sblock(out.op.name)
+    _parallel_outer(sch, blk, n_parallel, vec_last=vectorize)
+    return _finish(sch)
+
+
+def pack_sign_primfunc(x_shape, with_threshold: bool) -> tirx.PrimFunc:
+    X = te.placeholder(tuple(x_shape), "float32", name="X")
+    T = te.placeholder((int(x_shape[1]),), "float32", name="T") if with_threshold else None
+    Y = pack_sign_te(X, T)
+    args = [X] + ([T] if T is not None else [])
+    if len(x_shape) == 2:
+        return _schedule_elementwise(args, Y, 1, False)
+    # NCHW input, NHWC output: parallel over (n, h); vectorize over w (contiguous loads of X).
+    f = te.create_prim_func(args + [Y])
+    sch = tvm.s_tir.Schedule(f)
+    blk = sch.get_sblock("pack_sign")
+    i, y, x, k = sch.get_loops(blk)
+    sch.reorder(i, y, k, x)
+    wext = int(x_shape[3])
+    if wext >= 4:
+        if wext > VEC:
+            _, x = sch.split(x, [None, VEC])
+        sch.vectorize(x)
+    sch.parallel(sch.fuse(i, y))
+    return _finish(sch)
+
+
+def unpack_sign_primfunc(x_shape, channels: int) -> tirx.PrimFunc:
+    X = te.placeholder(tuple(x_shape), "uint32", name="X")
+    Y = unpack_sign_te(X, int(channels))
+    return _schedule_elementwise([X], Y, 1 if len(x_shape) == 2 else 3, True)
+
+
+def maxpool_bits_primfunc(x_shape, channels, kernel_shape, strides, pads, mode) -> tirx.PrimFunc:
+    X = te.placeholder(tuple(x_shape), "uint32", name="X")
+    Y = maxpool_bits_te(X, channels, kernel_shape, strides, pads, mode)
+    return _schedule_elementwise([X], Y, 2, int(x_shape[3]) >= 4)
+
+
+def _best_tile(ext: int, limit: int) -> int:
+    for t in range(min(ext, limit), 0, -1):
+        if ext % t == 0:
+            return t
+    return 1
+
+
+def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, kernel_shape, strides, pads,
+                                  dilations, output, **_ignored) -> tirx.PrimFunc:
+    """Scheduled PrimFunc with arguments (X, W, E, RowClass, ColClass, P0, P1, Y)."""
+    n, h, w, cw = [int(s) for s in x_shape]
+    o, kh, kw, _ = [int(s) for s in w_shape]
+    sh, sw = [int(v) for v in strides]
+    pt, pl, pb, pr = [int(v) for v in pads]
+    dh, dw = [int(v) for v in dilations]
+    oh, ow = _out_size(h, kh, sh, pt, pb, dh), _out_size(w, kw, sw, pl, pr, dw)
+    pdtype = "float32" if output == "float" else "int32"
+    X = te.placeholder((n, h, w, cw), "uint32", name="X")
+    W = te.placeholder((o, kh, kw, cw), "uint32", name="W")
+    E = te.placeholder(tuple(int(s) for s in e_shape), "int32", name="E")
+    RC = te.placeholder((oh,), "int32", name="RowClass")
+    CC = te.placeholder((ow,), "int32", name="ColClass")
+    P0 = te.placeholder((o,), pdtype, name="P0")
+    P1 = te.placeholder((o,), pdtype, name="P1")
+    Y = binary_conv2d_packed_te(X, W, E, RC, CC, P0, P1, out_channels=o, kernel_shape=(kh, kw),
+                                strides=(sh, sw), pads=(pt, pl, pb, pr), dilations=(dh, dw), output=output)
+    f = te.create_prim_func([X, W, E, RC, CC, P0, P1, Y])
+    sch = tvm.s_tir.Schedule(f)
+    op = _padded_o(o)
+
+    # Weight transpose: tiny, parallel over taps.
+    b_wt = sch.get_sblock("wt")
+    a, b, c, oo = sch.get_loops(b_wt)
+    sch.parallel(sch.fuse(a, b))
+    sch.vectorize(oo) if op <= 64 else None
+
+    # Zero padding: parallel over padded rows.
+    b_pad = sch.get_sblock("xpad")
+    i, y, x, c = sch.get_loops(b_pad)
+    sch.parallel(sch.fuse(i, y))
+
+    # Popcount conv: parallel over (n, oh); register tile (XT output columns) x (OT output channels);
+    # reduction over taps and words outside the tile; innermost VEC output channels vectorized.
+    b_pc = sch.get_sblock("pc")
+    b_epi = sch.get_sblock("epilogue")
+    i, y, x, oo, rk, rw, rc = sch.get_loops(b_pc)
+    ot = min(op, 4 * VEC) if op % (4 * VEC) == 0 else 2 * VEC  # op is a multiple of 32
+    nvec = ot // VEC
+    xt = _best_tile(ow, max(1, 20 // nvec))
+    xo, xi = sch.split(x, [None, xt])
+    o_o, o_i = sch.split(oo, [None, ot])
+    o_v, o_l = sch.split(o_i, [None, VEC])
+    sch.reorder(i, y, xo, o_o, rk, rw, rc, xi, o_v, o_l)
+    row = sch.fuse(i, y)
+    sch.parallel(row)
+    acc = sch.cache_write(b_pc, 0, "local")
+    sch.reverse_compute_at(acc, o_o)
+    sch.vectorize(o_l)
+    sch.unroll(o_v)
+    sch.unroll(xi)
+    sch.decompose_reduction(b_pc, rk)
+    # write-back of the accumulator tile: vectorize over channels
+    wl = sch.get_loops(acc)
+    sch.vectorize(wl[-1]) if _extent(sch, wl[-1]) == ot else None
+
+    # Epilogue per output row, inside the parallel loop (pc buffer shrinks to one row).
+    sch.reverse_compute_at(b_epi, row)
+    el = sch.get_loops(b_epi)
+    if output == "float":
+        # loops: row, o, x → vectorize over x
+        last = el[-1]
+        ext = _extent(sch, last)
+        if ext and ext >= 4:
+            if ext > VEC:
+                _, last = sch.split(last, [None, VEC])
+            sch.vectorize(last)
+    return _finish(sch)
+
+
+# --------------------------------------------------------------------------------------------------
+# Standalone builds (tests, benchmarks)
+
+_TARGET_CACHE: dict = {}
+
+
+def default_target():
+    from .target import cpu_target
+
+    key = "host"
+    if key not in _TARGET_CACHE:
+        _TARGET_CACHE[key] = tvm.target.Target(cpu_target())
+    return _TARGET_CACHE[key]
+
+
+class Kernel:
+    """A compiled op callable on NumPy arrays: ``Kernel(*arrays) -> np.ndarray``."""
+
+    def __init__(self, lib, out_shape, out_dtype, dev):
+        self.lib, self.out_shape, self.out_dtype, self.dev = lib, tuple(out_shape), out_dtype, dev
+
+    def __call__(self, *arrays):
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a), self.dev) for a in arrays]
+        out = tvm.runtime.tensor(np.empty(self.out_shape, self.out_dtype), self.dev)
+        self.lib(*args, out)
+        return out.numpy()
+
+
+def build_kernel(func: tirx.PrimFunc, target=None) -> Kernel:
+    target = default_target() if target is None else tvm.target.Target(target)
+    shape, dtype = output_spec(func)
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    return Kernel(lib, shape, dtype, tvm.cpu())
+
+
+def output_spec(func: tirx.PrimFunc):
+    """(shape, dtype) of a PrimFunc's last (output) parameter."""
+    bmap = getattr(func, "buffer_map", None)
+    out = bmap[func.params[-1]] if bmap is not None else func.params[-1]
+    return [int(s) for s in out.shape], str(out.dtype)

@@ -1,0 +1,130 @@
+"""Host CPU detection → a TVM (0.27) target dict.
+
+TVM 0.27 rejects string targets, and ``mcpu: "native"`` is silently ignored (LLVM then emits baseline
+x86-64 code whose popcount is ~30x slower), so the target must NAME a CPU. :func:`choose_mcpu` maps a
+set of ``/proc/cpuinfo`` flags plus the vendor string to an LLVM CPU name; :func:`cpu_target` applies it
+to the running host.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+__all__ = ["choose_mcpu", "cpu_info", "cpu_target", "num_cores", "llvm_knows_cpu"]
+
+# Ordered from most to least capable: (mcpu, required /proc/cpuinfo flags). The first entry whose
+# flags are all present (and that the bundled LLVM knows) wins. Every required set is a subset of
+# what that LLVM CPU model enables for codegen that matters here (AVX-512 VPOPCNTDQ/BW/VL, AVX2, POPCNT).
+_INTEL = [
+    ("sapphirerapids", {"avx512_vpopcntdq", "avx512_bitalg", "avx512_fp16", "avx512_bf16", "amx_tile",
+                        "avx512bw", "avx512vl", "avx512_vnni"}),
+    ("icelake-server", {"avx512_vpopcntdq", "avx512_bitalg", "avx512_vbmi2", "avx512bw", "avx512vl",
+                        "avx512_vnni"}),
+    ("cascadelake", {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}),
+    ("skylake-avx512", {"avx512f", "avx512bw", "avx512vl", "avx512dq"}),
+    ("haswell", {"avx2", "fma", "bmi2", "popcnt"}),
+    ("nehalem", {"popcnt", "sse4_2"}),
+]
+_AMD = [
+    ("znver5", {"avx512_vpopcntdq", "avx512_bitalg", "avx512_vp2intersect", "avx512bw", "avx512vl",
+                "avx_vnni"}),
+    ("znver4", {"avx512_vpopcntdq", "avx512_bitalg", "avx512bw", "avx512vl"}),
+    ("znver3", {"avx2", "vaes", "vpclmulqdq", "popcnt"}),
+    ("znver2", {"avx2", "fma", "bmi2", "popcnt"}),
+    ("btver2", {"avx", "popcnt"}),
+]
+# Vendor-neutral fallbacks (other vendors, e.g. Hygon/Zhaoxin, or an unknown vendor string).
+_GENERIC = [
+    ("x86-64-v4", {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}),
+    ("x86-64-v3", {"avx2", "fma", "bmi2", "popcnt", "movbe"}),
+    ("x86-64-v2", {"popcnt", "sse4_2", "ssse3", "cx16"}),
+]
+_BASELINE = "x86-64"
+
+
+def llvm_knows_cpu(name: str) -> bool:
+    """Whether the LLVM bundled with TVM knows ``name`` as an x86 CPU (True if the query is unavailable)."""
+    return name in _llvm_cpu_list() if _llvm_cpu_list() else True
+
+
+@lru_cache(maxsize=1)
+def _llvm_cpu_list() -> frozenset:
+    try:
+        import tvm
+        from tvm.target import codegen
+
+        return frozenset(str(c) for c in codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm"})))
+    except Exception:  # pragma: no cover - older/newer TVM without the query
+        return frozenset()
+
+
+def choose_mcpu(flags, vendor: str = "GenuineIntel", known=None) -> str:
+    """Pick an LLVM ``-mcpu`` name from a set of ``/proc/cpuinfo`` flags and the ``vendor_id`` string.
+
+    ``known``: optional predicate ``name -> bool`` (default: ask TVM's LLVM) to skip CPU names the
+    bundled LLVM does not know. Non-x86 flag sets end at ``"x86-64"``, which callers on other
+    architectures should not use (see :func:`cpu_target`).
+    """
+    flags = {str(f).lower() for f in flags}
+    known = llvm_knows_cpu if known is None else known
+    v = (vendor or "").lower()
+    if "intel" in v:
+        table = _INTEL + _GENERIC
+    elif "amd" in v or "hygon" in v:
+        table = _AMD + _GENERIC
+    else:
+        table = _GENERIC
+    for name, need in table:
+        if need <= flags and known(name):
+            return name
+    return _BASELINE
+
+
+def cpu_info(path: str = "/proc/cpuinfo") -> tuple[set, str]:
+    """(flags, vendor_id) of the first processor listed in ``path``; (empty set, "") if unreadable."""
+    flags: set = set()
+    vendor = ""
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key == "vendor_id" and not vendor:
+                    vendor = val.strip()
+                elif key == "flags" and not flags:
+                    flags = set(val.split())
+                if vendor and flags:
+                    break
+    except OSError:
+        pass
+    return flags, vendor
+
+
+def num_cores() -> int:
+    """CPUs this process may run on (affinity-aware)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover
+        return max(1, os.cpu_count() or 1)
+
+
+def cpu_target(num_threads: int | None = None) -> dict:
+    """TVM target dict for the host CPU, e.g. ``{"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2}``."""
+    import platform
+
+    cores = int(num_threads) if num_threads else num_cores()
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i686", "x86"):
+        flags, vendor = cpu_info()
+        mcpu = choose_mcpu(flags, vendor)
+        return {"kind": "llvm", "mcpu": mcpu, "num-cores": cores}
+    # Non-x86 hosts (aarch64…): let LLVM's host detection name the CPU.
+    try:
+        from tvm.target import codegen
+
+        mcpu = str(codegen.llvm_get_system_cpu())
+        triple = str(codegen.llvm_get_system_triple())
+        return {"kind": "llvm", "mtriple": triple, "mcpu": mcpu, "num-cores": cores}
+    except Exception:  # pragma: no cover
+        return {"kind": "llvm", "num-cores": cores}
