@@ -56,6 +56,7 @@ def to_onnx(model: torch.nn.Module, input_shape, *, dynamic_batch: bool = True) 
     finally:
         model.train(was_training)
     ir_model = program.model
+    _name_binary_layers(ir_model)
     export_ops.attach_functions(ir_model)
     ir_model.producer_name = "bnnc"
     ir_model.producer_version = __version__
@@ -66,6 +67,27 @@ def to_onnx(model: torch.nn.Module, input_shape, *, dynamic_batch: bool = True) 
     proto.ir_version = IR_VERSION
     onnx.checker.check_model(proto)
     return proto
+
+
+def _name_binary_layers(model: ir.Model) -> None:
+    """Name each binary conv node and its constants after the PyTorch module they came from
+    (``features.0.binary_weight``, ``features.0.weight_scale``), so any mismatch traces back to a layer."""
+    used = set(model.graph.initializers)
+    for node in model.graph:
+        if node.domain != DOMAIN or node.op_type != "BinaryConv2d":
+            continue
+        w = node.inputs[1].name or ""
+        if "lifted_tensor" not in w:
+            continue
+        prefix = w.rsplit("lifted_tensor", 1)[0]
+        node.name = prefix.rstrip(".") or node.name
+        for value, suffix in ((node.inputs[1], "binary_weight"), (node.inputs[2], "weight_scale")):
+            new = prefix + suffix
+            if value.is_initializer() and new not in used:
+                model.graph.initializers.pop(value.name)
+                value.name = new
+                model.graph.initializers[new] = value
+                used.add(new)
 
 
 def save_onnx(proto: onnx.ModelProto, path) -> Path:

@@ -67,7 +67,7 @@ class FuseThresholdPass(ir.passes.InPlacePass):
                 add_initializer(graph, f"{name}.direction", direction),
                 add_initializer(graph, f"{name}.threshold", thr),
             ], attributes={**conv.attributes, "output": ir.AttrString("output", "bits")}, outputs=[bits],
-                name=f"{name}_bits")
+                name=name)
             graph.insert_after(pack, fused)
             out = bits
             for pool in pools:

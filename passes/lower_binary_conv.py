@@ -87,7 +87,7 @@ class LowerBinaryConvPass(ir.passes.InPlacePass):
                 ir.AttrInt64s("kernel_shape", list(w.shape[2:])), ir.AttrInt64s("strides", strides),
                 ir.AttrInt64s("pads", pads), ir.AttrInt64s("dilations", dil), ir.AttrString("output", "float"),
                 ir.AttrString("source", conv.name or ""),
-            ], outputs=[y], name=f"{name}_packed")
+            ], outputs=[y], name=name)
             graph.insert_after(conv, packed)
             replace_value(conv.outputs[0], y)
             graph.remove(conv, safe=True)
