@@ -11,6 +11,7 @@ accepts any N by splitting it into chunks (the last chunk zero-padded).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -33,6 +34,28 @@ _ONNX_DOMAINS = ("", "ai.onnx")
 
 # --------------------------------------------------------------------------------------------------
 # Threads
+
+
+@contextlib.contextmanager
+def _quiet_scope_logs():
+    """TVM's VM logs one 'Scope Saving/Loaded' warning per kernel on every save and load; keep the
+    C-level stderr of that call and re-emit every other line."""
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as buf:
+        os.dup2(buf.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            buf.seek(0)
+            for line in buf.read().decode(errors="replace").splitlines():
+                if "Scope Saving" not in line and "Scope Loaded" not in line:
+                    print(line, file=sys.stderr)
 
 
 def set_num_threads(num_threads: int | None) -> None:
@@ -703,11 +726,13 @@ class TVMModel:
     # -- deployment ------------------------------------------------------------------------------
     def export_library(self, path: str) -> str:
         path = str(path)
-        self.executable.export_library(path)
+        with _quiet_scope_logs():
+            self.executable.export_library(path)
         return path
 
     @classmethod
     def load(cls, path: str, meta: dict, num_threads: int | None = None) -> "TVMModel":
         set_num_threads(num_threads or meta.get("num_threads"))
-        lib = tvm.runtime.load_module(str(path))
+        with _quiet_scope_logs():
+            lib = tvm.runtime.load_module(str(path))
         return cls(lib, meta)
