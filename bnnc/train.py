@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .data import load_dataset
 from .errors import ModelFormatError
+from .quantizers import ActivationQuantizer, WeightQuantizer
 from .util import atomic_path
 
 CHECKPOINT_FORMAT = "bnnc-checkpoint-1"
@@ -103,6 +104,9 @@ def train(model: torch.nn.Module, dataset: str | None = None, *, epochs: int | N
     history, best = [], -1.0
     for epoch in range(epochs):
         model.train()
+        for m in model.modules():  # schedules (EDE t/k, FDA n/α, RBNN T) advance once per epoch
+            if isinstance(m, (ActivationQuantizer, WeightQuantizer)):
+                m.on_epoch(epoch, epochs)
         perm = rng.permutation(len(x_train))
         t0, total, seen = time.time(), 0.0, 0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)

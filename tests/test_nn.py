@@ -19,9 +19,10 @@ def test_sign_ste_forward_and_clipped_gradient():
 def test_xnor_weight_scale_and_gradient():
     w = torch.tensor([[0.5, -1.5, 0.25, 0.0]], requires_grad=True)
     q = XnorWeight()
-    alpha = q.scale(w)
+    alpha = q(w)[1]
     assert torch.allclose(alpha, torch.tensor([0.5625]))
-    (q(w) * alpha.reshape(-1, 1)).sum().backward()
+    s, r, _ = q(w)
+    (s * r.reshape(-1, 1)).sum().backward()
     # d/dw [α·Σ sign(w)] = α·1_{|w|≤1} (STE) + Σ sign(w) · ∂|w|/∂w / n (through α = mean|w|);
     # sign(0) = +1 in the forward, while ∂|w|/∂w = 0 at w = 0
     sgn = torch.tensor([1.0, -1.0, 1.0, 1.0])
