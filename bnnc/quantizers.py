@@ -16,10 +16,17 @@ Weight quantizers (``WeightQuantizer``):
 
 Both may implement ``on_epoch(epoch, epochs)``: schedules (EDE t/k, …) the trainer calls at the start
 of every epoch.
+
+Registered names (formulas in ``../shared/spec/methods.md``; each class docstring states its own):
+    activations: sign, approx_sign, ede, rsign, adabin, fda, rbnn (not exportable), bimlp (not exportable)
+    weights:     sign, xnor, ede, libra_pb, adabin (t ≠ 0), magnitude_aware, fda, rbnn, bimlp (1×1 only)
+Quantizers with per-channel state made by name (rsign, rbnn, fda's noise module) size it at the first
+forward, in place, so an optimizer built before that keeps owning the parameters.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +34,7 @@ from torch import nn
 
 from .errors import BnncError
 from .ops import export as ops
+from .schedules import EDESchedule, FDASchedule, RBNNSchedule
 
 __all__ = [
     "ActivationDeploy",
@@ -36,6 +44,25 @@ __all__ = [
     "SignSTE",
     "SignWeight",
     "XnorWeight",
+    "ApproxSign",
+    "EDESign",
+    "RSign",
+    "AdaBinActivation",
+    "FDASign",
+    "RBNNActivation",
+    "BiMLPActivation",
+    "EDEWeight",
+    "LibraPBWeight",
+    "AdaBinWeight",
+    "MagnitudeAwareWeight",
+    "FDAWeight",
+    "RBNNWeight",
+    "BiMLPWeight",
+    "approx_sign_grad",
+    "ede_grad",
+    "rbnn_grad",
+    "fda_grad",
+    "rbnn_ab",
     "ACTIVATION_QUANTIZERS",
     "WEIGHT_QUANTIZERS",
     "get_activation_quantizer",
@@ -126,8 +153,608 @@ class XnorWeight(WeightQuantizer):
         return ste(ops.weight_sign(w), w.clamp(-1.0, 1.0)), alpha, None
 
 
-ACTIVATION_QUANTIZERS: dict[str, type] = {"sign": SignSTE}
-WEIGHT_QUANTIZERS: dict[str, type] = {"sign": SignWeight, "xnor": XnorWeight}
+# ------------------------------------------------------------------------------------ seed-method quantizers
+#
+# Formulas: ../shared/spec/methods.md (section numbers below). Common pattern: the forward value is an exact
+# ±1 decision (bnnc convention: +1 ⇔ u ≥ 0, deploy.md §2), and in training the backward is replaced by the
+# method's surrogate derivative g(u) through ``_Surrogate``. In eval / export (``_use_plain_forward``) the
+# exportable activation quantizers compute exactly their deploy mapping p·SignBinarize(x, threshold) + q.
+
+
+class _Surrogate(torch.autograd.Function):
+    """Forward: ``value`` (a ±1 tensor computed by the caller from u); backward: grad · derivative(u)."""
+
+    @staticmethod
+    def forward(ctx, u, value, derivative):
+        ctx.save_for_backward(u)
+        ctx.derivative = derivative
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (u,) = ctx.saved_tensors
+        return grad * ctx.derivative(u), None, None
+
+
+def _binary(u: torch.Tensor, derivative, value: torch.Tensor | None = None) -> torch.Tensor:
+    """±1 (+1 ⇔ u ≥ 0, or ``value``) with surrogate derivative ``derivative(u)`` in training."""
+    if value is None:
+        value = ops.weight_sign(u.detach())
+    if _use_plain_forward():
+        return value
+    return _Surrogate.apply(u, value.detach(), derivative)
+
+
+def _view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel [C] (or scalar) tensor shaped to broadcast along axis 1 of x."""
+    if t.dim() == 0:
+        return t
+    return t.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _threshold_sign(x: torch.Tensor, threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """+1 where x ≥ threshold[c] (axis 1; None: 0) else −1, through the ``SignBinarize`` op (its value only:
+    inputs are detached in training; in eval / export the graph is the same as ``SignSTE``'s)."""
+    if threshold is None:
+        threshold = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)
+    elif threshold.dim() == 0:
+        threshold = threshold.expand(x.shape[1]).contiguous()
+    if not _use_plain_forward():
+        x, threshold = x.detach(), threshold.detach()
+    return ops.sign_binarize(x, threshold)
+
+
+def approx_sign_grad(u: torch.Tensor) -> torch.Tensor:
+    """Bi-Real ApproxSign derivative (§5.1): 2 − 2|u| for |u| < 1, else 0
+    (= 2 + 2u on [−1, 0), 2 − 2u on [0, 1))."""
+    return (2.0 - 2.0 * u.abs()).clamp_min(0.0)
+
+
+def ede_grad(t: float, k: float):
+    """IR-Net EDE derivative (§3.2): k·t·(1 − tanh²(t·u))."""
+
+    def g(u):
+        return k * t * (1.0 - torch.tanh(t * u) ** 2)
+
+    return g
+
+
+def rbnn_grad(t: float, k: float):
+    """RBNN training-aware approximation (§6.1): k·max(0, √2·t − t²·|u|)."""
+
+    def g(u):
+        return (k * (math.sqrt(2.0) * t - t * t * u.abs())).clamp_min(0.0)
+
+    return g
+
+
+def fda_grad(n: int, omega: float, clip: float | None = 1.0):
+    """FDA sine-series derivative (§2.1–2.2): ŝ_n'(u) = (4ω/π)·Σ_{i=0}^{n} cos((2i+1)·ω·u) (n + 1 terms),
+    set to 0 where |u| > clip (BiBench; ``clip=None`` keeps the plain series)."""
+
+    def g(u):
+        total = torch.zeros_like(u)
+        for i in range(n + 1):
+            total = total + torch.cos((2 * i + 1) * omega * u)
+        out = (4.0 * omega / math.pi) * total
+        if clip is not None:
+            out = torch.where(u.abs() > clip, torch.zeros_like(out), out)
+        return out
+
+    return g
+
+
+def _clip_grad(u: torch.Tensor) -> torch.Tensor:
+    return (u.abs() <= 1.0).to(u.dtype)
+
+
+def _per_channel(w: torch.Tensor) -> torch.Tensor:
+    return w.reshape(w.shape[0], -1)
+
+
+class _LazyShapes:
+    """Mixin for per-channel parameters / buffers of quantizers made by name (``table[name]()``), whose
+    sizes are only known at the first forward. They are registered empty (numel 0); ``_materialize``
+    fills them in place (``.data``), so an optimizer built before the first forward keeps owning the same
+    Parameter objects (their optimizer state is created at the first step, after the first forward);
+    ``load_state_dict`` sizes them from the checkpoint first."""
+
+    _lazy_names: tuple[str, ...] = ()
+
+    def _materialize(self, name: str, value: torch.Tensor) -> None:
+        cur = getattr(self, name)
+        with torch.no_grad():
+            cur.data = value.detach().to(device=cur.device, dtype=cur.dtype).clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name in self._lazy_names:
+            key = prefix + name
+            cur = getattr(self, name)
+            if key in state_dict and cur.numel() == 0 and state_dict[key].numel() > 0:
+                cur.data = torch.empty(state_dict[key].shape, dtype=cur.dtype, device=cur.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+class _TKSchedule:
+    """(t, k) held as plain floats (not saved, as in the references), advanced by ``on_epoch``."""
+
+    def _init_schedule(self, schedule):
+        self.schedule = schedule
+        self.t, self.k = schedule.initial
+
+    def on_epoch(self, epoch: int, epochs: int) -> None:
+        self.t, self.k = self.schedule(epoch, epochs)
+
+
+def _unit_deploy(channels: int) -> ActivationDeploy:
+    return ActivationDeploy(torch.zeros(channels), torch.ones(channels), torch.zeros(channels))
+
+
+# ---------------------------------------------------------------------------------------------- activations
+
+
+class ApproxSign(ActivationQuantizer):
+    """``approx_sign`` (Bi-Real, §5.1): s = +1 if x ≥ 0 else −1; backward through the piecewise
+    polynomial F(x) = −1, 2x + x², 2x − x², 1, i.e. ∂s/∂x = max(0, 2 − 2|x|). Deploy: (0, 1, 0)."""
+
+    name = "approx_sign"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value = _threshold_sign(x)
+        return _binary(x, approx_sign_grad, value)
+
+    def deploy(self, channels: int) -> ActivationDeploy:
+        return _unit_deploy(channels)
+
+
+class EDESign(_TKSchedule, ActivationQuantizer):
+    """``ede`` (IR-Net, §3.2): s = +1 if x ≥ 0 else −1; backward k·t·(1 − tanh²(t·x)) with the
+    log-linear t schedule (``EDESchedule``: Tmin 0.1, Tmax 10; t = 0.1, k = 10 before the first epoch).
+    Deploy: (0, 1, 0)."""
+
+    name = "ede"
+
+    def __init__(self, schedule: EDESchedule | None = None):
+        super().__init__()
+        self._init_schedule(schedule or EDESchedule())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value = _threshold_sign(x)
+        return _binary(x, ede_grad(self.t, self.k), value)
+
+    def deploy(self, channels: int) -> ActivationDeploy:
+        return _unit_deploy(channels)
+
+
+class RSign(_LazyShapes, ActivationQuantizer):
+    """``rsign`` (ReActNet, §4.1): s = sign(x + b_c) with a learnable per-channel ``bias`` b (shape
+    (1, C, 1, 1), init 0; sized at the first forward unless ``channels`` is given); backward ApproxSign at
+    u = x + b (∂s/∂x = ∂s/∂b = max(0, 2 − 2|x + b|)). Deploy: threshold −b (x + b ≥ 0 ⇔ x ≥ −b, exact
+    in floating point too), p = 1, q = 0."""
+
+    name = "rsign"
+    _lazy_names = ("bias",)
+
+    def __init__(self, channels: int | None = None):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1) if channels else torch.zeros(0))
+
+    def _ensure(self, channels: int) -> None:
+        if self.bias.numel() == 0:
+            self._materialize("bias", torch.zeros(1, channels, 1, 1))
+        elif self.bias.numel() != channels:
+            raise ValueError(f"rsign has {self.bias.numel()} channels, input has {channels}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._ensure(x.shape[1])
+        b = self.bias.reshape(-1)
+        value = _threshold_sign(x, -b)
+        if _use_plain_forward():
+            return value
+        return _binary(x + _view(b, x), approx_sign_grad, value)
+
+    def deploy(self, channels: int) -> ActivationDeploy:
+        self._ensure(channels)
+        return ActivationDeploy(-self.bias.detach().reshape(-1).clone(), torch.ones(channels), torch.zeros(channels))
+
+
+class AdaBinActivation(ActivationQuantizer):
+    """``adabin`` (AdaBin, §1.2), the OFFICIAL output form:
+
+        u = (x − β)/α,  s = sign(u) (+1 ⇔ u ≥ 0),  out = α·(s + β)   (binary set {α(β − 1), α(β + 1)})
+
+    with learnable scalars ``alpha_a`` (init 1) and ``beta_a`` (init 0), names as in the reference
+    checkpoints. Backward: ApproxSign at u, so ∂out/∂x = F'(u), ∂out/∂α = s + β − u·F'(u),
+    ∂out/∂β = α − F'(u).
+
+    Deploy (threshold, p, q) = (β, α, α·β) for α > 0. For α < 0, s = +1 ⇔ x ≤ β, so the mapping is
+    expressed with the flipped sign s' = +1 ⇔ x > β, i.e. threshold nextafter(β, +∞), p = −α, q = α·β
+    (exact in floating point). For α = 0 the output is 0: p = q = 0. In eval / export the quantizer
+    computes p·SignBinarize(x, threshold) + q, equal to the training value α·(s + β) up to float rounding.
+    """
+
+    name = "adabin"
+
+    def __init__(self, alpha: float = 1.0, beta: float = 0.0):
+        super().__init__()
+        self.alpha_a = nn.Parameter(torch.tensor(float(alpha)))
+        self.beta_a = nn.Parameter(torch.tensor(float(beta)))
+
+    def _mapping(self):
+        a, b = self.alpha_a.detach(), self.beta_a.detach()
+        threshold = torch.where(a < 0, torch.nextafter(b, torch.full_like(b, math.inf)), b)
+        return threshold, a.abs(), a * b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        threshold, p, q = self._mapping()
+        s_flip = _threshold_sign(x, threshold)  # s' = +1 ⇔ x ≥ threshold
+        if _use_plain_forward():
+            return p * s_flip + q
+        a, b = self.alpha_a, self.beta_a
+        u = (x - b) / a
+        value = torch.where(a.detach() < 0, -s_flip, s_flip)  # = sign(u), +1 ⇔ u ≥ 0
+        return a * (_binary(u, approx_sign_grad, value) + b)
+
+    def deploy(self, channels: int) -> ActivationDeploy:
+        threshold, p, q = self._mapping()
+        return ActivationDeploy(threshold.expand(channels).clone(), p.expand(channels).clone(),
+                                q.expand(channels).clone())
+
+
+class _NoiseAdaptation(_LazyShapes, nn.Module):
+    """FDA noise adaptation module (§2.1–2.2): ê(t) = ReLU(t·W1ᵀ)·W2ᵀ + a·sin(t) over the last axis of t
+    (d features, hidden d // k, at least 1), no biases; W1, W2 zero-mean (nn.Linear's default uniform)
+    init, sized at the first call."""
+
+    _lazy_names = ("w1", "w2")
+
+    def __init__(self, k: int = 64, a: float = 0.1):
+        super().__init__()
+        self.k, self.a = k, a
+        self.w1 = nn.Parameter(torch.zeros(0))
+        self.w2 = nn.Parameter(torch.zeros(0))
+
+    def _ensure(self, d: int) -> None:
+        if self.w1.numel() == 0:
+            h = max(d // self.k, 1)
+            self._materialize("w1", torch.empty(h, d).uniform_(-1.0 / math.sqrt(d), 1.0 / math.sqrt(d)))
+            self._materialize("w2", torch.empty(d, h).uniform_(-1.0 / math.sqrt(h), 1.0 / math.sqrt(h)))
+        elif self.w1.shape[1] != d:
+            raise ValueError(f"noise adaptation module has d = {self.w1.shape[1]}, input has {d}")
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        self._ensure(t.shape[-1])
+        return torch.relu(t @ self.w1.t()) @ self.w2.t() + self.a * torch.sin(t)
+
+
+def _fda_binary(u: torch.Tensor, noise: _NoiseAdaptation, n: int, alpha: float, omega: float, clip: float | None,
+                channels_last: bool) -> torch.Tensor:
+    """sign(u) forward; backward ŝ_n'(u)·1_{|u|≤clip} + α·∂ê/∂u, with ê applied to the rows of u: over axis 1
+    at each position (``channels_last``: activations) or over each output channel's flattened weights."""
+    s = _binary(u, fda_grad(n, omega, clip))
+    if alpha != 0.0 and not _use_plain_forward():
+        if channels_last:
+            e = noise(u.movedim(1, -1))
+            e = e - e.detach()
+            e = e.movedim(-1, 1)
+        else:
+            e = noise(_per_channel(u))
+            e = (e - e.detach()).reshape(u.shape)
+        s = s + alpha * e  # exactly 0 in the forward, α·ê in the backward
+    return s
+
+
+class FDASign(ActivationQuantizer):
+    """``fda`` (FDA-BNN, §2): forward s = sign(x) (+1 ⇔ x ≥ 0); backward through the truncated sine
+    series ŝ_n'(x) = (4ω/π)·Σ_{i=0}^{n} cos((2i+1)ωx) (0 for |x| > 1, BiBench; ω = 0.1) plus
+    α·∂ê/∂x of the noise adaptation module ê applied over channels at each position (d = C, k = 64).
+    Schedule (``FDASchedule``): n = 9 + ⌊9e/E⌋, α = 0.05·(1 + cos(π(e+1)/E)) → 0 (n = 9, α = 0.1 before
+    the first epoch). The noise path enters the backward only (forward exactly ±1, as in the paper), so the
+    module vanishes at inference. Deploy: (0, 1, 0)."""
+
+    name = "fda"
+
+    def __init__(self, schedule: FDASchedule | None = None, omega: float = 0.1, clip: float | None = 1.0,
+                 noise_k: int = 64, noise_a: float = 0.1):
+        super().__init__()
+        self.schedule = schedule or FDASchedule()
+        self.n, self.alpha = self.schedule.initial
+        self.omega, self.clip = omega, clip
+        self.noise = _NoiseAdaptation(noise_k, noise_a)
+
+    def on_epoch(self, epoch: int, epochs: int) -> None:
+        self.n, self.alpha = self.schedule(epoch, epochs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_plain_forward():
+            return _threshold_sign(x)
+        return _fda_binary(x, self.noise, self.n, self.alpha, self.omega, self.clip, channels_last=True)
+
+    def deploy(self, channels: int) -> ActivationDeploy:
+        return _unit_deploy(channels)
+
+
+class RBNNActivation(_TKSchedule, ActivationQuantizer):
+    """``rbnn`` (RBNN, §6.1): Ã = (x − mean_b x)/std_b(x − mean) over (C, H, W) of each sample b
+    (unbiased std), s = sign(Ã); backward max(0, √2·t' − t'²·|Ã|) with t' = max(t, 1), k = 1
+    (``RBNNSchedule``), chained through the standardisation.
+
+    Not exportable: the threshold is the per-sample mean of the input, a data-dependent value rather than
+    a per-channel constant, so it is not an affine image of a thresholded sign."""
+
+    name = "rbnn"
+
+    def __init__(self, schedule: RBNNSchedule | None = None):
+        super().__init__()
+        self._init_schedule(schedule or RBNNSchedule())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(1, x.dim()))
+        c = x - x.mean(dims, keepdim=True)
+        a2 = c / c.std(dims, keepdim=True)
+        return _binary(a2, rbnn_grad(max(self.t, 1.0), 1.0))
+
+    def deploy(self, channels: int) -> ActivationDeploy:
+        raise NotExportableError("rbnn activations binarize x − mean(x) over (C, H, W) of each sample: a "
+                                 "data-dependent per-sample threshold, not an affine image of a thresholded sign")
+
+
+class BiMLPActivation(ActivationQuantizer):
+    """``bimlp`` (BiMLP release, §7.1, DoReFa with nbit 1): a = rint(clip(x, −1, 1)) ∈ {−1, 0, +1}
+    (round half to even: |x| ≤ 0.5 → 0), backward the gradient of clip (1 for |x| ≤ 1). TERNARY, as in
+    the released MindSpore code (an upstream oddity): not exportable."""
+
+    name = "bimlp"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.clamp(-1.0, 1.0)
+        value = torch.round(c.detach())
+        if _use_plain_forward():
+            return value
+        return ste(value, c)
+
+    def deploy(self, channels: int) -> ActivationDeploy:
+        raise NotExportableError("bimlp activations are ternary (rint(clip(x, −1, 1)) ∈ {−1, 0, +1}), "
+                                 "not an affine image of ±1")
+
+
+# -------------------------------------------------------------------------------------------------- weights
+
+
+class EDEWeight(_TKSchedule, WeightQuantizer):
+    """``ede``: s = sign(w) with the EDE backward k·t·(1 − tanh²(t·w)) (§3.2), no scale."""
+
+    name = "ede"
+
+    def __init__(self, schedule: EDESchedule | None = None):
+        super().__init__()
+        self._init_schedule(schedule or EDESchedule())
+
+    def forward(self, w: torch.Tensor):
+        return _binary(w, ede_grad(self.t, self.k)), None, None
+
+
+class LibraPBWeight(_TKSchedule, WeightQuantizer):
+    """``libra_pb`` (IR-Net, §3.1): per output channel Ŵ = (W − mean)/std(W − mean) (unbiased std, not
+    detached), s = sign(Ŵ) with the EDE backward at Ŵ, r = 2^round(log2 mean|Ŵ|) (detached power of two,
+    computed as the reference does: round(ln m / ln 2)), t = 0."""
+
+    name = "libra_pb"
+
+    def __init__(self, schedule: EDESchedule | None = None):
+        super().__init__()
+        self._init_schedule(schedule or EDESchedule())
+
+    def forward(self, w: torch.Tensor):
+        flat = _per_channel(w)
+        c = flat - flat.mean(1, keepdim=True)
+        wh = c / c.std(1, keepdim=True)
+        m = wh.detach().abs().mean(1)
+        r = torch.pow(torch.full_like(m, 2.0), torch.round(torch.log(m) / math.log(2)))
+        return _binary(wh, ede_grad(self.t, self.k)).reshape(w.shape), r, None
+
+
+class AdaBinWeight(_TKSchedule, WeightQuantizer):
+    """``adabin`` (AdaBin, §1.1): per output channel β = mean(W_o), α = population std (ddof 0),
+    Ŵ = (W − β)/α, s = sign(Ŵ) with the EDE backward at Ŵ; r = α, t = β (W_b = α·s + β), neither
+    detached. Schedule ``EDESchedule(1e-3, 10)`` (EC ``--progressive``; t = 0.1, k = 10 before the first
+    epoch). Note: n is Cin/groups·kh·kw here; the reference divides by in_channels·kh·kw, which differs
+    for grouped convs."""
+
+    name = "adabin"
+
+    def __init__(self, schedule: EDESchedule | None = None):
+        super().__init__()
+        self._init_schedule(schedule or EDESchedule(1e-3, 10.0))
+
+    def forward(self, w: torch.Tensor):
+        flat = _per_channel(w)
+        beta = flat.mean(1, keepdim=True)
+        alpha = torch.sqrt(((flat - beta) ** 2).sum(1, keepdim=True) / flat.shape[1])
+        wh = (flat - beta) / alpha
+        s = _binary(wh, ede_grad(self.t, self.k)).reshape(w.shape)
+        return s, alpha.reshape(-1), beta.reshape(-1)
+
+
+class MagnitudeAwareWeight(WeightQuantizer):
+    """``magnitude_aware`` (Bi-Real §5.2 / ReActNet ``HardBinaryConv`` §4.1): W_b = mean_o|W|·sign(W), scale
+    detached, clipped STE. Since the layer multiplies the ±1 conv by r, ∂L/∂W = ∂L/∂W_b·mean_o|W|·1_{|W|≤1}:
+    the paper's magnitude-aware gradient."""
+
+    name = "magnitude_aware"
+
+    def forward(self, w: torch.Tensor):
+        r = _per_channel(w).detach().abs().mean(1)
+        return ste(ops.weight_sign(w), w.clamp(-1.0, 1.0)), r, None
+
+
+class FDAWeight(WeightQuantizer):
+    """``fda`` (FDA-BNN, §2): s = sign(W), backward ŝ_n'(W)·1_{|W|≤1} + α·∂ê/∂W with the weight noise
+    module over each output channel's flattened weights (d = Cin·kh·kw, k = 64), schedule as ``FDASign``.
+    Scale r (detached): ``scale="layer"`` mean|W| over the whole tensor (DoReFa, the MindSpore release,
+    default), ``"channel"`` per output channel (BiBench), ``None`` no scale."""
+
+    name = "fda"
+
+    def __init__(self, schedule: FDASchedule | None = None, omega: float = 0.1, clip: float | None = 1.0,
+                 scale: str | None = "layer", noise_k: int = 64, noise_a: float = 0.1):
+        super().__init__()
+        if scale not in ("layer", "channel", None):
+            raise ValueError(f"scale must be 'layer', 'channel' or None, got {scale!r}")
+        self.schedule = schedule or FDASchedule()
+        self.n, self.alpha = self.schedule.initial
+        self.omega, self.clip, self.scale = omega, clip, scale
+        self.noise = _NoiseAdaptation(noise_k, noise_a)
+
+    def on_epoch(self, epoch: int, epochs: int) -> None:
+        self.n, self.alpha = self.schedule(epoch, epochs)
+
+    def forward(self, w: torch.Tensor):
+        s = _fda_binary(w, self.noise, self.n, self.alpha, self.omega, self.clip, channels_last=False)
+        o = w.shape[0]
+        if self.scale == "layer":
+            r = w.detach().abs().mean().expand(o)
+        elif self.scale == "channel":
+            r = _per_channel(w).detach().abs().mean(1)
+        else:
+            r = None
+        return s, r, None
+
+
+def rbnn_ab(n: int) -> tuple[int, int]:
+    """RBNN ``get_ab``: a = the largest divisor of n with a ≤ √n, b = n / a."""
+    a = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    return a, n // a
+
+
+def _random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A Haar-random orthogonal n×n matrix (QR of a Gaussian with the sign fix; as scipy's ortho_group)."""
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+class RBNNWeight(_LazyShapes, _TKSchedule, WeightQuantizer):
+    """``rbnn`` (RBNN, §6.1–6.2). Per layer, N = Cin·kh·kw = a·b (``rbnn_ab``):
+
+        W̃ = (W − mean_o)/std_o (unbiased),  X_o = W̃_o as a×b,  W_rot = R1ᵀ X R2,
+        w3 = W̃ + |sin θ_o|·(stop_grad(W_rot) − W̃),  s = sign(w3),  r = alpha_o, t = 0.
+
+    Backward k·max(0, √2·t − t²|w3|) (``RBNNSchedule``). Buffers ``R1`` (a×a), ``R2`` (b×b) random
+    orthogonal at init, parameters ``alpha`` (O,1,1) init mean_o|W| and ``rotate`` θ (O,1,1,1) init π/2
+    (reference names and shapes), all sized at the first forward. The rotations are not trained by SGD:
+    ``on_epoch(e, E)`` arms an update (when e % rotation_update == 0) that runs during the first training
+    forward of the epoch (3 alternating rounds, ``update_rotation``)."""
+
+    name = "rbnn"
+    _lazy_names = ("R1", "R2", "alpha", "rotate")
+
+    def __init__(self, schedule: RBNNSchedule | None = None, rotation_update: int = 1):
+        super().__init__()
+        self._init_schedule(schedule or RBNNSchedule())
+        self.rotation_update = rotation_update
+        self.register_buffer("R1", torch.zeros(0))
+        self.register_buffer("R2", torch.zeros(0))
+        self.alpha = nn.Parameter(torch.zeros(0))
+        self.rotate = nn.Parameter(torch.zeros(0))
+        self.update_pending = False
+
+    def on_epoch(self, epoch: int, epochs: int) -> None:
+        super().on_epoch(epoch, epochs)
+        self.update_pending = epoch % self.rotation_update == 0
+
+    def _ensure(self, w: torch.Tensor) -> None:
+        o, n = w.shape[0], w[0].numel()
+        a, b = rbnn_ab(n)
+        if self.R1.numel() == 0:
+            self._materialize("R1", _random_orthogonal(a))
+        if self.R2.numel() == 0:
+            self._materialize("R2", _random_orthogonal(b))
+        if self.alpha.numel() == 0:
+            self._materialize("alpha", _per_channel(w).detach().abs().mean(1).reshape(o, 1, 1))
+        if self.rotate.numel() == 0:
+            self._materialize("rotate", torch.full((o, 1, 1, 1), math.pi / 2))
+        if self.R1.shape != (a, a) or self.R2.shape != (b, b) or self.alpha.numel() != o:
+            raise ValueError(f"rbnn state (R1 {tuple(self.R1.shape)}, R2 {tuple(self.R2.shape)}, alpha "
+                             f"{self.alpha.numel()}) does not fit a weight of shape {tuple(w.shape)}")
+
+    def standardized(self, w: torch.Tensor) -> torch.Tensor:
+        """W̃ as [O, a, b]."""
+        flat = _per_channel(w)
+        c = flat - flat.mean(1, keepdim=True)
+        return (c / c.std(1, keepdim=True)).reshape(w.shape[0], self.R1.shape[0], self.R2.shape[0])
+
+    @torch.no_grad()
+    def update_rotation(self, x: torch.Tensor, rounds: int = 3) -> None:
+        """Alternating updates on X [O, a, b] (detached): B = sign(R1ᵀ X R2);
+        R1 ← V1·U1ᵀ with U1 S1 V1ᵀ = SVD(Σ_o B_o R2ᵀ X_oᵀ);
+        R2 ← U2·V2ᵀ with U2 S2 V2ᵀ = SVD(Σ_o X_oᵀ R1 B_o)   (R1 already updated; 3 rounds, as RB)."""
+        x = x.detach()
+        r1, r2 = self.R1.clone(), self.R2.clone()
+        for _ in range(rounds):
+            b = torch.sign(r1.t() @ x @ r2)
+            u1, _, v1h = torch.linalg.svd((b @ r2.t() @ x.transpose(1, 2)).sum(0))
+            r1 = v1h.t() @ u1.t()
+            u2, _, v2h = torch.linalg.svd((x.transpose(1, 2) @ r1 @ b).sum(0))
+            r2 = u2 @ v2h
+        self.R1.copy_(r1)
+        self.R2.copy_(r2)
+
+    def forward(self, w: torch.Tensor):
+        self._ensure(w)
+        o = w.shape[0]
+        x = self.standardized(w)
+        if (self.update_pending and self.training and torch.is_grad_enabled()
+                and not torch.compiler.is_exporting()):
+            self.update_rotation(x)
+            self.update_pending = False
+        with torch.no_grad():
+            w_rot = self.R1.t() @ x.detach() @ self.R2
+        w3 = x + torch.sin(self.rotate).abs().reshape(o, 1, 1) * (w_rot - x)
+        s = _binary(w3, rbnn_grad(self.t, self.k)).reshape(w.shape)
+        return s, self.alpha.reshape(o), None
+
+
+class BiMLPWeight(WeightQuantizer):
+    """``bimlp`` (BiMLP ``XnorM``, §7.1): W_b = sign(W)·mean(|W|, axis 1 (input channels)), identity STE
+    for the whole op (∂L/∂W = ∂L/∂W_b; the scale is detached). The scale is per (o, kh, kw); the (s, r, t)
+    interface has one r per output channel, so only kh = kw = 1 kernels are accepted (for BiMLP's
+    depthwise 1×7 / 7×1 convs XnorM gives W_b = W: keep those real-valued)."""
+
+    name = "bimlp"
+
+    def forward(self, w: torch.Tensor):
+        if w[0, 0].numel() != 1:
+            raise ValueError("bimlp weights need 1×1 kernels (XnorM scales per (out-channel, kh, kw))")
+        o = w.shape[0]
+        r = w.detach().abs().mean(1).reshape(o)
+        rv = r.reshape((o,) + (1,) * (w.dim() - 1))
+        identity = torch.where(rv > 0, w / torch.where(rv > 0, rv, torch.ones_like(rv)), w)
+        return ste(ops.weight_sign(w), identity), r, None
+
+
+ACTIVATION_QUANTIZERS: dict[str, type] = {
+    "sign": SignSTE,
+    "approx_sign": ApproxSign,
+    "ede": EDESign,
+    "rsign": RSign,
+    "adabin": AdaBinActivation,
+    "fda": FDASign,
+    "rbnn": RBNNActivation,
+    "bimlp": BiMLPActivation,
+}
+WEIGHT_QUANTIZERS: dict[str, type] = {
+    "sign": SignWeight,
+    "xnor": XnorWeight,
+    "ede": EDEWeight,
+    "libra_pb": LibraPBWeight,
+    "adabin": AdaBinWeight,
+    "magnitude_aware": MagnitudeAwareWeight,
+    "fda": FDAWeight,
+    "rbnn": RBNNWeight,
+    "bimlp": BiMLPWeight,
+}
 
 
 def _resolve(spec, table, kind):
