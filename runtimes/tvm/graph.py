@@ -24,7 +24,7 @@ import tvm
 from tvm import relax
 
 from . import kernels as K
-from .target import cpu_target
+from .target import cpu_target, host_family, resolve_target, target_family  # noqa: F401
 
 __all__ = ["compile_model", "TVMModel", "translate", "set_num_threads", "BNNC_DOMAIN"]
 
@@ -107,8 +107,9 @@ def _dtype(expr) -> str:
 
 
 class _Translator:
-    def __init__(self, model: onnx.ModelProto, batch_size: int):
+    def __init__(self, model: onnx.ModelProto, batch_size: int, family: str = "x86"):
         self.model = model
+        self.family = family  # schedule family of the ai.bnnc kernels: "x86", "arm" or "cuda"
         self.graph = model.graph
         self.batch_size = int(batch_size)
         self.bb = relax.BlockBuilder()
@@ -235,7 +236,7 @@ class _Translator:
         if tname:
             t = self.const(tname, "float32") if tname in self.consts else self.get(tname)
             args.append(t)
-        f = K.pack_sign_primfunc(shp, tname is not None)
+        f = K.pack_sign_primfunc(shp, tname is not None, target=self.family)
         out = [shp[0], K.num_words(shp[1])] if len(shp) == 2 else [shp[0], shp[2], shp[3], K.num_words(shp[1])]
         return self.call_kernel(f, "pack_sign", args, out, "uint32")
 
@@ -243,7 +244,7 @@ class _Translator:
         x = self.get(node.input[0])
         shp = _shape(x)
         c = int(a["channels"])
-        f = K.unpack_sign_primfunc(shp, c)
+        f = K.unpack_sign_primfunc(shp, c, target=self.family)
         out = [shp[0], c] if len(shp) == 2 else [shp[0], c, shp[1], shp[2]]
         return self.call_kernel(f, "unpack_sign", args=[x], out_shape=out, out_dtype="float32")
 
@@ -254,7 +255,7 @@ class _Translator:
         st = [int(v) for v in a.get("strides", ks)]
         pads = [int(v) for v in a.get("pads", [0, 0, 0, 0])]
         mode = a.get("mode", "or")
-        f = K.maxpool_bits_primfunc([n, h, w, cw], int(a["channels"]), ks, st, pads, mode)
+        f = K.maxpool_bits_primfunc([n, h, w, cw], int(a["channels"]), ks, st, pads, mode, target=self.family)
         oh = K._out_size(h, ks[0], st[0], pads[0], pads[2])
         ow = K._out_size(w, ks[1], st[1], pads[1], pads[3])
         return self.call_kernel(f, "maxpool_bits", [x], [n, oh, ow, cw], "uint32")
@@ -281,7 +282,7 @@ class _Translator:
         ws = _shape(args[1])
         es = _shape(args[2])
         f = K.binary_conv2d_packed_primfunc(xs, ws, es, out_channels=o, kernel_shape=ks, strides=st, pads=pads,
-                                            dilations=dil, output=output)
+                                            dilations=dil, output=output, target=self.family)
         oshape, odtype = K.output_spec(f)
         return self.call_kernel(f, "bconv", args, oshape, odtype)
 
@@ -550,9 +551,11 @@ class _Translator:
         return self.emit(relax.op.astype(x, dt))
 
 
-def translate(model: onnx.ModelProto, batch_size: int = 1):
-    """ONNX deploy graph → (Relax IRModule, info dict with input/output names, shapes and dtypes)."""
-    t = _Translator(model, batch_size)
+def translate(model: onnx.ModelProto, batch_size: int = 1, target=None):
+    """ONNX deploy graph → (Relax IRModule, info dict with input/output names, shapes and dtypes).
+
+    ``target`` picks the schedules of the ai.bnnc kernels (host CPU by default, "arm", "cuda", dict)."""
+    t = _Translator(model, batch_size, target_family(target))
     mod = t.run()
     info = dict(input_name=t.input_name, input_shape=list(t.input_shape), input_dtype=t.input_dtype,
                 output_name=t.output_names[0], output_shape=list(t.output_shape), output_dtype=t.output_dtype,
@@ -620,6 +623,13 @@ def _schedule_generic_pass(mod, _ctx):
 
 
 def _relax_pipeline(target):
+    if target.kind.name == "cuda":
+        # legalized standard ops get dlight's default GPU schedules; the ai.bnnc kernels carry
+        # tirx.is_scheduled and are left as scheduled in kernels.py
+        from tvm.relax.backend.cuda.pipeline import get_default_pipeline
+
+        return get_default_pipeline(target)
+
     from tvm.relax.backend.cpu_generic import pipeline as P
 
     @tvm.transform.module_pass(opt_level=0, name="BnncRelaxPipeline")
@@ -638,39 +648,81 @@ def _relax_pipeline(target):
 
 
 def _resolve_target(target, num_threads):
-    if target is None or target == "cpu" or target == "host":
-        return cpu_target(num_threads)
-    if isinstance(target, tvm.target.Target):
-        return target
-    if isinstance(target, dict):
-        return dict(target)
-    raise ValueError(f"target must be 'cpu', a dict or a tvm.target.Target, got {target!r}")
+    return resolve_target(target, num_threads)
 
 
 def compile_model(model: onnx.ModelProto | str, target="cpu", batch_size: int = 1,
                   num_threads: int | None = None) -> "TVMModel":
-    """Compile a deploy-form ONNX model (ai.bnnc + standard ops) for the CPU with TVM."""
+    """Compile a deploy-form ONNX model (ai.bnnc + standard ops) with TVM.
+
+    ``target``: ``"cpu"`` (the host, runnable here), ``"arm"`` (AArch64 + NEON, cross-compiled: export it
+    with :meth:`TVMModel.export_library` and run it on an AArch64 machine with the TVM runtime),
+    ``"cuda"`` / ``"cuda:sm_90"`` (CUDA, device code compiled by nvcc; runs where a GPU is), or a TVM
+    target dict / ``tvm.target.Target``.
+    """
     if isinstance(model, (str, os.PathLike)):
         model = onnx.load(str(model))
-    set_num_threads(num_threads)
     tdict = _resolve_target(target, num_threads)
+    family = target_family(tdict)
+    if family != "cuda":
+        set_num_threads(num_threads)
     tgt = tdict if isinstance(tdict, tvm.target.Target) else tvm.target.Target(tdict)
-    mod, info = translate(model, batch_size)
-    ex = tvm.compile(mod, target=tgt, relax_pipeline=_relax_pipeline(tgt))
+    mod, info = translate(model, batch_size, target=tdict)
+    if family == "cuda":
+        with K.nvcc_env():
+            ex = tvm.compile(mod, target=tgt, relax_pipeline=_relax_pipeline(tgt))
+    else:
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=_relax_pipeline(tgt))
     info["target"] = tdict if isinstance(tdict, dict) else str(tdict)
+    info["target_family"] = family
     info["num_threads"] = num_threads
     return TVMModel(ex, info)
+
+
+def _meta_family(info: dict) -> str:
+    """Schedule family recorded in a model's metadata (older metadata: derived from its target)."""
+    fam = info.get("target_family")
+    if fam:
+        return str(fam)
+    t = info.get("target")
+    try:
+        return target_family(t if isinstance(t, dict) else None)
+    except ValueError:
+        return "x86"
+
+
+def _runnable_here(family: str) -> tuple[bool, str]:
+    """Whether code of this schedule family can run on this machine, and why not."""
+    if family == "cuda":
+        if not tvm.runtime.enabled("cuda"):
+            return False, "this TVM build has no CUDA runtime (needs a CUDA-enabled TVM and a CUDA GPU)"
+        if not tvm.cuda(0).exist:
+            return False, "no CUDA GPU on this machine"
+        return True, ""
+    if family == "arm" and host_family() != "arm":
+        return False, ("compiled for AArch64 (cross-compiled); export_library() and load it with the TVM "
+                       "runtime on an AArch64 machine")
+    if family == "x86" and host_family() == "arm":
+        return False, "compiled for x86-64; this machine is AArch64"
+    return True, ""
 
 
 class TVMModel:
     """A compiled network: ``run(x) -> y`` for any batch, ``export_library``/``load`` for deployment."""
 
     def __init__(self, executable, info: dict, device=None):
-        self.dev = device or tvm.cpu()
         self.executable = executable
         self.info = dict(info)
-        self.vm = relax.VirtualMachine(executable, self.dev)
-        self._main = self.vm["main"]
+        self.family = _meta_family(self.info)
+        self.runnable, self._why_not = _runnable_here(self.family)
+        if device is None:
+            device = tvm.cuda(0) if self.family == "cuda" and self.runnable else tvm.cpu()
+        self.dev = device
+        self.vm = None
+        self._main = None
+        if self.runnable:
+            self.vm = relax.VirtualMachine(executable, self.dev)
+            self._main = self.vm["main"]
 
     # -- metadata --------------------------------------------------------------------------------
     @property
@@ -695,6 +747,8 @@ class TVMModel:
 
     # -- execution -------------------------------------------------------------------------------
     def _run_batch(self, x: np.ndarray) -> np.ndarray:
+        if self._main is None:
+            raise RuntimeError(f"this model cannot run here: {self._why_not}")
         out = self._main(tvm.runtime.tensor(x, self.dev))
         if isinstance(out, (tuple, list)) or hasattr(out, "__getitem__") and not hasattr(out, "numpy"):
             out = out[0]
@@ -724,14 +778,29 @@ class TVMModel:
     __call__ = run
 
     # -- deployment ------------------------------------------------------------------------------
-    def export_library(self, path: str) -> str:
+    def export_library(self, path: str, cc: str | None = None) -> str:
+        """Write a shared library. AArch64 models are linked with the cross compiler ``cc``
+        (default ``aarch64-linux-gnu-gcc`` when this host is not AArch64); CUDA models embed the
+        compiled device code (fatbin) next to the host code."""
         path = str(path)
+        kwargs = {}
+        if cc is None and self.family == "arm" and host_family() != "arm":
+            from .cross import AARCH64_CC
+
+            cc = AARCH64_CC
+        if cc is not None:
+            from tvm.support import cc as _cc
+
+            kwargs["fcompile"] = _cc.cross_compiler(cc)
         with _quiet_scope_logs():
-            self.executable.export_library(path)
+            self.executable.export_library(path, **kwargs)
         return path
 
     @classmethod
     def load(cls, path: str, meta: dict, num_threads: int | None = None) -> "TVMModel":
+        ok, why = _runnable_here(_meta_family(meta))
+        if not ok:
+            raise RuntimeError(f"cannot load {path} here: {why}")
         set_num_threads(num_threads or meta.get("num_threads"))
         with _quiet_scope_logs():
             lib = tvm.runtime.load_module(str(path))

@@ -32,6 +32,11 @@ __all__ = [
     "maxpool_bits_primfunc",
     "binary_conv2d_packed_primfunc",
     "build_kernel",
+    "compile_kernel",
+    "output_spec",
+    "cuda_source",
+    "nvcc_compile",
+    "nvcc_env",
 ]
 
 
@@ -224,13 +229,34 @@ def binary_conv2d_packed_te(X, W, E, RC, CC, P0, P1, *, out_channels, kernel_sha
 
 
 # --------------------------------------------------------------------------------------------------
-# Schedules
+# Schedules: one compute (above), one schedule per target family.
+#
+# * ``x86``  — AVX-512/AVX2 (16 int32 lanes), the schedules this module started with;
+# * ``arm``  — AArch64 NEON (4 int32 lanes per q register, 32 registers): same loop structure with a
+#   register tile sized for NEON; LLVM lowers the 32-bit popcount to ``cnt v.16b`` (byte-wise) followed by
+#   widening pairwise adds (``uaddlp``/``uadalp``) into the int32 accumulators;
+# * ``cuda`` — one thread per (output pixel, output channel) of the popcount stage (``__popc`` on 32-bit
+#   words, accumulator in a register), flat 1-D thread grids for the element-wise ops.
+#
+# Every ``*_primfunc`` takes ``target`` (``None``/"cpu" = host, "arm", "cuda", a dict or a Target).
+
+NEON_VEC = 4  # int32 / float32 lanes of a 128-bit NEON register
+CUDA_THREADS = 256
 
 
-def _finish(sch) -> tirx.PrimFunc:
+def _family(target) -> str:
+    from .target import target_family
+
+    return target_family(target)
+
+
+def _finish(sch, gpu: bool = False) -> tirx.PrimFunc:
     f = sch.mod["main"]
     # op_pattern 8 = kOpaque: Relax FuseOps must not fuse (and FuseTIR re-lower) a scheduled kernel.
-    return f.with_attrs({"bnnc.scheduled": True, "op_pattern": 8})
+    attrs = {"bnnc.scheduled": True, "op_pattern": 8}
+    if gpu:
+        attrs["tirx.is_scheduled"] = True  # dlight's ApplyDefaultSchedule leaves it alone
+    return f.with_attrs(attrs)
 
 
 def _parallel_outer(sch, block, n_fuse: int, vec_last: bool = False, vec_max: int = 16):
@@ -255,46 +281,73 @@ def _extent(sch, loop):
     return int(ext) if isinstance(ext, tirx.IntImm) else None
 
 
-def _schedule_elementwise(args, out, n_parallel: int, vectorize: bool) -> tirx.PrimFunc:
+def _cpu_vec(fam: str) -> int:
+    return NEON_VEC if fam == "arm" else VEC
+
+
+def _bind_flat(sch, block, threads: int = CUDA_THREADS, order=None):
+    """Fuse all loops of ``block`` (optionally reordered by ``order(loops)``) into a 1-D CUDA grid."""
+    loops = sch.get_loops(block)
+    if order is not None:
+        sch.reorder(*order(loops))
+        loops = sch.get_loops(block)
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    total = _extent(sch, fused) or threads
+    t = min(threads, max(32, -(-total // 32) * 32))
+    bx, tx = sch.split(fused, [None, t])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+
+
+def _schedule_elementwise(args, out, n_parallel: int, vectorize: bool, fam: str = "x86") -> tirx.PrimFunc:
     f = te.create_prim_func(list(args) + [out])
     sch = tvm.s_tir.Schedule(f)
     blk = sch.get_sblock(out.op.name)
-    _parallel_outer(sch, blk, n_parallel, vec_last=vectorize)
+    if fam == "cuda":
+        _bind_flat(sch, blk)
+        return _finish(sch, gpu=True)
+    _parallel_outer(sch, blk, n_parallel, vec_last=vectorize, vec_max=_cpu_vec(fam))
     return _finish(sch)
 
 
-def pack_sign_primfunc(x_shape, with_threshold: bool) -> tirx.PrimFunc:
+def pack_sign_primfunc(x_shape, with_threshold: bool, target=None) -> tirx.PrimFunc:
+    fam = _family(target)
     X = te.placeholder(tuple(x_shape), "float32", name="X")
     T = te.placeholder((int(x_shape[1]),), "float32", name="T") if with_threshold else None
     Y = pack_sign_te(X, T)
     args = [X] + ([T] if T is not None else [])
     if len(x_shape) == 2:
-        return _schedule_elementwise(args, Y, 1, False)
-    # NCHW input, NHWC output: parallel over (n, h); vectorize over w (contiguous loads of X).
+        return _schedule_elementwise(args, Y, 1, False, fam)
     f = te.create_prim_func(args + [Y])
     sch = tvm.s_tir.Schedule(f)
     blk = sch.get_sblock("pack_sign")
+    if fam == "cuda":
+        # threads adjacent along w: coalesced loads of the NCHW input planes
+        _bind_flat(sch, blk, order=lambda l: (l[0], l[1], l[3], l[2]))
+        return _finish(sch, gpu=True)
+    # NCHW input, NHWC output: parallel over (n, h); vectorize over w (contiguous loads of X).
+    vec = _cpu_vec(fam)
     i, y, x, k = sch.get_loops(blk)
     sch.reorder(i, y, k, x)
     wext = int(x_shape[3])
     if wext >= 4:
-        if wext > VEC:
-            _, x = sch.split(x, [None, VEC])
+        if wext > vec:
+            _, x = sch.split(x, [None, vec])
         sch.vectorize(x)
     sch.parallel(sch.fuse(i, y))
     return _finish(sch)
 
 
-def unpack_sign_primfunc(x_shape, channels: int) -> tirx.PrimFunc:
+def unpack_sign_primfunc(x_shape, channels: int, target=None) -> tirx.PrimFunc:
     X = te.placeholder(tuple(x_shape), "uint32", name="X")
     Y = unpack_sign_te(X, int(channels))
-    return _schedule_elementwise([X], Y, 1 if len(x_shape) == 2 else 3, True)
+    return _schedule_elementwise([X], Y, 1 if len(x_shape) == 2 else 3, True, _family(target))
 
 
-def maxpool_bits_primfunc(x_shape, channels, kernel_shape, strides, pads, mode) -> tirx.PrimFunc:
+def maxpool_bits_primfunc(x_shape, channels, kernel_shape, strides, pads, mode, target=None) -> tirx.PrimFunc:
     X = te.placeholder(tuple(x_shape), "uint32", name="X")
     Y = maxpool_bits_te(X, channels, kernel_shape, strides, pads, mode)
-    return _schedule_elementwise([X], Y, 2, int(x_shape[3]) >= 4)
+    return _schedule_elementwise([X], Y, 2, int(x_shape[3]) >= 4, _family(target))
 
 
 def _best_tile(ext: int, limit: int) -> int:
@@ -305,8 +358,9 @@ def _best_tile(ext: int, limit: int) -> int:
 
 
 def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, kernel_shape, strides, pads,
-                                  dilations, output, **_ignored) -> tirx.PrimFunc:
+                                  dilations, output, target=None, **_ignored) -> tirx.PrimFunc:
     """Scheduled PrimFunc with arguments (X, W, E, RowClass, ColClass, P0, P1, Y)."""
+    fam = _family(target)
     n, h, w, cw = [int(s) for s in x_shape]
     o, kh, kw, _ = [int(s) for s in w_shape]
     sh, sw = [int(v) for v in strides]
@@ -326,7 +380,21 @@ def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, ke
     f = te.create_prim_func([X, W, E, RC, CC, P0, P1, Y])
     sch = tvm.s_tir.Schedule(f)
     op = _padded_o(o)
+    if fam == "cuda":
+        return _schedule_conv_cuda(sch, op)
+    if fam == "arm":
+        # NEON: 4 vectors of 4 lanes (16 output channels) x up to 4 output columns = 16 q-register
+        # accumulators, leaving 16 registers for the weight vectors and the cnt/uaddlp temporaries.
+        ot, vec = 4 * NEON_VEC, NEON_VEC
+        xt = _best_tile(ow, 4)
+    else:
+        ot = min(op, 4 * VEC) if op % (4 * VEC) == 0 else 2 * VEC  # op is a multiple of 32
+        vec = VEC
+        xt = _best_tile(ow, max(1, 20 // (ot // VEC)))
+    return _schedule_conv_cpu(sch, op, output, ot=ot, vec=vec, xt=xt)
 
+
+def _schedule_conv_cpu(sch, op: int, output: str, *, ot: int, vec: int, xt: int) -> tirx.PrimFunc:
     # Weight transpose: tiny, parallel over taps.
     b_wt = sch.get_sblock("wt")
     a, b, c, oo = sch.get_loops(b_wt)
@@ -338,17 +406,14 @@ def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, ke
     i, y, x, c = sch.get_loops(b_pad)
     sch.parallel(sch.fuse(i, y))
 
-    # Popcount conv: parallel over (n, oh); register tile (XT output columns) x (OT output channels);
-    # reduction over taps and words outside the tile; innermost VEC output channels vectorized.
+    # Popcount conv: parallel over (n, oh); register tile (xt output columns) x (ot output channels);
+    # reduction over taps and words outside the tile; innermost vec output channels vectorized.
     b_pc = sch.get_sblock("pc")
     b_epi = sch.get_sblock("epilogue")
     i, y, x, oo, rk, rw, rc = sch.get_loops(b_pc)
-    ot = min(op, 4 * VEC) if op % (4 * VEC) == 0 else 2 * VEC  # op is a multiple of 32
-    nvec = ot // VEC
-    xt = _best_tile(ow, max(1, 20 // nvec))
     xo, xi = sch.split(x, [None, xt])
     o_o, o_i = sch.split(oo, [None, ot])
-    o_v, o_l = sch.split(o_i, [None, VEC])
+    o_v, o_l = sch.split(o_i, [None, vec])
     sch.reorder(i, y, xo, o_o, rk, rw, rc, xi, o_v, o_l)
     row = sch.fuse(i, y)
     sch.parallel(row)
@@ -370,10 +435,41 @@ def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, ke
         last = el[-1]
         ext = _extent(sch, last)
         if ext and ext >= 4:
-            if ext > VEC:
-                _, last = sch.split(last, [None, VEC])
+            if ext > vec:
+                _, last = sch.split(last, [None, vec])
             sch.vectorize(last)
     return _finish(sch)
+
+
+def _schedule_conv_cuda(sch, op: int) -> tirx.PrimFunc:
+    """Three kernels: weight transpose, popcount conv, epilogue.
+
+    Popcount stage: threadIdx.x runs over 32/64 consecutive (padded) output channels, so the transposed
+    weight words ``wt[rk, rw, rc, o]`` are read coalesced and every thread of a warp reads the same input
+    word (a broadcast); threadIdx.y over output pixels; the int32 sum of ``__popc(x ^ w)`` stays in a
+    register. The zero padding is inlined (a predicated load), so no padded copy of X is materialized.
+    """
+    sch.compute_inline(sch.get_sblock("xpad"))
+    _bind_flat(sch, sch.get_sblock("wt"))
+
+    b_pc = sch.get_sblock("pc")
+    i, y, x, oo, rk, rw, rc = sch.get_loops(b_pc)
+    to = 64 if op % 64 == 0 else 32
+    ty = max(1, CUDA_THREADS // to)
+    pix = sch.fuse(i, y, x)
+    pix_o, pix_i = sch.split(pix, [None, ty])
+    o_o, o_i = sch.split(oo, [None, to])
+    sch.reorder(pix_o, o_o, pix_i, o_i, rk, rw, rc)
+    bx = sch.fuse(pix_o, o_o)
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(pix_i, "threadIdx.y")
+    sch.bind(o_i, "threadIdx.x")
+    acc = sch.cache_write(b_pc, 0, "local")
+    sch.reverse_compute_at(acc, o_i)
+    sch.decompose_reduction(b_pc, rk)
+
+    _bind_flat(sch, sch.get_sblock("epilogue"))
+    return _finish(sch, gpu=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,10 +500,45 @@ class Kernel:
         return out.numpy()
 
 
+def _as_target(target):
+    from .target import resolve_target
+
+    if target is None:
+        return default_target()
+    t = resolve_target(target)
+    return t if isinstance(t, tvm.target.Target) else tvm.target.Target(t)
+
+
+def compile_kernel(func: tirx.PrimFunc, target=None, name: str = "main"):
+    """Compile one scheduled PrimFunc for ``target`` (host CPU, "arm", "cuda", dict, Target) without
+    running it: an ``Executable`` (``.mod`` is the host module; for CUDA ``.mod.imports[0]`` holds the
+    device code). ``name`` becomes the exported symbol. CUDA device code is compiled by ``nvcc``."""
+    tgt = _as_target(target)
+    mod = tvm.IRModule({name: func.with_attr("global_symbol", name)})
+    if tgt.kind.name == "cuda":
+        with nvcc_env():
+            return tvm.compile(mod, target=tgt)
+    return tvm.compile(mod, target=tgt)
+
+
 def build_kernel(func: tirx.PrimFunc, target=None) -> Kernel:
-    target = default_target() if target is None else tvm.target.Target(target)
+    """Compile ``func`` and wrap it for calls from NumPy on this machine (host CPU, or a CUDA GPU).
+
+    For an AArch64 target on another host use :class:`bnnc.runtimes.tvm.cross.QemuKernel`.
+    """
+    from .target import host_family
+
+    fam = _family(target) if target is not None else None
+    if fam == "arm" and host_family() != "arm":
+        raise RuntimeError("an AArch64 kernel cannot run on this host; use runtimes.tvm.cross.QemuKernel "
+                           "(qemu-aarch64) or compile_kernel() and export it")
+    tgt = default_target() if target is None else _as_target(target)
     shape, dtype = output_spec(func)
-    lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    if fam == "cuda":
+        with nvcc_env():
+            lib = tvm.compile(tvm.IRModule({"main": func}), target=tgt)
+        return Kernel(lib, shape, dtype, tvm.cuda(0))
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=tgt)
     return Kernel(lib, shape, dtype, tvm.cpu())
 
 
@@ -416,3 +547,75 @@ def output_spec(func: tirx.PrimFunc):
     bmap = getattr(func, "buffer_map", None)
     out = bmap[func.params[-1]] if bmap is not None else func.params[-1]
     return [int(s) for s in out.shape], str(out.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA code generation helpers (no GPU needed)
+
+
+class nvcc_env:  # noqa: N801 - used as a context manager
+    """Make TVM compile generated CUDA with ``nvcc`` (its default, NVRTC through the ``cuda-bindings``
+    package, is usually absent) and without ``--use_fast_math`` (the float epilogue is rounding-exact:
+    no flush-to-zero, no approximate arithmetic)."""
+
+    _VARS = {"TVM_CUDA_COMPILE_MODE": "nvcc", "TVM_CUDA_NVCC_NO_FAST_MATH": "1"}
+
+    def __enter__(self):
+        import os
+
+        self._saved = {k: os.environ.get(k) for k in self._VARS}
+        for k, v in self._VARS.items():
+            if k == "TVM_CUDA_COMPILE_MODE" and os.environ.get(k):
+                continue  # an explicit user choice wins
+            os.environ[k] = v
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        for k, v in self._saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        return False
+
+
+def cuda_source(executable_or_func, target=None) -> str:
+    """CUDA C source of a compiled CUDA ``Executable`` (or of a CUDA-scheduled PrimFunc, compiled here)."""
+    ex = executable_or_func
+    if isinstance(ex, tirx.PrimFunc):
+        ex = compile_kernel(ex, target if target is not None else "cuda")
+    stack, seen = [ex.mod], set()
+    while stack:  # the device module may sit deeper in the import tree (Relax VM → host lib → cuda)
+        m = stack.pop()
+        if m.kind == "cuda":
+            return m.inspect_source()
+        for sub in m.imports:
+            if id(sub) not in seen:
+                seen.add(id(sub))
+                stack.append(sub)
+    raise ValueError("no CUDA device module in this executable")
+
+
+def nvcc_compile(source: str, arch: str = "sm_80", fmt: str = "cubin", nvcc: str = "nvcc",
+                 options=()) -> bytes:
+    """Compile CUDA C ``source`` with ``nvcc`` to ``fmt`` ("cubin", "ptx" or "fatbin") for ``arch``."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    if fmt not in ("cubin", "ptx", "fatbin"):
+        raise ValueError(f"fmt must be cubin, ptx or fatbin, got {fmt!r}")
+    num = str(arch).replace("sm_", "").replace("compute_", "")
+    with tempfile.TemporaryDirectory() as d:
+        src, out = Path(d) / "k.cu", Path(d) / f"k.{fmt}"
+        src.write_text(source)
+        cmd = [nvcc, f"--{fmt}", "-O3", "-gencode", f"arch=compute_{num},code=sm_{num}", *options,
+               "-o", str(out), str(src)]
+        if fmt == "ptx":
+            cmd[3:5] = ["-arch", f"compute_{num}"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{r.stderr}")
+        return out.read_bytes()
