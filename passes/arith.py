@@ -52,37 +52,43 @@ def batchnorm_f32(y, scale, bias, mean, var, eps):
             + np.asarray(bias, f).reshape(c)).astype(f)
 
 
-def integer_threshold(r, theta, k_max: int, bn=None):
-    """Fold ``s = [BN(fl32(D·r)) ≥ θ]`` into ``s = [dir·D ≥ thr]`` for every integer |D| ≤ k_max.
+def threshold_from_decisions(decide: np.ndarray, k_max: int):
+    """Turn a decision table ``decide[o, D + k_max]`` (D = −k_max…k_max) into ``dir·D ≥ thr`` (int32).
 
-    ``r``: per-channel weight scale; ``bn``: ``(scale, bias, mean, var, eps)`` or None; ``theta``: the next
-    quantizer's threshold per channel. The decision is evaluated in float32 exactly as the export form
-    computes it, for every reachable D, so the integer test equals the float test on all of them,
-    including both neighbours of the boundary. Returns int32 ``(direction, threshold)``;
-    direction 0 marks a constant channel (thr ≤ 0: always +1; thr = 1: always −1).
-    Raises ``ValueError`` for a channel whose decision is not monotone in D.
+    direction 0 marks a constant channel (thr ≤ 0: always +1; thr = 1: always −1). Raises
+    ``ValueError`` naming the channel when a decision is not monotone in D (one step at most).
     """
-    r = np.asarray(r, np.float32).reshape(-1)
-    o = r.shape[0]
-    theta = np.broadcast_to(np.asarray(theta, np.float32).reshape(-1), (o,))
-    d = np.arange(-k_max, k_max + 1, dtype=np.float32)
-    y = (d[None, :] * r[:, None]).astype(np.float32)[None, :, :, None]  # [1, O, 2K+1, 1]
-    if bn is not None:
-        y = batchnorm_f32(y, *bn)
-    decide = (y[0, :, :, 0] >= theta[:, None])  # [O, 2K+1]
+    o = decide.shape[0]
     direction = np.zeros(o, np.int32)
     thr = np.zeros(o, np.int32)
     for c in range(o):
         dc = decide[c]
         if dc.all() or not dc.any():
-            direction[c], thr[c] = 0, (0 if dc.all() else 1)
+            thr[c] = 0 if dc.all() else 1
             continue
         steps = np.flatnonzero(dc[1:] != dc[:-1])
         if len(steps) != 1:
-            raise ValueError(f"channel {c}: binary decision is not monotone in the popcount")
+            raise ValueError(f"channel {c}: the binary decision is not monotone in the popcount")
         first = int(steps[0]) + 1 - k_max  # first D after the step
         if dc[-1]:  # off → on: s = [D ≥ first]
             direction[c], thr[c] = 1, first
         else:  # on → off: s = [D ≤ first − 1] = [−D ≥ 1 − first]
             direction[c], thr[c] = -1, 1 - first
     return direction, thr
+
+
+def popcount_grid(r, k_max: int) -> np.ndarray:
+    """The export form's conv output for every reachable D: fl32(D·r), shaped [1, O, 2K+1, 1]."""
+    r = np.asarray(r, np.float32).reshape(-1)
+    d = np.arange(-k_max, k_max + 1, dtype=np.float32)
+    return (d[None, :] * r[:, None]).astype(np.float32)[None, :, :, None]
+
+
+def integer_threshold(r, theta, k_max: int, bn=None):
+    """Fold ``s = [BN(fl32(D·r)) ≥ θ]`` into ``s = [dir·D ≥ thr]`` for every integer |D| ≤ k_max, with
+    BatchNorm evaluated in float32 in the ONNX spec's order (see ``threshold_from_decisions``)."""
+    y = popcount_grid(r, k_max)
+    if bn is not None:
+        y = batchnorm_f32(y, *bn)
+    theta = np.broadcast_to(np.asarray(theta, np.float32).reshape(-1), (y.shape[1],))
+    return threshold_from_decisions(y[0, :, :, 0] >= theta[:, None], k_max)

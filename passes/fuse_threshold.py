@@ -1,8 +1,10 @@
-"""Fuse ``BinaryConv2dPacked(float) → [BatchNorm] → [MaxPool]* → PackSign`` into a conv with packed output.
+"""Fuse ``BinaryConv2dPacked(float) → elementwise region [→ MaxPool → region]* → PackSign`` into a conv
+with packed output: the next binary decision becomes the integer test ``dir·D ≥ thr`` (deploy.md §5), and
+each max pool becomes a bitwise OR — or AND where the decision falls as the pooled value rises, e.g. a
+negative BatchNorm scale after the pool (§6).
 
-The next binary decision becomes the integer test ``dir·D ≥ thr`` (deploy.md §5), and each max pool
-between BatchNorm and the quantizer becomes a bitwise OR on packed bits (§6): max-then-threshold equals
-threshold-then-OR, whatever the sign of the BatchNorm scale, because the threshold is taken after it.
+The decision for every reachable D is computed by running the export form's own nodes (BatchNorm,
+PReLU, Maxout, Clip, …) on ONNX Runtime, so the integer test agrees with the reference exactly.
 """
 
 from __future__ import annotations
@@ -13,20 +15,22 @@ import onnx_ir as ir
 from bnnc.ops import DOMAIN
 
 from . import arith
-from ._graph import add_initializer, attr, const, is_bnnc, is_op, only_consumer, replace_value
+from ._graph import add_initializer, attr, const, is_bnnc, replace_value, warn_fallback
+from .decision import evaluate_region, find_region, monotone_direction
 
 
-def _batchnorm_params(node: ir.Node):
-    vals = [const(v) for v in node.inputs[1:5]]
-    if any(v is None for v in vals) or attr(node, "training_mode", 0):
-        return None
-    return (*vals, attr(node, "epsilon", 1e-5))
-
-
-def _plain_maxpool(node: ir.Node) -> bool:
-    return (is_op(node, "MaxPool") and len(node.outputs) == 1 and attr(node, "ceil_mode", 0) == 0
-            and attr(node, "auto_pad", "NOTSET") == "NOTSET" and attr(node, "storage_order", 0) == 0
-            and all(d == 1 for d in attr(node, "dilations", (1, 1))))
+def _pool_mode(z: np.ndarray, decide: np.ndarray) -> str | None:
+    """'or' / 'and' if every channel's decision is monotone (same way) in the pooled value."""
+    dirs = set()
+    for c in range(decide.shape[0]):
+        d = monotone_direction(z[0, c, :, 0], decide[c])
+        if d is None:
+            return None
+        if d:
+            dirs.add(d)
+    if dirs == {-1}:
+        return "and"
+    return "or" if dirs <= {1} else None
 
 
 class FuseThresholdPass(ir.passes.InPlacePass):
@@ -36,54 +40,53 @@ class FuseThresholdPass(ir.passes.InPlacePass):
         for conv in list(graph):
             if not (is_bnnc(conv, "BinaryConv2dPacked") and attr(conv, "output") == "float"):
                 continue
-            p1 = const(conv.inputs[6])
-            if p1 is None or np.any(p1 != 0):
-                continue  # an epilogue already folded: the float32 semantics to match are lost
-            chain, bn, pools = [], None, []
-            node = only_consumer(conv.outputs[0])
-            if is_op(node, "BatchNormalization") and len(node.outputs) == 1 and _batchnorm_params(node):
-                bn = node
-                chain.append(node)
-                node = only_consumer(node.outputs[0])
-            while _plain_maxpool(node):
-                pools.append(node)
-                chain.append(node)
-                node = only_consumer(node.outputs[0])
-            if not is_bnnc(node, "PackSign"):
+            p0, p1 = const(conv.inputs[5]), const(conv.inputs[6])
+            if p0 is None or p1 is None or np.any(p1 != 0):
+                continue  # an epilogue already folded: the export form's float32 semantics are not at hand
+            cout = attr(conv, "out_channels")
+            region = find_region(conv.outputs[0], cout)
+            if region is None:
                 continue
-            pack = node
-            theta = const(pack.inputs[1]) if len(pack.inputs) > 1 and pack.inputs[1] is not None else 0.0
+            pack = region.pack
+            theta = const(pack.inputs[1]) if len(pack.inputs) > 1 and pack.inputs[1] is not None else np.zeros(cout)
             if theta is None:
                 continue
-            cin = attr(conv, "in_channels")
+            theta = np.broadcast_to(np.asarray(theta, np.float32).reshape(-1), (cout,))
             kh, kw = attr(conv, "kernel_shape")
-            direction, thr = arith.integer_threshold(const(conv.inputs[5]), theta, cin * kh * kw,
-                                                     _batchnorm_params(bn) if bn else None)
+            k_max = attr(conv, "in_channels") * kh * kw
+            zs = evaluate_region(model, region, arith.popcount_grid(p0, k_max))
+            decide = zs[-1][0, :, :, 0] >= theta[:, None]
+            try:
+                direction, thr = arith.threshold_from_decisions(decide, k_max)
+            except ValueError as e:
+                warn_fallback(conv, f"output binarized through a non-monotone function ({e})")
+                continue
+            modes = [_pool_mode(zs[k], decide) for k in range(len(region.pools))]
+            if None in modes:
+                warn_fallback(conv, "a max pool whose binary decision is neither OR nor AND per channel")
+                continue
             name = conv.name
-            cout = attr(conv, "out_channels")
             bits = ir.Value(name=f"{conv.outputs[0].name}_bits")
             bits.dtype = ir.DataType.UINT32
-            fused = ir.Node(DOMAIN, "BinaryConv2dPacked", list(conv.inputs[:5]) + [
+            new_nodes = [ir.Node(DOMAIN, "BinaryConv2dPacked", list(conv.inputs[:5]) + [
                 add_initializer(graph, f"{name}.direction", direction),
                 add_initializer(graph, f"{name}.threshold", thr),
-            ], attributes={**conv.attributes, "output": ir.AttrString("output", "bits")}, outputs=[bits],
-                name=name)
-            graph.insert_after(pack, fused)
+            ], attributes={**conv.attributes, "output": ir.AttrString("output", "bits")}, outputs=[bits], name=name)]
             out = bits
-            for pool in pools:
+            for pool, mode in zip(region.pools, modes):
                 pooled = ir.Value(name=f"{pool.outputs[0].name}_bits")
                 pooled.dtype = ir.DataType.UINT32
-                graph.insert_after(pack, node := ir.Node(DOMAIN, "MaxPoolBits", [out], attributes=[
+                new_nodes.append(ir.Node(DOMAIN, "MaxPoolBits", [out], attributes=[
                     ir.AttrInt64("channels", cout),
                     ir.AttrInt64s("kernel_shape", list(attr(pool, "kernel_shape"))),
                     ir.AttrInt64s("strides", list(attr(pool, "strides", (1, 1)))),
                     ir.AttrInt64s("pads", list(attr(pool, "pads", (0, 0, 0, 0)))),
-                    ir.AttrString("mode", "or"),
-                ], outputs=[pooled], name=f"{pool.name}_bits"))
+                    ir.AttrString("mode", mode),
+                ], outputs=[pooled], name=pool.name))
                 out = pooled
-            # keep topological order: the new nodes were inserted after `pack` in reverse; sort later
+            graph.insert_after(pack, new_nodes)
             replace_value(pack.outputs[0], out)
-            graph.remove([pack] + chain[::-1] + [conv], safe=True)
+            graph.remove([pack] + region.nodes[::-1] + [conv], safe=False)
             modified = True
         if modified:
             graph.sort()
