@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and bnnc.load() accept.")
     p.add_argument("model", help="export-form .onnx (from `bnnc export`)")
     p.add_argument("-o", "--output", help="artifact path (default: MODEL with suffix .bnnc)")
-    p.add_argument("--target", default="cpu", help="cpu (default); arm and cuda are not available yet")
+    p.add_argument("--target", default="cpu", help="cpu (default: this machine, runnable here), arm (AArch64 NEON, "
+                   "cross-compiled), cuda or cuda:sm_XX (sm_80 default; compiled with nvcc)")
     p.add_argument("--runtime", default="tvm", help="tvm (default, bit-packed kernels), reference (stock "
                                                    "ONNX Runtime on the export form), numpy (deploy-form reference)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size the kernels are built for (default 1); "

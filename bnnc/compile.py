@@ -81,6 +81,9 @@ class CompiledModel:
         return self.manifest["io"]["inputs"][0]
 
     def run(self, x) -> np.ndarray:
+        if self.runtime == "tvm" and not getattr(self._executor, "runnable", True):
+            raise BnncError(f"this artifact is built for target {self.target!r} and cannot run on this machine; "
+                            "copy it to such a device (see the README) or compile for target 'cpu'")
         x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
         expect = self.input_spec["shape"]
         if x.ndim != len(expect) or any(e is not None and e != s for e, s in zip(expect[1:], x.shape[1:])):
@@ -137,10 +140,10 @@ def compile(model, target: str = "cpu", runtime: str = "tvm", *, batch_size: int
 
     if runtime not in RUNTIMES:
         raise BnncError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
-    if target not in TARGETS:
-        raise BnncError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    if target != "cpu":
-        raise BnncError(f"target {target!r} is not available in this version of bnnc (available: cpu)")
+    if target.split(":")[0] not in TARGETS:
+        raise BnncError(f"unknown target {target!r}; choose one of cpu, arm (AArch64 NEON), cuda or cuda:sm_XX")
+    if target != "cpu" and runtime != "tvm":
+        raise BnncError(f"target {target!r} needs runtime 'tvm'; runtime {runtime!r} runs on this CPU only")
     proto, data = read_onnx(model)
     check_bnnc_ops(proto)
     form = form_of(proto)
@@ -191,7 +194,14 @@ def load(path, num_threads: int | None = None) -> CompiledModel:
         if _sha256(f.read_bytes()) != digest:
             raise ModelFormatError(f"{path}: file {name} is corrupted (SHA-256 mismatch)")
     runtime = manifest["runtime"]
+    family = (manifest.get("tvm") or {}).get("target_family", "x86")
     if runtime == "tvm":
+        from bnnc.runtimes.tvm.graph import runnable_here
+
+        ok, why = runnable_here(family)
+        if not ok:
+            raise BnncError(f"{path}: built for target {manifest['target']!r}; it cannot run here: {why}")
+    if runtime == "tvm" and family == "x86":
         from bnnc.runtimes.tvm import cpu_target
 
         built, here = (manifest.get("tvm") or {}).get("target", {}).get("mcpu"), cpu_target()["mcpu"]

@@ -147,3 +147,18 @@ def test_cli_bad_inputs_one_line_error_no_output(tmp_path):
     assert not (tmp_path / "run" / "last.pt").exists()
     # no stray temp files anywhere
     assert not list(tmp_path.rglob(".*.tmp"))
+
+
+@pytest.mark.skipif(not __import__("shutil").which("aarch64-linux-gnu-gcc"), reason="needs gcc-aarch64-linux-gnu")
+def test_arm_artifact_is_aarch64_and_refused_here(trained, tmp_path):
+    _, path, _, _ = trained
+    art = tmp_path / "m-arm.bnnc"
+    bnnc.compile(path, target="arm").save(art)
+    elf = (art / "lib.so").read_bytes()[:20]
+    assert elf[:4] == b"\x7fELF" and int.from_bytes(elf[18:20], "little") == 183  # EM_AARCH64
+    with pytest.raises(bnnc.BnncError, match="AArch64"):
+        bnnc.load(art)
+    with pytest.raises(bnnc.BnncError, match="needs runtime 'tvm'"):
+        bnnc.compile(path, target="arm", runtime="reference")
+    with pytest.raises(bnnc.BnncError, match="unknown target"):
+        bnnc.compile(path, target="tpu")

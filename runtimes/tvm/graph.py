@@ -691,7 +691,7 @@ def _meta_family(info: dict) -> str:
         return "x86"
 
 
-def _runnable_here(family: str) -> tuple[bool, str]:
+def runnable_here(family: str) -> tuple[bool, str]:
     """Whether code of this schedule family can run on this machine, and why not."""
     if family == "cuda":
         if not tvm.runtime.enabled("cuda"):
@@ -714,7 +714,7 @@ class TVMModel:
         self.executable = executable
         self.info = dict(info)
         self.family = _meta_family(self.info)
-        self.runnable, self._why_not = _runnable_here(self.family)
+        self.runnable, self._why_not = runnable_here(self.family)
         if device is None:
             device = tvm.cuda(0) if self.family == "cuda" and self.runnable else tvm.cpu()
         self.dev = device
@@ -798,7 +798,7 @@ class TVMModel:
 
     @classmethod
     def load(cls, path: str, meta: dict, num_threads: int | None = None) -> "TVMModel":
-        ok, why = _runnable_here(_meta_family(meta))
+        ok, why = runnable_here(_meta_family(meta))
         if not ok:
             raise RuntimeError(f"cannot load {path} here: {why}")
         set_num_threads(num_threads or meta.get("num_threads"))
