@@ -36,10 +36,14 @@ def frozen_for_export(model: nn.Module):
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, BinaryConv2d)]
     try:
         for name, m in layers:
-            s, r, t = m.weight_quantizer.deploy(m.weight)
-            if torch.any(t != 0):
-                raise NotExportableError(f"layer {name!r}: weight offsets (AdaBin-style t ≠ 0) are not exportable yet")
-            m._export_params = (s, r)
+            act = None
+            if m.input_quantizer is not None:
+                try:
+                    d = m.input_quantizer.deploy(m.in_channels)
+                except NotExportableError as e:
+                    raise NotExportableError(f"layer {name!r}: input quantizer {type(m.input_quantizer).__name__}: {e}") from None
+                act = tuple(v.detach().float().reshape(-1).clone() for v in (d.threshold, d.p, d.q))
+            m._export_params = (act, *m.weight_quantizer.deploy(m.weight))
         yield model
     finally:
         for _, m in layers:
@@ -68,14 +72,16 @@ class BinaryConv2d(nn.Conv2d):
         return nn.functional.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
         if torch.compiler.is_exporting():
             if self._export_params is None:
-                raise RuntimeError("export BinaryConv2d through bnnc.export(), which freezes its weight scales")
-            ws, scale = self._export_params
-            return ops.binary_conv2d(x, ws, scale, list(self.stride), list(self.padding), list(self.dilation),
-                                     self.groups)
+                raise RuntimeError("export BinaryConv2d through bnnc.export(), which freezes its quantizers")
+            act, ws, scale, offset = self._export_params
+            if act is not None:
+                x = ops.affine_sign(x, *act)
+            return ops.binary_conv2d(x, ws, scale, offset, list(self.stride), list(self.padding),
+                                     list(self.dilation), self.groups)
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
         s, r, t = self.weight_quantizer(self.weight)
         y = self._conv(x, s)
         if r is not None:

@@ -47,12 +47,16 @@ class LowerBinaryConvPass(ir.passes.InPlacePass):
             if not is_bnnc(conv, "BinaryConv2d"):
                 continue
             quant = conv.inputs[0].producer()
-            w, r = const(conv.inputs[1]), const(conv.inputs[2])
+            w, r, b = const(conv.inputs[1]), const(conv.inputs[2]), const(conv.inputs[3])
             why = None
             if not is_bnnc(quant, "SignBinarize"):
                 why = "its input is not binarized by a SignBinarize (real-valued activations)"
-            elif const(quant.inputs[1]) is None:
-                why = "the input threshold is not a constant"
+            elif any(const(v) is None for v in quant.inputs[1:4]):
+                why = "the input quantizer's threshold or affine parameters are not constants"
+            elif np.any(const(quant.inputs[2]) != 1) or np.any(const(quant.inputs[3]) != 0):
+                why = "affine activation levels p·s + q with p ≠ 1 or q ≠ 0 (AdaBin) are not lowered yet"
+            elif b is None or np.any(b != 0):
+                why = "weight offsets w_b = r·s + b with b ≠ 0 (AdaBin) are not lowered yet"
             elif not all(is_bnnc(n, "BinaryConv2d") and n.inputs[0] is quant.outputs[0]
                          for n in consumers(quant.outputs[0])):
                 why = "its binarized input also feeds a non-binary consumer"

@@ -32,10 +32,18 @@ def test_sign_binarize_all_forms_agree(rng):
     x[1, 2, 1, 1] = t[2]  # exactly at the threshold → +1
     expected = np.where(x >= t.reshape(1, -1, 1, 1), 1.0, -1.0).astype(np.float32)
     assert np.array_equal(E.sign_binarize(torch.tensor(x), torch.tensor(t)).numpy(), expected)
-    assert np.array_equal(_run_function_body("SignBinarize", [x, t]), expected)
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+    assert np.array_equal(_run_function_body("SignBinarize", [x, t, one, zero]), expected)
+    # affine binary set a = p·s + q (AdaBin: p = α, q = α·β), per channel
+    p = rng.uniform(0.2, 1.5, 5).astype(np.float32)
+    q = rng.standard_normal(5).astype(np.float32)
+    affine = (expected * p.reshape(1, -1, 1, 1) + q.reshape(1, -1, 1, 1)).astype(np.float32)
+    assert np.array_equal(_run_function_body("SignBinarize", [x, t, p, q]), affine)
+    got = E.affine_sign(torch.tensor(x), torch.tensor(t), torch.tensor(p), torch.tensor(q)).numpy()
+    assert np.array_equal(got, affine)
     # 2-D input (dense layers) uses the same per-channel threshold on axis 1
     x2 = rng.standard_normal((4, 5)).astype(np.float32)
-    assert np.array_equal(_run_function_body("SignBinarize", [x2, t]), np.where(x2 >= t, 1.0, -1.0))
+    assert np.array_equal(_run_function_body("SignBinarize", [x2, t, one, zero]), np.where(x2 >= t, 1.0, -1.0))
 
 
 @pytest.mark.parametrize("stride,pad,dil", [(1, 1, 1), (2, 1, 1), (1, 0, 1), (1, 2, 2)])
@@ -54,12 +62,19 @@ def test_binary_conv2d_function_body_matches_closed_form(rng, stride, pad, dil):
             patch = xp[:, :, i * dil: i * dil + stride * (oh - 1) + 1: stride, j * dil: j * dil + stride * (ow - 1) + 1: stride]
             ref += np.einsum("nchw,oc->nohw", patch, ws[:, :, i, j])
     ref = (ref * r.reshape(1, -1, 1, 1)).astype(np.float32)
-    got_ort = _run_function_body("BinaryConv2d", [x, w, r], dict(strides=[stride] * 2, pads=[pad] * 4,
-                                                                 dilations=[dil] * 2, group=1))
-    got_torch = E.binary_conv2d(torch.tensor(x), torch.tensor(w), torch.tensor(r), [stride] * 2, [pad] * 2,
-                                [dil] * 2, 1).numpy()
+    attrs = dict(strides=[stride] * 2, pads=[pad] * 4, dilations=[dil] * 2, group=1)
+    zeros = np.zeros(6, np.float32)
+    got_ort = _run_function_body("BinaryConv2d", [x, w, r, zeros], attrs)
+    got_torch = E.binary_conv2d(torch.tensor(x), torch.tensor(w), torch.tensor(r), torch.tensor(zeros),
+                                [stride] * 2, [pad] * 2, [dil] * 2, 1).numpy()
     np.testing.assert_array_equal(got_ort, ref)
     np.testing.assert_array_equal(got_torch, ref)
+    # weight offsets (AdaBin: w_b = r·s + b): y = r·Σ s_w·x + b·Σ_V x, Σ_V over the valid window
+    b = rng.standard_normal(6).astype(np.float32)
+    window = torch.nn.functional.conv2d(torch.tensor(x), torch.ones(1, 37, 3, 3), stride=stride, padding=pad,
+                                        dilation=dil).numpy()
+    expected = ref + window * b.reshape(1, -1, 1, 1)
+    np.testing.assert_allclose(_run_function_body("BinaryConv2d", [x, w, r, b], attrs), expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("c", [1, 31, 32, 33, 70])

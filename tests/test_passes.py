@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bnnc
+from bnnc.activations import Maxout
 from bnnc.export import to_onnx
 from bnnc.ops import deploy as K
 from bnnc.passes import arith
@@ -85,21 +86,25 @@ def test_integer_threshold_constant_channels():
 # ------------------------------------------------------------------------------------- whole networks
 
 class RandomBNN(nn.Module):
-    def __init__(self, c0, c1, c2, k1, stride1, pool1, k2, classes=5, pool_before_bn=False):
+    def __init__(self, c0, c1, c2, k1, stride1, pool1, k2, classes=5, pool_before_bn=False, act=None,
+                 aq="sign", wq="xnor"):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, c0, 3, padding=1), nn.BatchNorm2d(c0))
-        self.b1 = bnnc.nn.BinaryConv2d(c0, c1, k1, stride=stride1, padding=k1 // 2, weight_quantizer="xnor")
+        self.b1 = bnnc.nn.BinaryConv2d(c0, c1, k1, stride=stride1, padding=k1 // 2, input_quantizer=aq,
+                                       weight_quantizer=wq)
         self.bn1 = nn.BatchNorm2d(c1)
+        self.act1 = {None: nn.Identity(), "prelu": nn.PReLU(c1), "maxout": Maxout(c1), "hardtanh": nn.Hardtanh(),
+                     "relu": nn.ReLU()}[act]
         self.pool1 = nn.MaxPool2d(2) if pool1 else nn.Identity()
         self.pool_before_bn = pool_before_bn
-        self.b2 = bnnc.nn.BinaryConv2d(c1, c2, k2, padding=k2 // 2, weight_quantizer="xnor")
+        self.b2 = bnnc.nn.BinaryConv2d(c1, c2, k2, padding=k2 // 2, input_quantizer=aq, weight_quantizer=wq)
         self.bn2 = nn.BatchNorm2d(c2)
         self.head = nn.Sequential(nn.Flatten(), nn.LazyLinear(classes))
 
     def forward(self, x):
         x = self.stem(x)
         x = self.b1(x)
-        x = self.bn1(self.pool1(x)) if self.pool_before_bn else self.pool1(self.bn1(x))
+        x = self.bn1(self.pool1(x)) if self.pool_before_bn else self.pool1(self.act1(self.bn1(x)))
         return self.head(self.bn2(self.b2(x)))
 
 
@@ -118,12 +123,24 @@ def randomize_batchnorms(model, rng):
                 m.running_var.copy_(torch.tensor(rng.uniform(0.2, 5, c), dtype=torch.float32))
 
 
+def randomize_parameters(model, rng):
+    """Random values for quantizer parameters (thresholds, α/β…) and activation slopes."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("act1."):  # non-negative slopes keep PReLU/Maxout monotone
+                p.copy_(torch.tensor(rng.uniform(0.0, 1.5, p.shape), dtype=p.dtype))
+            elif "quantizer." in name:
+                p.copy_(torch.tensor(rng.uniform(0.05, 0.6, p.shape) * rng.choice([1, 1, -1], p.shape), dtype=p.dtype))
+
+
 def export_random(seed, **arch):
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     net = RandomBNN(**arch)
-    net(torch.zeros(1, 3, 12, 12))  # materialize the lazy head
+    net.train()
+    net(torch.zeros(2, 3, 12, 12))  # materialize the lazy head and lazily shaped quantizer parameters
     randomize_batchnorms(net, rng)
+    randomize_parameters(net, rng)
     net.eval()
     return net, to_onnx(net, (1, 3, 12, 12)), rng
 
@@ -196,3 +213,40 @@ def test_deploy_form_shrinks_binary_weights():
                 if i.name.endswith("weight_bits"))
     assert exp_w == 4 * (64 * 16 + 64 * 64) * 9
     assert dep_w == 4 * 64 * 9 * (1 + 2)  # one uint32 word per 32 input channels (16 → 1 word, 64 → 2)
+
+
+@pytest.mark.parametrize("act", ["prelu", "maxout", "hardtanh", "relu"])
+def test_monotone_activations_fold_into_thresholds(act):
+    _, model, rng = export_random(11, c0=8, c1=37, c2=9, k1=3, stride1=1, pool1=True, k2=3, act=act)
+    x = rng.standard_normal((3, 3, 12, 12)).astype(np.float32)
+    deploy = assert_deploy_equals_export(model, x, expect_bits=True)
+    assert "MaxPoolBits" in [n.op_type for n in deploy.graph.node]
+
+
+def test_max_pool_before_negative_batchnorm_becomes_and():
+    net, _, rng = export_random(5, c0=8, c1=33, c2=9, k1=3, stride1=1, pool1=True, k2=3, pool_before_bn=True)
+    with torch.no_grad():
+        net.bn1.weight.copy_(-net.bn1.weight.abs() - 0.1)  # every channel flips: max → min (AND)
+    model = to_onnx(net, (1, 3, 12, 12))
+    x = rng.standard_normal((3, 3, 12, 12)).astype(np.float32)
+    deploy = assert_deploy_equals_export(model, x, expect_bits=True)
+    modes = [a.s.decode() for n in deploy.graph.node if n.op_type == "MaxPoolBits" for a in n.attribute
+             if a.name == "mode"]
+    assert modes == ["and"]
+
+
+@pytest.mark.parametrize("aq,wq", [("sign", "sign"), ("approx_sign", "magnitude_aware"), ("ede", "ede"),
+                                   ("rsign", "libra_pb"), ("fda", "fda"), ("adabin", "adabin")])
+def test_every_exportable_quantizer_deploys_exactly(aq, wq):
+    net, model, rng = export_random(3, c0=8, c1=37, c2=9, k1=3, stride1=2, pool1=False, k2=3, aq=aq, wq=wq)
+    x = rng.standard_normal((3, 3, 12, 12)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(OrtReferenceRunner(model).run(x), net(torch.tensor(x)).numpy(), rtol=1e-4,
+                                   atol=1e-4)
+    if aq == "adabin":  # affine levels and weight offsets stay in float, with a warning naming the layer
+        with pytest.warns(UserWarning, match="AdaBin"):
+            deploy = to_deploy(model)
+        np.testing.assert_allclose(NumpyDeployRunner(deploy).run(x), OrtReferenceRunner(model).run(x), rtol=1e-5,
+                                   atol=1e-5)
+    else:
+        assert_deploy_equals_export(model, x, expect_bits=True)

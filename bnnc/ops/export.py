@@ -9,10 +9,11 @@ Each op is defined once, here, in three coupled forms:
 
 Semantics (``docs/ops.md``):
 
-``SignBinarize(X, T) -> Y``: Y = +1 where X ≥ T[c] else −1 (T per channel along axis 1).
-``BinaryConv2d(X, W, R) -> Y``: Y = Conv(X, sign(W)) · R[o], sign(w) = +1 if w ≥ 0 else −1, zero padding.
-    The conv runs on ±1 weights (exact integers in float32), then one multiply by the per-output-channel
-    weight scale R, which is how XNOR-popcount hardware computes it.
+``SignBinarize(X, T, P, Q) -> Y``: Y = P[c]·s + Q[c], s = +1 where X ≥ T[c] else −1 (per channel, axis 1).
+``BinaryConv2d(X, W, R, B) -> Y``: Y = Conv(X, sign(W))·R[o] + Conv(X, 1)·B[o], sign(w) = +1 if w ≥ 0
+    else −1, zero padding: the weights w_b[o] = R[o]·sign(W[o]) + B[o] (deploy.md §3). The conv runs on
+    ±1 weights (exact integers in float32 for ±1 inputs), then one multiply by the weight scale, which is
+    how XNOR-popcount hardware computes it. The second conv vanishes from the deploy form when B = 0.
 """
 
 from __future__ import annotations
@@ -56,23 +57,40 @@ def weight_sign(w: torch.Tensor) -> torch.Tensor:
     return torch.where(w >= 0, one, -one)
 
 
+@torch.library.custom_op("bnnc::affine_sign", mutates_args=())
+def affine_sign(x: torch.Tensor, threshold: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """p[c]·s + q[c] with s = +1 where x ≥ threshold[c] else −1."""
+    s = torch.where(x >= _channel_view(threshold, x), 1.0, -1.0).to(x.dtype)
+    return s * _channel_view(p, x) + _channel_view(q, x)
+
+
+@affine_sign.register_fake
+def _(x, threshold, p, q):
+    return torch.empty_like(x)
+
+
 @torch.library.custom_op("bnnc::binary_conv2d", mutates_args=())
 def binary_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
     scale: torch.Tensor,
+    offset: torch.Tensor,
     stride: list[int],
     padding: list[int],
     dilation: list[int],
     groups: int,
 ) -> torch.Tensor:
-    """conv2d(x, sign(weight)) · scale[o], zero padding."""
-    y = torch.nn.functional.conv2d(x, weight_sign(weight), None, stride, padding, dilation, groups)
-    return y * scale.reshape(1, -1, 1, 1)
+    """conv2d(x, sign(weight))·scale[o] + conv2d(x, 1)·offset[o], zero padding."""
+    ws = weight_sign(weight)
+    y = torch.nn.functional.conv2d(x, ws, None, stride, padding, dilation, groups) * scale.reshape(1, -1, 1, 1)
+    if torch.any(offset != 0):
+        ones = torch.ones_like(ws)
+        y = y + torch.nn.functional.conv2d(x, ones, None, stride, padding, dilation, groups) * offset.reshape(1, -1, 1, 1)
+    return y
 
 
 @binary_conv2d.register_fake
-def _(x, weight, scale, stride, padding, dilation, groups):
+def _(x, weight, scale, offset, stride, padding, dilation, groups):
     n, _, h, w = x.shape
     kh, kw = weight.shape[2], weight.shape[3]
     oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
@@ -96,10 +114,10 @@ def _schema(name, inputs, attributes=()):
 
 
 EXPORT_SCHEMAS = {
-    "SignBinarize": _schema("SignBinarize", ["X", "T"]),
+    "SignBinarize": _schema("SignBinarize", ["X", "T", "P", "Q"]),
     "BinaryConv2d": _schema(
         "BinaryConv2d",
-        ["X", "W", "R"],
+        ["X", "W", "R", "B"],
         [
             OpSchema.Attribute("strides", OpSchema.AttrType.INTS, "stride per spatial axis"),
             OpSchema.Attribute("pads", OpSchema.AttrType.INTS, "zero padding [top, left, bottom, right]"),
@@ -111,22 +129,26 @@ EXPORT_SCHEMAS = {
 
 
 @onnxscript.script(bnnc_opset, default_opset=op)
-def SignBinarize(X: FLOAT, T: FLOAT) -> FLOAT:
+def SignBinarize(X: FLOAT, T: FLOAT, P: FLOAT, Q: FLOAT) -> FLOAT:
     rank = op.Size(op.Shape(X))
     extra = op.Reshape(op.Sub(rank, op.Constant(value_int=2)), op.Constant(value_ints=[1]))
     ones = op.Expand(op.Constant(value_ints=[1]), extra)
     view = op.Concat(op.Constant(value_ints=[1, -1]), ones, axis=0)
     one = op.CastLike(op.Constant(value_float=1.0), X)
-    return op.Where(op.GreaterOrEqual(X, op.Reshape(T, view)), one, op.Neg(one))
+    s = op.Where(op.GreaterOrEqual(X, op.Reshape(T, view)), one, op.Neg(one))
+    return op.Add(op.Mul(s, op.Reshape(P, view)), op.Reshape(Q, view))
 
 
 @onnxscript.script(bnnc_opset, default_opset=op)
-def BinaryConv2d(X: FLOAT, W: FLOAT, R: FLOAT, strides: Sequence[int], pads: Sequence[int], dilations: Sequence[int], group: int) -> FLOAT:
+def BinaryConv2d(X: FLOAT, W: FLOAT, R: FLOAT, B: FLOAT, strides: Sequence[int], pads: Sequence[int],
+                 dilations: Sequence[int], group: int) -> FLOAT:
     zero = op.CastLike(op.Constant(value_float=0.0), W)
     one = op.CastLike(op.Constant(value_float=1.0), W)
     ws = op.Where(op.GreaterOrEqual(W, zero), one, op.Neg(one))
-    y = op.Conv(X, ws, strides=strides, pads=pads, dilations=dilations, group=group)
-    return op.Mul(y, op.Reshape(R, op.Constant(value_ints=[1, -1, 1, 1])))
+    view = op.Constant(value_ints=[1, -1, 1, 1])
+    y = op.Mul(op.Conv(X, ws, strides=strides, pads=pads, dilations=dilations, group=group), op.Reshape(R, view))
+    window = op.Conv(X, op.Expand(one, op.Shape(W)), strides=strides, pads=pads, dilations=dilations, group=group)
+    return op.Add(y, op.Mul(window, op.Reshape(B, view)))
 
 
 FUNCTIONS = {"SignBinarize": SignBinarize, "BinaryConv2d": BinaryConv2d}
@@ -141,19 +163,24 @@ _node = {name: onnxscript.values.Op(bnnc_opset, name, s) for name, s in EXPORT_S
 
 
 def _translate_sign_binarize(x, threshold):
-    return _node["SignBinarize"](x, threshold)
+    return _node["SignBinarize"](x, threshold, op.Constant(value_floats=[1.0]), op.Constant(value_floats=[0.0]))
 
 
-def _translate_binary_conv2d(x, weight, scale, stride, padding, dilation, groups):
+def _translate_affine_sign(x, threshold, p, q):
+    return _node["SignBinarize"](x, threshold, p, q)
+
+
+def _translate_binary_conv2d(x, weight, scale, offset, stride, padding, dilation, groups):
     pads = [int(padding[0]), int(padding[1]), int(padding[0]), int(padding[1])]
     return _node["BinaryConv2d"](
-        x, weight, scale, strides=[int(s) for s in stride], pads=pads, dilations=[int(d) for d in dilation],
-        group=int(groups),
+        x, weight, scale, offset, strides=[int(s) for s in stride], pads=pads,
+        dilations=[int(d) for d in dilation], group=int(groups),
     )
 
 
 TRANSLATION_TABLE = {
     torch.ops.bnnc.sign_binarize.default: _translate_sign_binarize,
+    torch.ops.bnnc.affine_sign.default: _translate_affine_sign,
     torch.ops.bnnc.binary_conv2d.default: _translate_binary_conv2d,
 }
 

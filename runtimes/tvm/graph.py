@@ -227,6 +227,39 @@ class _Translator:
     def all_const(self, node):
         return all((not n) or (n in self.consts and n not in self.values) for n in node.input)
 
+    # -- ai.bnnc export-form ops (float fallback for what the passes leave unlowered) -------------
+    def bnnc_SignBinarize(self, node, a):
+        x = self.get(node.input[0])
+        rank = len(_shape(x))
+        view = (1, -1) + (1,) * (rank - 2)
+        t, p, q = (self.cval(n, "SignBinarize parameter", node).astype(np.float32).reshape(view)
+                   for n in node.input[1:4])
+        s = self.emit(relax.op.where(relax.op.greater_equal(x, self.const(t)), self.const(np.ones((), np.float32)),
+                                     self.const(-np.ones((), np.float32))))
+        return self.emit(relax.op.add(relax.op.multiply(s, self.const(p)), self.const(q)))
+
+    def bnnc_BinaryConv2d(self, node, a):
+        x = self.get(node.input[0])
+        w = self.cval(node.input[1], "binary weights", node)
+        r = self.cval(node.input[2], "weight scale", node).astype(np.float32).reshape(1, -1, 1, 1)
+        b = self.cval(node.input[3], "weight offset", node).astype(np.float32).reshape(1, -1, 1, 1)
+        ws = np.where(w >= 0, 1.0, -1.0).astype(np.float32)
+        ks = list(ws.shape[2:])
+        st = [int(v) for v in a.get("strides", [1, 1])]
+        dil = [int(v) for v in a.get("dilations", [1, 1])]
+        pads = [int(v) for v in a.get("pads", [0, 0, 0, 0])]
+        groups = int(a.get("group", 1))
+        del ks
+
+        def conv(weights):
+            return self.emit(relax.op.nn.conv2d(x, self.const(weights), strides=st, padding=pads, dilation=dil,
+                                                groups=groups))
+
+        y = self.emit(relax.op.multiply(conv(ws), self.const(r)))
+        if np.any(b != 0):
+            y = self.emit(relax.op.add(y, relax.op.multiply(conv(np.ones_like(ws)), self.const(b))))
+        return y
+
     # -- ai.bnnc ops -----------------------------------------------------------------------------
     def bnnc_PackSign(self, node, a):
         x = self.get(node.input[0])
