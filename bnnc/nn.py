@@ -16,6 +16,7 @@ from .quantizers import (ACTIVATION_QUANTIZERS, WEIGHT_QUANTIZERS, ActivationQua
 
 __all__ = [
     "BinaryConv2d",
+    "BinaryLinear",
     "frozen_for_export",
     "SignSTE",
     "SignWeight",
@@ -89,3 +90,36 @@ class BinaryConv2d(nn.Conv2d):
         if t is not None:
             y = y + self._conv(x, torch.ones_like(s)) * t.reshape(1, -1, 1, 1)
         return y
+
+
+class BinaryLinear(nn.Linear):
+    """A fully connected layer on binarized inputs and weights (``input_quantizer=None``: real inputs).
+
+    It computes, and exports as, a 1×1 ``BinaryConv2d`` on [N, C, 1, 1], so dense layers share the
+    packed conv kernels: y = (Σ_c s_w·a_b)·r + (Σ_c a_b)·t.
+    """
+
+    def __init__(self, in_features, out_features, bias=False, input_quantizer="sign", weight_quantizer="sign"):
+        if bias:
+            raise ValueError("BinaryLinear(bias=True) is not supported yet: fold the bias into the BatchNorm that follows")
+        super().__init__(in_features, out_features, bias=False)
+        self.conv = BinaryConv2d(in_features, out_features, 1, input_quantizer=input_quantizer,
+                                 weight_quantizer=weight_quantizer)
+        del self.weight
+        self.register_parameter("weight", None)
+
+    @property
+    def input_quantizer(self):
+        return self.conv.input_quantizer
+
+    @property
+    def weight_quantizer(self):
+        return self.conv.weight_quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            raise ValueError(f"BinaryLinear expects [N, {self.in_features}] input, got {list(x.shape)}")
+        return self.conv(x.reshape(x.shape[0], x.shape[1], 1, 1)).reshape(x.shape[0], self.out_features)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}"

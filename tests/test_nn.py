@@ -49,3 +49,13 @@ def test_layer_argument_errors():
     with pytest.raises(ValueError, match="unknown model"):
         bnnc.models.create("resnet9000")
     assert "fmnist_bnn" in bnnc.models.names()
+
+
+def test_binary_linear_equals_dense_on_binarized_tensors(rng):
+    lin = bnnc.nn.BinaryLinear(37, 5, weight_quantizer="xnor")
+    x = torch.tensor(rng.standard_normal((4, 37)), dtype=torch.float32)
+    w = lin.conv.weight.detach().reshape(5, 37)
+    ref = torch.where(x >= 0, 1.0, -1.0) @ (torch.where(w >= 0, 1.0, -1.0) * w.abs().mean(1, keepdim=True)).T
+    torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="expects"):
+        lin(torch.zeros(2, 37, 1))

@@ -87,8 +87,9 @@ def test_integer_threshold_constant_channels():
 
 class RandomBNN(nn.Module):
     def __init__(self, c0, c1, c2, k1, stride1, pool1, k2, classes=5, pool_before_bn=False, act=None,
-                 aq="sign", wq="xnor"):
+                 aq="sign", wq="xnor", residual=False):
         super().__init__()
+        self.residual = residual and c0 == c1 and stride1 == 1 and k1 % 2 == 1
         self.stem = nn.Sequential(nn.Conv2d(3, c0, 3, padding=1), nn.BatchNorm2d(c0))
         self.b1 = bnnc.nn.BinaryConv2d(c0, c1, k1, stride=stride1, padding=k1 // 2, input_quantizer=aq,
                                        weight_quantizer=wq)
@@ -103,6 +104,8 @@ class RandomBNN(nn.Module):
 
     def forward(self, x):
         x = self.stem(x)
+        if self.residual:  # Bi-Real style shortcut: float epilogue, add, activation, then binarize
+            return self.head(self.bn2(self.b2(self.pool1(self.act1(self.bn1(self.b1(x)) + x)))))
         x = self.b1(x)
         x = self.bn1(self.pool1(x)) if self.pool_before_bn else self.pool1(self.act1(self.bn1(x)))
         return self.head(self.bn2(self.b2(x)))
@@ -145,11 +148,12 @@ def export_random(seed, **arch):
     return net, to_onnx(net, (1, 3, 12, 12)), rng
 
 
-def assert_deploy_equals_export(export_model, x, expect_bits=True):
+def assert_deploy_equals_export(export_model, x, expect_bits=True, lowered=True):
     deploy = to_deploy(export_model)
-    assert form_of(deploy) == "deploy"
     ops = [n.op_type for n in deploy.graph.node]
-    assert "SignBinarize" not in ops and "BinaryConv2d" not in ops
+    if lowered:
+        assert form_of(deploy) == "deploy"
+        assert "SignBinarize" not in ops and "BinaryConv2d" not in ops
     outputs = {n.attribute[[a.name for a in n.attribute].index("output")].s.decode()
                for n in deploy.graph.node if n.op_type == "BinaryConv2dPacked"}
     if expect_bits:
@@ -162,19 +166,45 @@ def assert_deploy_equals_export(export_model, x, expect_bits=True):
     return deploy
 
 
-@settings(max_examples=12, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(seed=st.integers(0, 2**16), c0=st.sampled_from([3, 16, 37]), c1=st.sampled_from([5, 33, 40, 70]),
-       c2=st.sampled_from([7, 32, 45]), k1=st.sampled_from([1, 3]), stride1=st.sampled_from([1, 2]),
-       pool1=st.booleans(), k2=st.sampled_from([1, 3]))
-def test_random_networks_deploy_equals_export(seed, c0, c1, c2, k1, stride1, pool1, k2):
-    net, model, rng = export_random(seed, c0=c0, c1=c1, c2=c2, k1=k1, stride1=stride1, pool1=pool1, k2=k2)
-    x = rng.standard_normal((4, 3, 12, 12)).astype(np.float32)
-    assert_deploy_equals_export(model, x)
+network_strategy = st.fixed_dictionaries(dict(
+    seed=st.integers(0, 2**16), c0=st.sampled_from([3, 16, 37]), c1=st.sampled_from([5, 33, 37, 40, 70]),
+    c2=st.sampled_from([7, 32, 45]), k1=st.sampled_from([1, 3]), stride1=st.sampled_from([1, 2]),
+    pool1=st.booleans(), k2=st.sampled_from([1, 3]), act=st.sampled_from([None, "prelu", "maxout", "hardtanh"]),
+    quantizers=st.sampled_from([("sign", "xnor"), ("sign", "sign"), ("approx_sign", "magnitude_aware"),
+                                ("rsign", "libra_pb"), ("ede", "ede"), ("fda", "fda"), ("adabin", "adabin")]),
+    residual=st.booleans(), pool_before_bn=st.booleans()))
+
+
+def check_random_network(arch):
+    arch = dict(arch)
+    aq, wq = arch.pop("quantizers")
+    seed = arch.pop("seed")
+    if arch["residual"]:
+        arch.update(c1=arch["c0"], stride1=1, k1=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # AdaBin and mixed pools fall back to float, with a warning
+        net, model, rng = export_random(seed, aq=aq, wq=wq, **arch)
+        x = rng.standard_normal((4, 3, 12, 12)).astype(np.float32)
+        assert_deploy_equals_export(model, x, expect_bits=False, lowered=aq != "adabin")
     # and the export form on ORT agrees with PyTorch
     with torch.no_grad():
         np.testing.assert_allclose(OrtReferenceRunner(model).run(x), net(torch.tensor(x)).numpy(), rtol=1e-4,
                                    atol=1e-4)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(arch=network_strategy)
+def test_random_networks_deploy_equals_export(arch):
+    check_random_network(arch)
+
+
+@pytest.mark.slow
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(arch=network_strategy)
+def test_300_random_networks_deploy_equals_export(arch):
+    check_random_network(arch)
 
 
 def test_pool_before_batchnorm_stays_exact_without_fusion():
@@ -250,3 +280,19 @@ def test_every_exportable_quantizer_deploys_exactly(aq, wq):
                                    atol=1e-5)
     else:
         assert_deploy_equals_export(model, x, expect_bits=True)
+
+
+def test_binary_linear_layers_deploy_exactly_including_ties():
+    """Dense layers with even fan-in hit D = 0 (a tie at the threshold) often: still exact."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(48, 70), nn.BatchNorm1d(70),
+                        bnnc.nn.BinaryLinear(70, 33, weight_quantizer="xnor"), nn.BatchNorm1d(33),
+                        bnnc.nn.BinaryLinear(33, 10)).eval()
+    x = np.random.default_rng(0).standard_normal((64, 3, 4, 4)).astype(np.float32)
+    model = to_onnx(net, (1, 3, 4, 4))
+    deploy = assert_deploy_equals_export(model, x, expect_bits=False)
+    assert [n.op_type for n in deploy.graph.node].count("BinaryConv2dPacked") == 2
+    with torch.no_grad():
+        np.testing.assert_array_equal(OrtReferenceRunner(model).run(x), net(torch.tensor(x)).numpy())
+    got = bnnc.compile(model, runtime="tvm").run(x)
+    np.testing.assert_allclose(got, OrtReferenceRunner(model).run(x), rtol=1e-5, atol=1e-5)
