@@ -1,0 +1,184 @@
+"""The ONNX Runtime backend: the ``ai.bnnc`` deploy form on stock ONNX Runtime.
+
+Two ways to run a deploy-form model:
+
+* **library** (default): ``libbnnc_ort.so``, a custom-op library with bit-packed XOR-popcount kernels
+  (AVX-512 VPOPCNTDQ, AVX2 or portable C++, picked at run time; ``BNNC_ORT_ISA`` forces one), loaded
+  with ``SessionOptions.register_custom_ops_library``. Built from ``src/`` on first use
+  (:func:`library_path`; ``python -m bnnc.runtimes.ort.build`` does it ahead of time).
+* **portable**: :func:`to_portable` rewrites the deploy ops into standard ONNX ops, for ONNX Runtime
+  builds (or other engines) that cannot load a library. Same outputs; slower.
+
+Both agree bit for bit with the NumPy references in ``bnnc.ops.deploy``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .portable import PortableError, to_portable
+
+__all__ = [
+    "OrtDeployRunner",
+    "OrtLibraryError",
+    "PortableError",
+    "library_path",
+    "resolve_isa",
+    "to_portable",
+]
+
+_LIB_CACHE: str | None = None
+
+
+class OrtLibraryError(RuntimeError):
+    """The custom-op library is missing, cannot be built here, or does not load in this ONNX Runtime."""
+
+
+def library_path(build: bool = True) -> str:
+    """Path of ``libbnnc_ort.so``; built (once, idempotently) if missing or stale.
+
+    ``BNNC_ORT_LIBRARY=/path/libbnnc_ort.so`` uses a prebuilt library as is. Raises
+    :class:`OrtLibraryError` when it is missing and cannot be built (no g++, no headers and no npm...).
+    """
+    global _LIB_CACHE
+    env = os.environ.get("BNNC_ORT_LIBRARY")
+    if env:
+        if not Path(env).is_file():
+            raise OrtLibraryError(f"BNNC_ORT_LIBRARY={env}: no such file")
+        return env
+    if _LIB_CACHE and Path(_LIB_CACHE).is_file():
+        return _LIB_CACHE
+    from . import build as _build
+
+    if not build:
+        p = _build.lib_file()
+        if not p.is_file():
+            raise OrtLibraryError(f"{p} is not built; run `python -m bnnc.runtimes.ort.build`")
+        return str(p)
+    try:
+        _LIB_CACHE = str(_build.build(log=lambda *_: None))
+    except _build.BuildError as e:
+        raise OrtLibraryError(f"cannot build the bnnc ONNX Runtime library: {e}; use mode='portable' "
+                              "(standard ONNX ops) or set BNNC_ORT_LIBRARY to a prebuilt libbnnc_ort.so") from None
+    return _LIB_CACHE
+
+
+def resolve_isa(request: str | None = None, lib: str | None = None) -> str:
+    """The kernel family the library picks for ``request`` (None: ``$BNNC_ORT_ISA``, else the best the CPU
+    has): 'avx512', 'avx2', 'neon' or 'portable'. Raises ValueError for an unknown/unsupported request."""
+    if request is None:
+        request = os.environ.get("BNNC_ORT_ISA", "auto")
+    handle = ctypes.CDLL(lib or library_path())
+    fn = handle.bnnc_ort_resolve_isa
+    fn.restype = ctypes.c_char_p
+    fn.argtypes = [ctypes.c_char_p]
+    out = fn(request.encode()).decode()
+    if out.startswith("error: "):
+        raise ValueError(out[len("error: "):])
+    return out
+
+
+_ELF_MACHINES = {62: "x86_64", 183: "aarch64", 3: "i386", 40: "arm"}
+
+
+def _check_library_file(path: str) -> None:
+    """Refuse files that dlopen would reject or crash on (a truncated ELF can SIGBUS the process)."""
+    import platform
+    import struct
+
+    p = Path(path)
+    if not p.is_file():
+        raise OrtLibraryError(f"bnnc ONNX Runtime library {p} does not exist; build it with "
+                              "`python -m bnnc.runtimes.ort.build` or use mode='portable'")
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(64)
+    if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2:
+        raise OrtLibraryError(f"bnnc ONNX Runtime library {p} is not a 64-bit shared library (corrupt or wrong "
+                              "file); rebuild it with `python -m bnnc.runtimes.ort.build --force`")
+    end = "<" if head[5] == 1 else ">"
+    machine = struct.unpack_from(end + "H", head, 0x12)[0]
+    shoff = struct.unpack_from(end + "Q", head, 0x28)[0]
+    shentsize, shnum = struct.unpack_from(end + "HH", head, 0x3A)
+    if shoff + shentsize * shnum > size:
+        raise OrtLibraryError(f"bnnc ONNX Runtime library {p} is truncated ({size} bytes; its header says at "
+                              f"least {shoff + shentsize * shnum}); rebuild it with "
+                              "`python -m bnnc.runtimes.ort.build --force`")
+    host = {"AMD64": "x86_64", "arm64": "aarch64"}.get(platform.machine(), platform.machine())
+    arch = _ELF_MACHINES.get(machine, f"machine {machine}")
+    if host in _ELF_MACHINES.values() and arch != host:
+        raise OrtLibraryError(f"bnnc ONNX Runtime library {p} is built for {arch}, this machine is {host}")
+
+
+class OrtDeployRunner:
+    """Run a deploy-form (``ai.bnnc``) ONNX model on ONNX Runtime.
+
+    ``mode="library"`` loads ``libbnnc_ort.so`` (``lib`` overrides its path) and raises
+    :class:`OrtLibraryError` if it is missing, cannot be built or does not load; ``mode="portable"`` runs
+    :func:`to_portable` of the model with no library; ``mode="auto"`` tries the library and falls back to
+    portable with a warning. ``mode=None`` reads ``$BNNC_ORT_MODE`` (default ``library``).
+    ``num_threads`` sets ORT's intra-op threads (None: ORT's default). ``run(x)`` returns the first output;
+    ``self.mode`` is the mode actually used.
+    """
+
+    def __init__(self, model: onnx.ModelProto, num_threads: int | None = None, *, mode: str | None = None,
+                 lib: str | None = None):
+        if mode is None:
+            mode = os.environ.get("BNNC_ORT_MODE", "library")
+        if mode not in ("library", "portable", "auto"):
+            raise ValueError(f"mode must be 'library', 'portable' or 'auto', got {mode!r}")
+        if mode == "auto":
+            try:
+                self._init(model, num_threads, "library", lib)
+            except OrtLibraryError as e:
+                import warnings
+
+                warnings.warn(f"{e}; running the portable (standard ONNX ops) form instead", RuntimeWarning,
+                              stacklevel=2)
+                self._init(model, num_threads, "portable", None)
+        else:
+            self._init(model, num_threads, mode, lib)
+
+    def _init(self, model, num_threads, mode, lib):
+        import onnxruntime as ort
+
+        self.mode = mode
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if num_threads:
+            opts.intra_op_num_threads = int(num_threads)
+            opts.inter_op_num_threads = 1
+        if mode == "portable":
+            self.model = to_portable(model)
+            self.library = None
+        else:
+            self.model = model
+            self.library = lib or library_path()
+            _check_library_file(self.library)
+            try:
+                opts.register_custom_ops_library(self.library)
+            except Exception as e:  # noqa: BLE001 - ORT raises various types here
+                raise OrtLibraryError(f"ONNX Runtime {ort.__version__} cannot load the bnnc library "
+                                      f"{self.library}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}; "
+                                      "rebuild it (`python -m bnnc.runtimes.ort.build --force`) or use "
+                                      "mode='portable'") from None
+        try:
+            self.session = ort.InferenceSession(self.model.SerializeToString(), opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeError(f"ONNX Runtime cannot create a session for this model ({mode} mode): {e}") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def run(self, x) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.asarray(x, np.float32)})[0]
+
+    def run_feeds(self, feeds: dict) -> list[np.ndarray]:
+        """All outputs for an explicit feed dict (any input dtypes), e.g. single-op test graphs."""
+        return self.session.run(None, feeds)
+
+    __call__ = run

@@ -1,0 +1,140 @@
+// Native self-test of the XOR-popcount kernels without ONNX Runtime: every ISA this CPU/build has vs a
+// direct-loop reference of BinaryConv2dPacked (bnnc/ops/deploy.py), on random shapes. Built by
+// `python -m bnnc.runtimes.ort.build --selftest [--cross aarch64]`; the aarch64 binary is static and
+// runs under qemu-aarch64-static. Prints one line per ISA; exit status 0 iff all agree bit for bit.
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "kernels.h"
+#include "plan.h"
+
+using namespace bnnc;
+
+namespace {
+
+int64_t out_size(int64_t size, int64_t k, int64_t s, int64_t pb, int64_t pe, int64_t d) {
+  return (size + pb + pe - d * (k - 1) - 1) / s + 1;
+}
+
+struct Case {
+  int64_t N, H, W, C, O, k, s, p, d;
+  bool bits, wide;
+};
+
+// Direct reference: pc over all taps (padding = zero words), D = E[o, rc, cc] - 2 pc, then the epilogue.
+void reference(const Case& c, const std::vector<uint32_t>& x, const std::vector<uint32_t>& w,
+               const std::vector<int32_t>& e, int64_t NR, int64_t NC, const std::vector<int32_t>& rc,
+               const std::vector<int32_t>& cc, const std::vector<int32_t>& p0i, const std::vector<int32_t>& p1i,
+               const std::vector<float>& p0f, const std::vector<float>& p1f, int64_t OH, int64_t OW,
+               std::vector<uint32_t>& ybits, std::vector<float>& yf) {
+  const int64_t Cw = (c.C + 31) / 32, Ow = (c.O + 31) / 32;
+  for (int64_t n = 0; n < c.N; ++n)
+    for (int64_t oy = 0; oy < OH; ++oy)
+      for (int64_t ox = 0; ox < OW; ++ox)
+        for (int64_t o = 0; o < c.O; ++o) {
+          int64_t pc = 0;
+          for (int64_t i = 0; i < c.k; ++i)
+            for (int64_t j = 0; j < c.k; ++j) {
+              const int64_t yy = oy * c.s - c.p + i * c.d, xx = ox * c.s - c.p + j * c.d;
+              const bool ok = yy >= 0 && yy < c.H && xx >= 0 && xx < c.W;
+              for (int64_t q = 0; q < Cw; ++q) {
+                const uint32_t a = ok ? x[((n * c.H + yy) * c.W + xx) * Cw + q] : 0u;
+                pc += __builtin_popcount(a ^ w[((o * c.k + i) * c.k + j) * Cw + q]);
+              }
+            }
+          const int64_t d = e[(o * NR + rc[oy]) * NC + cc[ox]] - 2 * pc;
+          if (c.bits) {
+            if (static_cast<int64_t>(p0i[o]) * d >= p1i[o]) ybits[((n * OH + oy) * OW + ox) * Ow + o / 32] |= 1u << (o % 32);
+          } else {
+            float v = static_cast<float>(d) * p0f[o];
+            v = v + p1f[o];
+            yf[((n * c.O + o) * OH + oy) * OW + ox] = v;
+          }
+        }
+}
+
+bool run_case(const Case& c, std::mt19937& rng, ConvRowPcFn conv, EpilogueRowFn epi) {
+  const int64_t Cw = (c.C + 31) / 32, Ow = (c.O + 31) / 32;
+  const int64_t OH = out_size(c.H, c.k, c.s, c.p, c.p, c.d), OW = out_size(c.W, c.k, c.s, c.p, c.p, c.d);
+  auto bitsv = [&](int64_t pos, int64_t ch) {
+    std::vector<uint32_t> v(static_cast<size_t>(pos * ((ch + 31) / 32)));
+    for (auto& u : v) u = rng();
+    if (ch % 32)
+      for (int64_t i = (ch + 31) / 32 - 1; i < static_cast<int64_t>(v.size()); i += (ch + 31) / 32)
+        v[i] &= (1u << (ch % 32)) - 1u;
+    return v;
+  };
+  auto x = bitsv(c.N * c.H * c.W, c.C);
+  auto w = bitsv(c.O * c.k * c.k, c.C);
+  const int64_t NR = 3, NC = 4, kk = c.k * c.k * c.C;
+  std::uniform_int_distribution<int32_t> ed(-static_cast<int32_t>(kk), static_cast<int32_t>(kk));
+  std::vector<int32_t> e(static_cast<size_t>(c.O * NR * NC)), rc(OH), cc(OW);
+  for (auto& v : e) v = ed(rng);
+  for (auto& v : rc) v = static_cast<int32_t>(rng() % NR);
+  for (auto& v : cc) v = static_cast<int32_t>(rng() % NC);
+  std::vector<int32_t> p0i(c.O), p1i(c.O);
+  std::vector<float> p0f(c.O), p1f(c.O);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int64_t o = 0; o < c.O; ++o) {
+    p0i[o] = c.wide ? static_cast<int32_t>(rng() % 7) - 3 : static_cast<int32_t>(rng() % 3) - 1;
+    p1i[o] = ed(rng) / 2;
+    p0f[o] = nd(rng);
+    p1f[o] = 3.f * nd(rng);
+  }
+  std::vector<uint32_t> rb(static_cast<size_t>(c.N * OH * OW * Ow), 0u), gb(rb.size(), 0xdeadbeefu);
+  std::vector<float> rf(static_cast<size_t>(c.N * c.O * OH * OW), 0.f), gf(rf.size(), -7.f);
+  reference(c, x, w, e, NR, NC, rc, cc, p0i, p1i, p0f, p1f, OH, OW, rb, rf);
+  ConvPlan p{};
+  p.x = x.data(); p.N = c.N; p.H = c.H; p.W = c.W; p.Cw = Cw;
+  p.O = c.O; p.KH = c.k; p.KW = c.k; p.sh = c.s; p.sw = c.s; p.pt = c.p; p.pl = c.p; p.dh = c.d; p.dw = c.d;
+  p.OH = OH; p.OW = OW; p.w = w.data(); p.rc = rc.data(); p.cc = cc.data(); p.bits = c.bits;
+  p.y = c.bits ? static_cast<void*>(gb.data()) : static_cast<void*>(gf.data());
+  ConvStorage st;
+  prepare_plan(p, st, e.data(), NR, NC, c.bits ? static_cast<const void*>(p0i.data()) : p0f.data(),
+               c.bits ? static_cast<const void*>(p1i.data()) : p1f.data());
+  run_conv_serial(p, conv, epi);
+  return c.bits ? gb == rb : std::memcmp(gf.data(), rf.data(), rf.size() * sizeof(float)) == 0;
+}
+
+int test_isa(const char* name, ConvRowPcFn conv, EpilogueRowFn epi) {
+  std::mt19937 rng(1234);
+  int n = 0, bad = 0;
+  for (int64_t C : {1, 31, 33, 64, 70})
+    for (int64_t O : {1, 31, 33, 64, 70})
+      for (auto g : {std::vector<int64_t>{1, 1, 0, 1}, {1, 2, 0, 1}, {3, 1, 1, 1}, {3, 2, 1, 1}, {3, 2, 0, 1},
+                     {3, 1, 2, 2}})
+        for (bool bits : {true, false})
+          for (bool wide : {false, true}) {
+            if (wide && !bits) continue;
+            Case c{2, 7, 9, C, O, g[0], g[1], g[2], g[3], bits, wide};
+            ++n;
+            if (!run_case(c, rng, conv, epi)) {
+              if (++bad <= 5)
+                std::printf("MISMATCH %s C=%lld O=%lld k=%lld s=%lld p=%lld d=%lld %s%s\n", name, (long long)C,
+                            (long long)O, (long long)g[0], (long long)g[1], (long long)g[2], (long long)g[3],
+                            bits ? "bits" : "float", wide ? " wide" : "");
+            }
+          }
+  std::printf("%s %s: %d/%d cases bit-exact\n", bad ? "FAIL" : "OK", name, n - bad, n);
+  return bad ? 1 : 0;
+}
+
+}  // namespace
+
+int main() {
+  int rc = test_isa("portable", conv_row_pc_portable, epilogue_row_portable);
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2")) rc |= test_isa("avx2", conv_row_pc_avx2, epilogue_row_avx2);
+  else std::printf("SKIP avx2: not supported by this CPU\n");
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq"))
+    rc |= test_isa("avx512", conv_row_pc_avx512, epilogue_row_avx512);
+  else std::printf("SKIP avx512: not supported by this CPU\n");
+#endif
+#if defined(__aarch64__)
+  rc |= test_isa("neon", conv_row_pc_neon, epilogue_row_neon);
+#endif
+  return rc;
+}

@@ -1,0 +1,569 @@
+// bnnc ONNX Runtime custom-op library: the deploy-form ops of the `ai.bnnc` domain
+// (PackSign, UnpackSign, BinaryConv2dPacked, MaxPoolBits), bit-exact with bnnc/ops/deploy.py.
+//
+// Load it with SessionOptions.register_custom_ops_library(path). The XOR-popcount kernel is picked at
+// session creation from the CPU's features (AVX-512 VPOPCNTDQ > AVX2 > portable on x86-64, NEON on
+// aarch64); the environment variable BNNC_ORT_ISA=auto|avx512|avx2|neon|portable forces one.
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <cctype>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+#include "plan.h"
+
+#define BNNC_STR2(x) #x
+#define BNNC_STR(x) BNNC_STR2(x)
+
+namespace bnnc {
+namespace {
+
+constexpr const char* kDomain = "ai.bnnc";
+
+struct OpError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+template <typename... Args>
+[[noreturn]] void fail(const char* op, Args&&... args) {
+  std::ostringstream s;
+  s << "bnnc " << op << ": ";
+  (s << ... << args);
+  throw OpError(s.str());
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::ostringstream o;
+  o << "[";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << "]";
+  return o.str();
+}
+
+int64_t num_words(int64_t c) { return (c + 31) / 32; }
+
+int64_t out_size(int64_t size, int64_t k, int64_t s, int64_t pb, int64_t pe, int64_t d) {
+  const int64_t span = size + pb + pe - d * (k - 1) - 1;
+  // floor division, as Python's //
+  return (span >= 0 ? span / s : -((-span + s - 1) / s)) + 1;
+}
+
+// ------------------------------------------------------------------------------------------------
+// ISA selection
+
+struct IsaImpl {
+  Isa isa;
+  const char* name;
+  ConvRowPcFn conv;
+  EpilogueRowFn epi;
+};
+
+bool cpu_has(Isa isa) {
+  switch (isa) {
+    case Isa::Portable:
+      return true;
+#if defined(__x86_64__) || defined(__i386__)
+    case Isa::Avx2:
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx2");
+    case Isa::Avx512:
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq");
+#endif
+#if defined(__aarch64__)
+    case Isa::Neon:
+      return true;  // Advanced SIMD is mandatory on AArch64
+#endif
+    default:
+      return false;
+  }
+}
+
+IsaImpl impl_of(Isa isa) {
+  switch (isa) {
+#if defined(__x86_64__) || defined(__i386__)
+    case Isa::Avx512:
+      return {isa, "avx512", conv_row_pc_avx512, epilogue_row_avx512};
+    case Isa::Avx2:
+      return {isa, "avx2", conv_row_pc_avx2, epilogue_row_avx2};
+#endif
+#if defined(__aarch64__)
+    case Isa::Neon:
+      return {isa, "neon", conv_row_pc_neon, epilogue_row_neon};
+#endif
+    default:
+      return {Isa::Portable, "portable", conv_row_pc_portable, epilogue_row_portable};
+  }
+}
+
+// Resolve a request ("auto"/empty = best available). Throws OpError on an unknown or unsupported one.
+IsaImpl resolve_isa(const char* request) {
+  std::string req = request ? request : "";
+  for (auto& ch : req) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  if (req.empty() || req == "auto") {
+    for (Isa isa : {Isa::Avx512, Isa::Avx2, Isa::Neon})
+      if (cpu_has(isa)) return impl_of(isa);
+    return impl_of(Isa::Portable);
+  }
+  Isa isa;
+  if (req == "avx512") isa = Isa::Avx512;
+  else if (req == "avx2") isa = Isa::Avx2;
+  else if (req == "neon") isa = Isa::Neon;
+  else if (req == "portable") isa = Isa::Portable;
+  else fail("BNNC_ORT_ISA", "unknown value '", req, "' (use auto, avx512, avx2, neon or portable)");
+  if (!cpu_has(isa))
+    fail("BNNC_ORT_ISA", "'", req, "' requested, but this CPU or this build does not support it");
+  return impl_of(isa);
+}
+
+IsaImpl isa_from_env() { return resolve_isa(std::getenv("BNNC_ORT_ISA")); }
+
+// ------------------------------------------------------------------------------------------------
+// Attribute helpers
+
+int64_t attr_int(const OrtKernelInfo* info, const char* name, const char* op) {
+  try {
+    return Ort::ConstKernelInfo(info).GetAttribute<int64_t>(name);
+  } catch (const Ort::Exception&) {
+    fail(op, "missing int attribute '", name, "'");
+  }
+}
+
+std::vector<int64_t> attr_ints(const OrtKernelInfo* info, const char* name, const char* op,
+                               const std::vector<int64_t>* dflt) {
+  try {
+    return Ort::ConstKernelInfo(info).GetAttributes<int64_t>(name);
+  } catch (const Ort::Exception&) {
+    if (dflt) return *dflt;
+    fail(op, "missing ints attribute '", name, "'");
+  }
+}
+
+std::string attr_str(const OrtKernelInfo* info, const char* name, const char* op) {
+  try {
+    return Ort::ConstKernelInfo(info).GetAttribute<std::string>(name);
+  } catch (const Ort::Exception&) {
+    fail(op, "missing string attribute '", name, "'");
+  }
+}
+
+template <typename T>
+struct In {
+  const T* data;
+  std::vector<int64_t> shape;
+  int64_t size;
+};
+
+template <typename T>
+In<T> input(const Ort::KernelContext& ctx, size_t i) {
+  Ort::ConstValue v = ctx.GetInput(i);
+  auto info = v.GetTensorTypeAndShapeInfo();
+  In<T> r{v.GetTensorData<T>(), info.GetShape(), static_cast<int64_t>(info.GetElementCount())};
+  return r;
+}
+
+void parallel_for(const Ort::KernelContext& ctx, size_t total, void (*fn)(void*, size_t), void* data) {
+  if (total == 0) return;
+  if (total == 1) {
+    fn(data, 0);
+    return;
+  }
+  ctx.ParallelFor(fn, total, 0, data);
+}
+
+// Exceptions → OrtStatus, for the V2 (status-returning) custom-op entry points.
+template <typename F>
+OrtStatusPtr guarded(F&& f) {
+  try {
+    f();
+    return nullptr;
+  } catch (const Ort::Exception& e) {
+    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::exception& e) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
+  } catch (...) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, "bnnc: unknown error");
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// PackSign
+
+struct PackSignKernel {
+  explicit PackSignKernel(const OrtKernelInfo*) {}
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded([&] {
+      Ort::KernelContext ctx(context);
+      auto x = input<float>(ctx, 0);
+      if (x.shape.size() < 2) fail("PackSign", "X must be [N, C, ...], got ", shape_str(x.shape));
+      const int64_t N = x.shape[0], C = x.shape[1];
+      int64_t S = 1;
+      for (size_t i = 2; i < x.shape.size(); ++i) S *= x.shape[i];
+      const float* t = nullptr;
+      if (ctx.GetInputCount() > 1) {
+        Ort::ConstValue tv = ctx.GetInput(1);
+        if (tv != nullptr) {
+          auto ti = input<float>(ctx, 1);
+          if (ti.size != C) fail("PackSign", "threshold T has ", ti.size, " elements, X has ", C, " channels");
+          t = ti.data;
+        }
+      }
+      const int64_t Cw = num_words(C);
+      std::vector<int64_t> oshape{N};
+      for (size_t i = 2; i < x.shape.size(); ++i) oshape.push_back(x.shape[i]);
+      oshape.push_back(Cw);
+      uint32_t* y = ctx.GetOutput(0, oshape).GetTensorMutableData<uint32_t>();
+      std::vector<uint32_t> tmp(static_cast<size_t>(S));
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t wd = 0; wd < Cw; ++wd) {
+          std::fill(tmp.begin(), tmp.end(), 0u);
+          uint32_t* tp = tmp.data();
+          const int64_t cend = std::min<int64_t>(C, (wd + 1) * 32);
+          for (int64_t c = wd * 32; c < cend; ++c) {
+            const float* xs = x.data + (n * C + c) * S;
+            const float th = t ? t[c] : 0.0f;
+            const unsigned b = static_cast<unsigned>(c & 31);
+            for (int64_t s = 0; s < S; ++s) tp[s] |= static_cast<uint32_t>(xs[s] >= th) << b;
+          }
+          uint32_t* yo = y + n * S * Cw + wd;
+          for (int64_t s = 0; s < S; ++s) yo[s * Cw] = tp[s];
+        }
+      }
+    });
+  }
+};
+
+struct PackSignOp : Ort::CustomOpBase<PackSignOp, PackSignKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** k) const {
+    return guarded([&] { *k = new PackSignKernel(info); });
+  }
+  const char* GetName() const { return "PackSign"; }
+  size_t GetInputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32; }
+};
+
+// ------------------------------------------------------------------------------------------------
+// UnpackSign
+
+struct UnpackSignKernel {
+  int64_t channels;
+  explicit UnpackSignKernel(const OrtKernelInfo* info) : channels(attr_int(info, "channels", "UnpackSign")) {
+    if (channels < 1) fail("UnpackSign", "channels must be >= 1, got ", channels);
+  }
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded([&] {
+      Ort::KernelContext ctx(context);
+      auto x = input<uint32_t>(ctx, 0);
+      if (x.shape.size() < 2) fail("UnpackSign", "X must be packed [N, ..., Cw], got ", shape_str(x.shape));
+      const int64_t N = x.shape[0], Cw = x.shape.back(), C = channels;
+      if (Cw != num_words(C))
+        fail("UnpackSign", "X has ", Cw, " words per position, channels=", C, " needs ", num_words(C));
+      int64_t S = 1;
+      std::vector<int64_t> oshape{N, C};
+      for (size_t i = 1; i + 1 < x.shape.size(); ++i) {
+        S *= x.shape[i];
+        oshape.push_back(x.shape[i]);
+      }
+      float* y = ctx.GetOutput(0, oshape).GetTensorMutableData<float>();
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = 0; c < C; ++c) {
+          const uint32_t* xs = x.data + n * S * Cw + (c >> 5);
+          const unsigned b = static_cast<unsigned>(c & 31);
+          float* yo = y + (n * C + c) * S;
+          for (int64_t s = 0; s < S; ++s) yo[s] = ((xs[s * Cw] >> b) & 1u) ? 1.0f : -1.0f;
+        }
+    });
+  }
+};
+
+struct UnpackSignOp : Ort::CustomOpBase<UnpackSignOp, UnpackSignKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** k) const {
+    return guarded([&] { *k = new UnpackSignKernel(info); });
+  }
+  const char* GetName() const { return "UnpackSign"; }
+  size_t GetInputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+// ------------------------------------------------------------------------------------------------
+// MaxPoolBits
+
+struct MaxPoolBitsKernel {
+  int64_t channels;
+  std::vector<int64_t> kernel, strides, pads;
+  bool is_or;
+  explicit MaxPoolBitsKernel(const OrtKernelInfo* info) {
+    const char* op = "MaxPoolBits";
+    channels = attr_int(info, "channels", op);
+    kernel = attr_ints(info, "kernel_shape", op, nullptr);
+    const std::vector<int64_t> ones{1, 1}, zeros{0, 0, 0, 0};
+    strides = attr_ints(info, "strides", op, &ones);
+    pads = attr_ints(info, "pads", op, &zeros);
+    const std::string mode = attr_str(info, "mode", op);
+    if (mode != "or" && mode != "and") fail(op, "mode must be 'or' or 'and', got '", mode, "'");
+    is_or = mode == "or";
+    if (kernel.size() != 2 || strides.size() != 2 || pads.size() != 4)
+      fail(op, "kernel_shape/strides need 2 values and pads 4");
+    if (kernel[0] < 1 || kernel[1] < 1 || strides[0] < 1 || strides[1] < 1)
+      fail(op, "kernel_shape and strides must be >= 1");
+    for (auto p : pads)
+      if (p < 0) fail(op, "pads must be >= 0");
+  }
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded([&] {
+      const char* op = "MaxPoolBits";
+      Ort::KernelContext ctx(context);
+      auto x = input<uint32_t>(ctx, 0);
+      if (x.shape.size() != 4) fail(op, "X must be [N, H, W, Cw], got ", shape_str(x.shape));
+      const int64_t N = x.shape[0], H = x.shape[1], W = x.shape[2], Cw = x.shape[3];
+      if (Cw != num_words(channels))
+        fail(op, "X has ", Cw, " words per position, channels=", channels, " needs ", num_words(channels));
+      const int64_t kh = kernel[0], kw = kernel[1], sh = strides[0], sw = strides[1];
+      const int64_t pt = pads[0], pl = pads[1];
+      const int64_t OH = out_size(H, kh, sh, pt, pads[2], 1), OW = out_size(W, kw, sw, pl, pads[3], 1);
+      if (OH < 0 || OW < 0) fail(op, "window larger than the padded input ", shape_str(x.shape));
+      uint32_t* y = ctx.GetOutput(0, std::vector<int64_t>{N, OH, OW, Cw}).GetTensorMutableData<uint32_t>();
+      std::vector<uint32_t> full(static_cast<size_t>(Cw), 0xffffffffu);
+      if (channels % 32) full[Cw - 1] = (1u << (channels % 32)) - 1u;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t oy = 0; oy < OH; ++oy)
+          for (int64_t ox = 0; ox < OW; ++ox) {
+            uint32_t* acc = y + ((n * OH + oy) * OW + ox) * Cw;
+            for (int64_t j = 0; j < Cw; ++j) acc[j] = is_or ? 0u : full[j];
+            for (int64_t i = 0; i < kh; ++i) {
+              const int64_t yy = oy * sh - pt + i;
+              if (yy < 0 || yy >= H) continue;
+              for (int64_t jx = 0; jx < kw; ++jx) {
+                const int64_t xx = ox * sw - pl + jx;
+                if (xx < 0 || xx >= W) continue;
+                const uint32_t* src = x.data + ((n * H + yy) * W + xx) * Cw;
+                if (is_or)
+                  for (int64_t j = 0; j < Cw; ++j) acc[j] |= src[j];
+                else
+                  for (int64_t j = 0; j < Cw; ++j) acc[j] &= src[j];
+              }
+            }
+          }
+    });
+  }
+};
+
+struct MaxPoolBitsOp : Ort::CustomOpBase<MaxPoolBitsOp, MaxPoolBitsKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** k) const {
+    return guarded([&] { *k = new MaxPoolBitsKernel(info); });
+  }
+  const char* GetName() const { return "MaxPoolBits"; }
+  size_t GetInputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32; }
+};
+
+// ------------------------------------------------------------------------------------------------
+// BinaryConv2dPacked. Registered twice under one name: P0/P1 float32 → float output, P0/P1 int32 →
+// packed bits output (ORT picks the kernel, and the output type, from the P0 type).
+
+struct ConvTask {
+  const ConvPlan* plan;
+  IsaImpl impl;
+};
+
+thread_local std::vector<uint32_t> t_patch;
+thread_local std::vector<int32_t> t_pc;
+thread_local std::vector<float> t_fbuf;
+
+void conv_row_task(void* data, size_t idx) {
+  const ConvTask& task = *static_cast<const ConvTask*>(data);
+  const ConvPlan& p = *task.plan;
+  const int64_t n = static_cast<int64_t>(idx) / p.OH, y = static_cast<int64_t>(idx) % p.OH;
+  const size_t np = static_cast<size_t>(row_buf_words(p)), nc = static_cast<size_t>(p.OW * p.Opad);
+  if (t_patch.size() < np) t_patch.resize(np);
+  if (t_pc.size() < nc) t_pc.resize(nc);
+  if (!p.bits && t_fbuf.size() < nc) t_fbuf.resize(nc);
+  task.impl.conv(p, gather_row(p, n, y, t_patch.data()), t_pc.data());
+  task.impl.epi(p, n, y, t_pc.data(), p.bits ? nullptr : t_fbuf.data());
+}
+
+struct ConvKernel {
+  const char* op = "BinaryConv2dPacked";
+  bool bits_type;  // the registered P0/P1 type: int32 (bits) or float32 (float)
+  int64_t in_channels, out_channels;
+  std::vector<int64_t> kernel, strides, pads, dilations;
+  IsaImpl impl;
+
+  ConvKernel(const OrtKernelInfo* info, bool bits) : bits_type(bits) {
+    in_channels = attr_int(info, "in_channels", op);
+    out_channels = attr_int(info, "out_channels", op);
+    const std::vector<int64_t> ones{1, 1}, zeros{0, 0, 0, 0}, none{};
+    kernel = attr_ints(info, "kernel_shape", op, &none);
+    strides = attr_ints(info, "strides", op, &ones);
+    pads = attr_ints(info, "pads", op, &zeros);
+    dilations = attr_ints(info, "dilations", op, &ones);
+    const std::string mode = attr_str(info, "output", op);
+    if (mode != "float" && mode != "bits") fail(op, "output must be 'float' or 'bits', got '", mode, "'");
+    if ((mode == "bits") != bits)
+      fail(op, "output='", mode, "' needs P0/P1 of type ", mode == "bits" ? "int32" : "float32", ", got ",
+           bits ? "int32" : "float32");
+    if (strides.size() != 2 || pads.size() != 4 || dilations.size() != 2 || !(kernel.empty() || kernel.size() == 2))
+      fail(op, "expects 2-D strides/dilations/kernel_shape and 4 pads");
+    if (strides[0] < 1 || strides[1] < 1 || dilations[0] < 1 || dilations[1] < 1)
+      fail(op, "strides and dilations must be >= 1");
+    for (auto p : pads)
+      if (p < 0) fail(op, "pads must be >= 0");
+    impl = isa_from_env();
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded([&] { compute(context); });
+  }
+
+  void compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    auto x = input<uint32_t>(ctx, 0);
+    auto w = input<uint32_t>(ctx, 1);
+    auto e = input<int32_t>(ctx, 2);
+    auto rc = input<int32_t>(ctx, 3);
+    auto cc = input<int32_t>(ctx, 4);
+    if (x.shape.size() != 4) fail(op, "X must be [N, H, W, Cw], got ", shape_str(x.shape));
+    if (w.shape.size() != 4) fail(op, "W must be [O, KH, KW, Cw], got ", shape_str(w.shape));
+    ConvPlan p{};
+    p.N = x.shape[0]; p.H = x.shape[1]; p.W = x.shape[2]; p.Cw = x.shape[3];
+    p.O = w.shape[0]; p.KH = w.shape[1]; p.KW = w.shape[2];
+    if (w.shape[3] != p.Cw) fail(op, "W has ", w.shape[3], " words per tap, X has ", p.Cw);
+    if (num_words(in_channels) != p.Cw) fail(op, "in_channels=", in_channels, " needs ", num_words(in_channels), " words, X has ", p.Cw);
+    if (out_channels != p.O) fail(op, "out_channels=", out_channels, " but W has ", p.O, " filters");
+    if (!kernel.empty() && (kernel[0] != p.KH || kernel[1] != p.KW))
+      fail(op, "kernel_shape ", shape_str(kernel), " does not match W ", shape_str(w.shape));
+    p.sh = strides[0]; p.sw = strides[1]; p.pt = pads[0]; p.pl = pads[1]; p.dh = dilations[0]; p.dw = dilations[1];
+    p.OH = out_size(p.H, p.KH, p.sh, p.pt, pads[2], p.dh);
+    p.OW = out_size(p.W, p.KW, p.sw, p.pl, pads[3], p.dw);
+    if (p.OH < 0 || p.OW < 0) fail(op, "kernel larger than the padded input ", shape_str(x.shape));
+    if (e.shape.size() != 3 || e.shape[0] != p.O)
+      fail(op, "E must be [O, NR, NC] with O=", p.O, ", got ", shape_str(e.shape));
+    const int64_t NR = e.shape[1], NC = e.shape[2];
+    if (rc.size != p.OH) fail(op, "RowClass has ", rc.size, " entries, output has ", p.OH, " rows");
+    if (cc.size != p.OW) fail(op, "ColClass has ", cc.size, " entries, output has ", p.OW, " columns");
+    for (int64_t i = 0; i < rc.size; ++i)
+      if (rc.data[i] < 0 || rc.data[i] >= NR) fail(op, "RowClass[", i, "]=", rc.data[i], " out of range [0, ", NR, ")");
+    for (int64_t i = 0; i < cc.size; ++i)
+      if (cc.data[i] < 0 || cc.data[i] >= NC) fail(op, "ColClass[", i, "]=", cc.data[i], " out of range [0, ", NC, ")");
+    p.x = x.data;
+    p.w = w.data;
+    p.rc = rc.data;
+    p.cc = cc.data;
+    p.bits = bits_type;
+    const int64_t O = p.O;
+    ConvStorage st;
+    const void *p0 = nullptr, *p1 = nullptr;
+    if (bits_type) {
+      auto a = input<int32_t>(ctx, 5), b = input<int32_t>(ctx, 6);
+      if (a.size != O || b.size != O) fail(op, "P0/P1 must have O=", O, " elements, got ", a.size, "/", b.size);
+      p0 = a.data;
+      p1 = b.data;
+      p.y = ctx.GetOutput(0, std::vector<int64_t>{p.N, p.OH, p.OW, num_words(O)}).GetTensorMutableData<uint32_t>();
+    } else {
+      auto a = input<float>(ctx, 5), b = input<float>(ctx, 6);
+      if (a.size != O || b.size != O) fail(op, "P0/P1 must have O=", O, " elements, got ", a.size, "/", b.size);
+      p0 = a.data;
+      p1 = b.data;
+      p.y = ctx.GetOutput(0, std::vector<int64_t>{p.N, O, p.OH, p.OW}).GetTensorMutableData<float>();
+    }
+    prepare_plan(p, st, e.data, NR, NC, p0, p1);
+    if (p.N == 0 || p.OH == 0 || p.OW == 0 || O == 0) return;
+    ConvTask task{&p, impl};
+    parallel_for(ctx, static_cast<size_t>(p.N * p.OH), conv_row_task, &task);
+  }
+};
+
+template <bool Bits>
+struct ConvOp : Ort::CustomOpBase<ConvOp<Bits>, ConvKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** k) const {
+    return guarded([&] { *k = new ConvKernel(info, Bits); });
+  }
+  const char* GetName() const { return "BinaryConv2dPacked"; }
+  size_t GetInputTypeCount() const { return 7; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    if (i <= 1) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32;
+    if (i <= 4) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+    return Bits ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const {
+    return Bits ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Registration
+
+const PackSignOp c_pack;
+const UnpackSignOp c_unpack;
+const MaxPoolBitsOp c_pool;
+const ConvOp<false> c_conv_float;
+const ConvOp<true> c_conv_bits;
+
+std::mutex g_domains_mutex;
+std::vector<Ort::CustomOpDomain>& domains() {
+  static std::vector<Ort::CustomOpDomain>* d = new std::vector<Ort::CustomOpDomain>();  // never destroyed
+  return *d;
+}
+
+}  // namespace
+}  // namespace bnnc
+
+extern "C" {
+
+__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                   const OrtApiBase* api_base) {
+  const OrtApi* api = nullptr;
+  for (uint32_t v = ORT_API_VERSION; v >= 16 && api == nullptr; --v) api = api_base->GetApi(v);
+  if (api == nullptr) return nullptr;  // cannot even report: this ORT is older than API 16
+  Ort::InitApi(api);
+  return bnnc::guarded([&] {
+    bnnc::resolve_isa(std::getenv("BNNC_ORT_ISA"));  // fail early on a bad BNNC_ORT_ISA
+    Ort::CustomOpDomain domain{bnnc::kDomain};
+    domain.Add(&bnnc::c_pack);
+    domain.Add(&bnnc::c_unpack);
+    domain.Add(&bnnc::c_pool);
+    domain.Add(&bnnc::c_conv_float);
+    domain.Add(&bnnc::c_conv_bits);
+    Ort::UnownedSessionOptions(options).Add(domain);
+    std::lock_guard<std::mutex> lock(bnnc::g_domains_mutex);
+    bnnc::domains().push_back(std::move(domain));
+  });
+}
+
+// For Python (ctypes): the kernel a request would select ("" or "auto": the best available), or
+// "error: ..." when it is unknown or unsupported here.
+__attribute__((visibility("default"))) const char* bnnc_ort_resolve_isa(const char* request) {
+  static thread_local std::string out;
+  try {
+    out = bnnc::resolve_isa(request).name;
+  } catch (const std::exception& e) {
+    out = std::string("error: ") + e.what();
+  }
+  return out.c_str();
+}
+
+__attribute__((visibility("default"))) const char* bnnc_ort_build_info() {
+  return "bnnc_ort 1 (ORT_API_VERSION " BNNC_STR(ORT_API_VERSION) ")";
+}
+
+}  // extern "C"

@@ -1,0 +1,81 @@
+// bnnc ONNX Runtime custom ops: kernel interface shared by the ISA-specific files.
+// Everything here is plain C++ on raw pointers: ISA files must not instantiate std templates inside
+// target-specific regions (an inline instantiation compiled for AVX-512 could be picked by the linker
+// for generic callers).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace bnnc {
+
+enum class Isa : int { Portable = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };
+
+// One BinaryConv2dPacked call, prepared by the generic driver (bnnc_ort.cc).
+struct ConvPlan {
+  // input X [N, H, W, Cw] (uint32 words)
+  const uint32_t* x;
+  int64_t N, H, W, Cw;
+  // geometry
+  int64_t O, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW;
+  int64_t K;     // KH * KW * Cw: words per patch
+  int64_t Opad;  // O rounded up to a multiple of 16
+  // weights, transposed: wt[k * Opad + o] (o >= O: 0); original layout w[o * K + k]
+  const uint32_t* wt;
+  const uint32_t* w;
+  // border table, transposed: et[(r * NC + c) * Opad + o]; classes per output row / column
+  const int32_t* et;
+  int64_t NC;
+  const int32_t* rc;
+  const int32_t* cc;
+  // epilogue (padded to Opad): bits: p0i/p1i (pads 0 / 1, i.e. bit 0); float: p0f/p1f
+  bool bits;
+  bool small_dir;  // bits mode and every P0 in {-1, 0, +1}: int32 products are exact
+  const int32_t* p0i;
+  const int32_t* p1i;
+  const float* p0f;
+  const float* p1f;
+  // output: bits [N, OH, OW, Ow] uint32 or float [N, O, OH, OW]
+  void* y;
+  int64_t Ow;
+};
+
+// The input words of one output row, as `nrows` runs of `row_len` words: the word of patch index
+// k = r * row_len + t for output column x is base[r * row_stride + x * x_step + t]. For dilation 1 the
+// runs are the KH zero-padded input rows (row_len = KW * Cw, x_step = stride * Cw), so no im2col copy is
+// needed; otherwise a full im2col (nrows = 1, row_len = x_step = K).
+struct RowSrc {
+  const uint32_t* base;
+  int64_t nrows, row_stride, x_step, row_len;
+};
+
+// Per-row kernels. `pc` receives OW * Opad popcounts, `fbuf` is OW * Opad floats of scratch for the
+// float epilogue.
+using ConvRowPcFn = void (*)(const ConvPlan& p, const RowSrc& src, int32_t* pc);
+using EpilogueRowFn = void (*)(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, float* fbuf);
+
+void conv_row_pc_portable(const ConvPlan& p, const RowSrc& src, int32_t* pc);
+void epilogue_row_portable(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, float* fbuf);
+
+#if defined(__x86_64__) || defined(__i386__)
+void conv_row_pc_avx2(const ConvPlan& p, const RowSrc& src, int32_t* pc);
+void epilogue_row_avx2(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, float* fbuf);
+void conv_row_pc_avx512(const ConvPlan& p, const RowSrc& src, int32_t* pc);
+void epilogue_row_avx512(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, float* fbuf);
+#endif
+#if defined(__aarch64__)
+void conv_row_pc_neon(const ConvPlan& p, const RowSrc& src, int32_t* pc);
+void epilogue_row_neon(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, float* fbuf);
+#endif
+
+// Scalar epilogue of one output pixel range [x0, x1) of row y (shared by all ISAs for tails and
+// the general-direction bits case). Writes the output directly.
+void epilogue_scalar(const ConvPlan& p, int64_t n, int64_t y, int64_t x0, int64_t x1, const int32_t* pc);
+
+// The input of output row y of image n as a RowSrc, written into `buf` (row_buf_words(p) words).
+int64_t row_buf_words(const ConvPlan& p);
+RowSrc gather_row(const ConvPlan& p, int64_t n, int64_t y, uint32_t* buf);
+
+// Float rows are produced as fbuf[x * Opad + o]; this writes them into NCHW.
+void store_float_row(const ConvPlan& p, int64_t n, int64_t y, const float* fbuf);
+
+}  // namespace bnnc

@@ -1,0 +1,186 @@
+// Portable (any CPU) XOR-popcount kernels and the scalar epilogue. Compiled with -ffp-contract=off:
+// the float epilogue is float(D) * P0 rounded, then + P1 rounded, as the NumPy reference.
+#include "kernels.h"
+
+namespace bnnc {
+
+// SWAR popcount: plain shifts/adds (no multiply, no POPCNT), so the loop over output channels below
+// auto-vectorizes on any SIMD baseline (SSE2 on x86-64, Advanced SIMD on AArch64) and stays fast as scalar.
+static inline uint32_t popcount32(uint32_t v) {
+  v = v - ((v >> 1) & 0x55555555u);
+  v = (v & 0x33333333u) + ((v >> 2) & 0x33333333u);
+  v = (v + (v >> 4)) & 0x0f0f0f0fu;
+  v = v + (v >> 8);
+  v = v + (v >> 16);
+  return v & 0x3fu;
+}
+
+void conv_row_pc_portable(const ConvPlan& p, const RowSrc& src, int32_t* pc) {
+  const int64_t Opad = p.Opad, L = src.row_len;
+  for (int64_t x = 0; x < p.OW; ++x) {
+    int32_t* __restrict out = pc + x * Opad;
+    for (int64_t o = 0; o < Opad; ++o) out[o] = 0;
+    const uint32_t* __restrict wk = p.wt;
+    for (int64_t r = 0; r < src.nrows; ++r) {
+      const uint32_t* a = src.base + r * src.row_stride + x * src.x_step;
+      for (int64_t t = 0; t < L; ++t, wk += Opad) {
+        const uint32_t av = a[t];
+        for (int64_t o = 0; o < Opad; ++o) out[o] += static_cast<int32_t>(popcount32(av ^ wk[o]));
+      }
+    }
+  }
+}
+
+void epilogue_scalar(const ConvPlan& p, int64_t n, int64_t y, int64_t x0, int64_t x1, const int32_t* pc) {
+  const int64_t O = p.O, Opad = p.Opad;
+  const int32_t r = p.rc[y];
+  if (p.bits) {
+    uint32_t* out = static_cast<uint32_t*>(p.y) + ((n * p.OH + y) * p.OW) * p.Ow;
+    for (int64_t x = x0; x < x1; ++x) {
+      const int32_t* e = p.et + (static_cast<int64_t>(r) * p.NC + p.cc[x]) * Opad;
+      const int32_t* c = pc + x * Opad;
+      uint32_t* ow = out + x * p.Ow;
+      for (int64_t j = 0; j < p.Ow; ++j) ow[j] = 0;
+      for (int64_t o = 0; o < O; ++o) {
+        const int64_t d = static_cast<int64_t>(e[o]) - 2 * static_cast<int64_t>(c[o]);
+        if (static_cast<int64_t>(p.p0i[o]) * d >= static_cast<int64_t>(p.p1i[o])) ow[o >> 5] |= 1u << (o & 31);
+      }
+    }
+  } else {
+    float* out = static_cast<float*>(p.y);
+    const int64_t plane = p.OH * p.OW;
+    for (int64_t x = x0; x < x1; ++x) {
+      const int32_t* e = p.et + (static_cast<int64_t>(r) * p.NC + p.cc[x]) * Opad;
+      const int32_t* c = pc + x * Opad;
+      for (int64_t o = 0; o < O; ++o) {
+        const int32_t d = e[o] - 2 * c[o];
+        float v = static_cast<float>(d) * p.p0f[o];
+        v = v + p.p1f[o];
+        out[(n * O + o) * plane + y * p.OW + x] = v;
+      }
+    }
+  }
+}
+
+void epilogue_row_portable(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, float* /*fbuf*/) {
+  epilogue_scalar(p, n, y, 0, p.OW, pc);
+}
+
+static int64_t padded_span(const ConvPlan& p) { return (p.OW - 1) * p.sw + (p.KW - 1) * p.dw + 1; }
+
+int64_t row_buf_words(const ConvPlan& p) {
+  return p.dw == 1 ? p.KH * padded_span(p) * p.Cw : p.OW * p.K;
+}
+
+RowSrc gather_row(const ConvPlan& p, int64_t n, int64_t y, uint32_t* buf) {
+  const int64_t Cw = p.Cw;
+  if (p.dw == 1) {
+    // KH input rows, each zero-padded to the columns the window reaches
+    const int64_t span = padded_span(p), rs = span * Cw;
+    for (int64_t i = 0; i < p.KH; ++i) {
+      uint32_t* dst = buf + i * rs;
+      const int64_t yy = y * p.sh - p.pt + i * p.dh;
+      if (yy < 0 || yy >= p.H) {
+        for (int64_t q = 0; q < rs; ++q) dst[q] = 0;
+        continue;
+      }
+      const uint32_t* src = p.x + (n * p.H + yy) * p.W * Cw;
+      const int64_t lo = p.pl < span ? p.pl : span;             // columns left of the input
+      const int64_t hi = p.pl + p.W < span ? p.pl + p.W : span;  // end of the input columns
+      for (int64_t q = 0; q < lo * Cw; ++q) dst[q] = 0;
+      for (int64_t q = lo * Cw; q < hi * Cw; ++q) dst[q] = src[q - p.pl * Cw];
+      for (int64_t q = (hi > lo ? hi : lo) * Cw; q < rs; ++q) dst[q] = 0;
+    }
+    return RowSrc{buf, p.KH, rs, p.sw * Cw, p.KW * Cw};
+  }
+  // dilated columns: full im2col, patch[x * K + (i * KW + j) * Cw + c]
+  for (int64_t x = 0; x < p.OW; ++x) {
+    uint32_t* dst = buf + x * p.K;
+    for (int64_t i = 0; i < p.KH; ++i) {
+      const int64_t yy = y * p.sh - p.pt + i * p.dh;
+      const bool yok = yy >= 0 && yy < p.H;
+      for (int64_t j = 0; j < p.KW; ++j, dst += Cw) {
+        const int64_t xx = x * p.sw - p.pl + j * p.dw;
+        if (yok && xx >= 0 && xx < p.W) {
+          const uint32_t* src = p.x + ((n * p.H + yy) * p.W + xx) * Cw;
+          for (int64_t c = 0; c < Cw; ++c) dst[c] = src[c];
+        } else {
+          for (int64_t c = 0; c < Cw; ++c) dst[c] = 0;
+        }
+      }
+    }
+  }
+  return RowSrc{buf, 1, p.K, p.K, p.K};
+}
+
+void store_float_row(const ConvPlan& p, int64_t n, int64_t y, const float* fbuf) {
+  float* out = static_cast<float*>(p.y);
+  const int64_t plane = p.OH * p.OW;
+  for (int64_t o = 0; o < p.O; ++o) {
+    float* dst = out + (n * p.O + o) * plane + y * p.OW;
+    const float* src = fbuf + o;
+    for (int64_t x = 0; x < p.OW; ++x) dst[x] = src[x * p.Opad];
+  }
+}
+
+}  // namespace bnnc
+
+// ------------------------------------------------------------------------------------------------
+#include "plan.h"
+
+namespace bnnc {
+
+void prepare_plan(ConvPlan& p, ConvStorage& st, const int32_t* e, int64_t NR, int64_t NC, const void* p0,
+                  const void* p1) {
+  p.K = p.KH * p.KW * p.Cw;
+  p.Opad = (p.O + 15) / 16 * 16;
+  p.NC = NC;
+  const int64_t O = p.O, Opad = p.Opad, K = p.K;
+  st.wt.assign(static_cast<size_t>(K * Opad), 0u);
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t k = 0; k < K; ++k) st.wt[k * Opad + o] = p.w[o * K + k];
+  st.et.assign(static_cast<size_t>(NR * NC * Opad), 0);
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t rc = 0; rc < NR * NC; ++rc) st.et[rc * Opad + o] = e[o * NR * NC + rc];
+  p.wt = st.wt.data();
+  p.et = st.et.data();
+  if (p.bits) {
+    const int32_t* a = static_cast<const int32_t*>(p0);
+    const int32_t* b = static_cast<const int32_t*>(p1);
+    st.p0i.assign(static_cast<size_t>(Opad), 0);
+    st.p1i.assign(static_cast<size_t>(Opad), 1);  // padded channels: 0 >= 1 is false → bit 0
+    p.small_dir = true;
+    for (int64_t o = 0; o < O; ++o) {
+      st.p0i[o] = a[o];
+      st.p1i[o] = b[o];
+      if (a[o] < -1 || a[o] > 1) p.small_dir = false;
+    }
+    p.p0i = st.p0i.data();
+    p.p1i = st.p1i.data();
+    p.Ow = (O + 31) / 32;
+  } else {
+    const float* a = static_cast<const float*>(p0);
+    const float* b = static_cast<const float*>(p1);
+    st.p0f.assign(static_cast<size_t>(Opad), 0.0f);
+    st.p1f.assign(static_cast<size_t>(Opad), 0.0f);
+    for (int64_t o = 0; o < O; ++o) {
+      st.p0f[o] = a[o];
+      st.p1f[o] = b[o];
+    }
+    p.p0f = st.p0f.data();
+    p.p1f = st.p1f.data();
+  }
+}
+
+void run_conv_serial(const ConvPlan& p, ConvRowPcFn conv, EpilogueRowFn epi) {
+  std::vector<uint32_t> patch(static_cast<size_t>(row_buf_words(p)) + 1);
+  std::vector<int32_t> pc(static_cast<size_t>(p.OW * p.Opad) + 1);
+  std::vector<float> fbuf(static_cast<size_t>(p.OW * p.Opad) + 1);
+  for (int64_t n = 0; n < p.N; ++n)
+    for (int64_t y = 0; y < p.OH; ++y) {
+      conv(p, gather_row(p, n, y, patch.data()), pc.data());
+      epi(p, n, y, pc.data(), fbuf.data());
+    }
+}
+
+}  // namespace bnnc

@@ -1,0 +1,226 @@
+// x86 kernels: AVX2 and AVX-512 (F + VPOPCNTDQ). Each function carries its own target through
+// `#pragma GCC target` regions, so the library is built for baseline x86-64 and only calls these after
+// a run-time CPU check (bnnc_ort.cc). Everything here has internal linkage or is a plain extern
+// function on raw pointers: no std templates are instantiated inside the target regions.
+#if defined(__x86_64__) || defined(__i386__)
+// GCC 12 warns about the intentionally undefined pass-through operand inside its own AVX-512 headers.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include "kernels.h"
+
+namespace bnnc {
+
+// ------------------------------------------------------------------------------------------------
+// AVX-512: 16 output channels per vector, VPOPCNTD on (broadcast patch word XOR weight words).
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vpopcntdq")
+
+namespace {
+
+template <int PB, int OB>
+__attribute__((always_inline)) inline void block512(const RowSrc& src, const uint32_t* wt, int64_t Opad, int64_t x, int64_t o0, int32_t* pc) {
+  __m512i acc[PB][OB];
+  for (int q = 0; q < PB; ++q)
+    for (int b = 0; b < OB; ++b) acc[q][b] = _mm512_setzero_si512();
+  const uint32_t* wk = wt + o0;
+  const int64_t xs = src.x_step;
+  for (int64_t r = 0; r < src.nrows; ++r) {
+    const uint32_t* a = src.base + r * src.row_stride + x * xs;
+    for (int64_t t = 0; t < src.row_len; ++t, wk += Opad) {
+      __m512i wv[OB];
+      for (int b = 0; b < OB; ++b) wv[b] = _mm512_loadu_si512(reinterpret_cast<const void*>(wk + 16 * b));
+      for (int q = 0; q < PB; ++q) {
+        const __m512i av = _mm512_set1_epi32(static_cast<int>(a[q * xs + t]));
+        for (int b = 0; b < OB; ++b)
+          acc[q][b] = _mm512_add_epi32(acc[q][b], _mm512_popcnt_epi32(_mm512_xor_si512(av, wv[b])));
+      }
+    }
+  }
+  for (int q = 0; q < PB; ++q)
+    for (int b = 0; b < OB; ++b)
+      _mm512_storeu_si512(reinterpret_cast<void*>(pc + (x + q) * Opad + o0 + 16 * b), acc[q][b]);
+}
+
+template <int OB>
+inline void cols512(const ConvPlan& p, const RowSrc& src, int32_t* pc, int64_t o0) {
+  int64_t x = 0;
+  for (; x + 4 <= p.OW; x += 4) block512<4, OB>(src, p.wt, p.Opad, x, o0, pc);
+  for (; x < p.OW; ++x) block512<1, OB>(src, p.wt, p.Opad, x, o0, pc);
+}
+
+}  // namespace
+
+void conv_row_pc_avx512(const ConvPlan& p, const RowSrc& src, int32_t* pc) {
+  const int64_t nvec = p.Opad / 16;
+  int64_t v = 0;
+  for (; v + 4 <= nvec; v += 4) cols512<4>(p, src, pc, v * 16);
+  switch (nvec - v) {
+    case 3: cols512<3>(p, src, pc, v * 16); break;
+    case 2: cols512<2>(p, src, pc, v * 16); break;
+    case 1: cols512<1>(p, src, pc, v * 16); break;
+    default: break;
+  }
+}
+
+void epilogue_row_avx512(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, float* fbuf) {
+  if (p.bits && !p.small_dir) {
+    epilogue_scalar(p, n, y, 0, p.OW, pc);
+    return;
+  }
+  const int64_t nvec = p.Opad / 16, Opad = p.Opad;
+  const int64_t r = p.rc[y];
+  if (p.bits) {
+    uint32_t* out = static_cast<uint32_t*>(p.y) + ((n * p.OH + y) * p.OW) * p.Ow;
+    for (int64_t x = 0; x < p.OW; ++x) {
+      const int32_t* e = p.et + (r * p.NC + p.cc[x]) * Opad;
+      const int32_t* c = pc + x * Opad;
+      uint32_t* ow = out + x * p.Ow;
+      uint32_t word = 0;
+      for (int64_t v = 0; v < nvec; ++v) {
+        const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(e + 16 * v),
+                                           _mm512_slli_epi32(_mm512_loadu_si512(c + 16 * v), 1));
+        const __m512i t = _mm512_mullo_epi32(_mm512_loadu_si512(p.p0i + 16 * v), d);
+        const uint32_t m = static_cast<uint32_t>(_mm512_cmpge_epi32_mask(t, _mm512_loadu_si512(p.p1i + 16 * v)));
+        if ((v & 1) == 0) {
+          word = m;
+        } else {
+          ow[v >> 1] = word | (m << 16);
+        }
+      }
+      if (nvec & 1) ow[nvec >> 1] = word;
+    }
+  } else {
+    for (int64_t x = 0; x < p.OW; ++x) {
+      const int32_t* e = p.et + (r * p.NC + p.cc[x]) * Opad;
+      const int32_t* c = pc + x * Opad;
+      float* f = fbuf + x * Opad;
+      for (int64_t v = 0; v < nvec; ++v) {
+        const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(e + 16 * v),
+                                           _mm512_slli_epi32(_mm512_loadu_si512(c + 16 * v), 1));
+        const __m512 prod = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(p.p0f + 16 * v));
+        _mm512_storeu_ps(f + 16 * v, _mm512_add_ps(prod, _mm512_loadu_ps(p.p1f + 16 * v)));
+      }
+    }
+    store_float_row(p, n, y, fbuf);
+  }
+}
+
+#pragma GCC pop_options
+
+// ------------------------------------------------------------------------------------------------
+// AVX2: 8 output channels per vector; popcount by nibble lookup (VPSHUFB) accumulated in bytes for up
+// to 31 steps (31 * 8 = 248 < 256), then widened to 32-bit lanes.
+#pragma GCC push_options
+#pragma GCC target("avx2")
+
+namespace {
+
+constexpr int kByteSteps = 31;
+
+template <int PB, int OB>
+__attribute__((always_inline)) inline void block256(const RowSrc& src, const uint32_t* wt, int64_t Opad, int64_t x, int64_t o0, int32_t* pc) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i m0f = _mm256_set1_epi8(0x0f);
+  const __m256i ones8 = _mm256_set1_epi8(1);
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  __m256i acc[PB][OB];
+  for (int q = 0; q < PB; ++q)
+    for (int b = 0; b < OB; ++b) acc[q][b] = _mm256_setzero_si256();
+  __m256i acc8[PB][OB];
+  for (int q = 0; q < PB; ++q)
+    for (int b = 0; b < OB; ++b) acc8[q][b] = _mm256_setzero_si256();
+  const uint32_t* wk = wt + o0;
+  const int64_t xs = src.x_step;
+  int steps = 0;
+  for (int64_t r = 0; r < src.nrows; ++r) {
+    const uint32_t* a = src.base + r * src.row_stride + x * xs;
+    for (int64_t t = 0; t < src.row_len; ++t, wk += Opad) {
+      __m256i wv[OB];
+      for (int b = 0; b < OB; ++b) wv[b] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 8 * b));
+      for (int q = 0; q < PB; ++q) {
+        const __m256i av = _mm256_set1_epi32(static_cast<int>(a[q * xs + t]));
+        for (int b = 0; b < OB; ++b) {
+          const __m256i v = _mm256_xor_si256(av, wv[b]);
+          const __m256i lo = _mm256_and_si256(v, m0f);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
+          const __m256i cnt = _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
+          acc8[q][b] = _mm256_add_epi8(acc8[q][b], cnt);
+        }
+      }
+      if (++steps == kByteSteps) {  // widen the byte counts before they can overflow
+        steps = 0;
+        for (int q = 0; q < PB; ++q)
+          for (int b = 0; b < OB; ++b) {
+            acc[q][b] = _mm256_add_epi32(acc[q][b],
+                                         _mm256_madd_epi16(_mm256_maddubs_epi16(acc8[q][b], ones8), ones16));
+            acc8[q][b] = _mm256_setzero_si256();
+          }
+      }
+    }
+  }
+  for (int q = 0; q < PB; ++q)
+    for (int b = 0; b < OB; ++b)
+      acc[q][b] = _mm256_add_epi32(acc[q][b], _mm256_madd_epi16(_mm256_maddubs_epi16(acc8[q][b], ones8), ones16));
+  for (int q = 0; q < PB; ++q)
+    for (int b = 0; b < OB; ++b)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pc + (x + q) * Opad + o0 + 8 * b), acc[q][b]);
+}
+
+}  // namespace
+
+void conv_row_pc_avx2(const ConvPlan& p, const RowSrc& src, int32_t* pc) {
+  // Opad is a multiple of 16: blocks of 2 vectors (16 channels).
+  for (int64_t o0 = 0; o0 < p.Opad; o0 += 16) {
+    int64_t x = 0;
+    for (; x + 4 <= p.OW; x += 4) block256<4, 2>(src, p.wt, p.Opad, x, o0, pc);
+    for (; x < p.OW; ++x) block256<1, 2>(src, p.wt, p.Opad, x, o0, pc);
+  }
+}
+
+void epilogue_row_avx2(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, float* fbuf) {
+  if (p.bits && !p.small_dir) {
+    epilogue_scalar(p, n, y, 0, p.OW, pc);
+    return;
+  }
+  const int64_t nvec = p.Opad / 8, Opad = p.Opad;
+  const int64_t r = p.rc[y];
+  if (p.bits) {
+    uint32_t* out = static_cast<uint32_t*>(p.y) + ((n * p.OH + y) * p.OW) * p.Ow;
+    for (int64_t x = 0; x < p.OW; ++x) {
+      const int32_t* e = p.et + (r * p.NC + p.cc[x]) * Opad;
+      const int32_t* c = pc + x * Opad;
+      uint32_t* ow = out + x * p.Ow;
+      for (int64_t j = 0; j < p.Ow; ++j) ow[j] = 0;
+      for (int64_t v = 0; v < nvec; ++v) {
+        const __m256i d = _mm256_sub_epi32(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e + 8 * v)),
+            _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 8 * v)), 1));
+        const __m256i t = _mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.p0i + 8 * v)), d);
+        const __m256i lt = _mm256_cmpgt_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.p1i + 8 * v)), t);
+        const uint32_t m = (~static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(lt)))) & 0xffu;
+        if (m) ow[v >> 2] |= m << (8 * (v & 3));
+      }
+    }
+  } else {
+    for (int64_t x = 0; x < p.OW; ++x) {
+      const int32_t* e = p.et + (r * p.NC + p.cc[x]) * Opad;
+      const int32_t* c = pc + x * Opad;
+      float* f = fbuf + x * Opad;
+      for (int64_t v = 0; v < nvec; ++v) {
+        const __m256i d = _mm256_sub_epi32(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e + 8 * v)),
+            _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 8 * v)), 1));
+        const __m256 prod = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(p.p0f + 8 * v));
+        _mm256_storeu_ps(f + 8 * v, _mm256_add_ps(prod, _mm256_loadu_ps(p.p1f + 8 * v)));
+      }
+    }
+    store_float_row(p, n, y, fbuf);
+  }
+}
+
+#pragma GCC pop_options
+
+}  // namespace bnnc
+#endif  // x86

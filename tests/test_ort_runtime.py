@@ -1,0 +1,356 @@
+"""ONNX Runtime backend (bnnc.runtimes.ort): custom-op library and portable rewrite vs the NumPy references.
+
+Every deploy op is checked bit for bit against bnnc.ops.deploy on random inputs, on each kernel family the
+CPU has (forced with BNNC_ORT_ISA), and in portable mode (standard ONNX ops only).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bnnc.ops import deploy as K
+
+ort_rt = pytest.importorskip("bnnc.runtimes.ort")
+
+ISAS = ["avx512", "avx2", "portable"]
+CHANNELS = [1, 31, 33, 70]
+# (kernel, stride, pad)
+GEOMS = [(1, 1, 0), (1, 2, 0), (3, 1, 1), (3, 2, 1), (3, 2, 0), (3, 1, 0)]
+
+
+@pytest.fixture(scope="module")
+def lib():
+    if shutil.which("g++") is None and not __import__("os").environ.get("BNNC_ORT_LIBRARY"):
+        pytest.skip("no g++ to build the bnnc ONNX Runtime library")
+    return ort_rt.library_path()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, lib, monkeypatch):
+    try:
+        got = ort_rt.resolve_isa(request.param, lib)
+    except ValueError:
+        pytest.skip(f"this CPU/build has no {request.param} kernels")
+    assert got == request.param
+    monkeypatch.setenv("BNNC_ORT_ISA", request.param)
+    return request.param
+
+
+def _model(node, inputs, inits=(), out_type=TensorProto.UINT32):
+    g = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info(node.output[0], out_type, None)],
+                          [numpy_helper.from_array(a, n) for n, a in inits])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("ai.bnnc", 1)],
+                             ir_version=10)
+
+
+def _run(model, feeds, mode, lib=None, threads=1):
+    r = ort_rt.OrtDeployRunner(model, num_threads=threads, mode=mode, lib=lib)
+    return r.run_feeds(feeds)[0]
+
+
+def _same(got, ref, what):
+    assert got.dtype == ref.dtype and got.shape == ref.shape, f"{what}: {got.dtype}{got.shape} vs {ref.dtype}{ref.shape}"
+    # bitwise comparison (floats included: same rounding, -0.0 vs 0.0 would count)
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), f"{what}: values differ"
+
+
+def _rand_bits(rng, shape):
+    return K.pack_bits(rng.random(shape) < 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# single-op graphs
+
+
+def conv_case(rng, c, o, k, s, p, mode, n=2, h=9, w=11, dil=1, wide_dir=False):
+    rc, rv = K.border_classes(h, k, s, p, p, dil)
+    cc, cv = K.border_classes(w, k, s, p, p, dil)
+    x = _rand_bits(rng, (n, h, w, c))
+    wp = _rand_bits(rng, (o, k, k, c))
+    kk = k * k * c
+    e = rng.integers(-kk, kk + 1, (o, len(rv), len(cv))).astype(np.int32)
+    if mode == "float":
+        p0 = rng.standard_normal(o).astype(np.float32)
+        p1 = (rng.standard_normal(o) * 3).astype(np.float32)
+    else:
+        p0 = rng.integers(-3, 4, o).astype(np.int32) if wide_dir else rng.integers(-1, 2, o).astype(np.int32)
+        p1 = rng.integers(-kk // 2, kk // 2 + 2, o).astype(np.int32)
+    attrs = dict(in_channels=c, out_channels=o, kernel_shape=[k, k], strides=[s, s], pads=[p] * 4,
+                 dilations=[dil, dil], output=mode)
+    node = helper.make_node("BinaryConv2dPacked", ["X", "W", "E", "RC", "CC", "P0", "P1"], ["Y"], domain="ai.bnnc",
+                            source="test", **attrs)
+    model = _model(node, [helper.make_tensor_value_info("X", TensorProto.UINT32, None)],
+                   [("W", wp), ("E", e), ("RC", rc.astype(np.int32)), ("CC", cc.astype(np.int32)), ("P0", p0),
+                    ("P1", p1)], TensorProto.FLOAT if mode == "float" else TensorProto.UINT32)
+    ref = K.binary_conv2d_packed(x, wp, e, rc, cc, p0, p1, **attrs)
+    return model, {"X": x}, ref
+
+
+def pack_case(rng, c, rank, with_t):
+    shape = (2, c, 5, 7) if rank == 4 else (3, c)
+    x = rng.standard_normal(shape).astype(np.float32)
+    t = (rng.standard_normal(c) * 0.5).astype(np.float32) if with_t else None
+    x.reshape(-1)[::7] = 0.0  # ties with the default threshold
+    if with_t:  # exact ties with T
+        x[:, :, ...] = np.where(rng.random(shape) < 0.2, t.reshape((1, c) + (1,) * (rank - 2)), x)
+    node = helper.make_node("PackSign", ["X", "T"] if with_t else ["X"], ["Y"], domain="ai.bnnc")
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, list(shape))]
+    model = _model(node, inputs, [("T", t)] if with_t else [])
+    return model, {"X": x}, K.pack_sign(x, t)
+
+
+def unpack_case(rng, c, rank):
+    shape = (2, 5, 7, c) if rank == 4 else (3, c)
+    xp = _rand_bits(rng, shape)
+    node = helper.make_node("UnpackSign", ["X"], ["Y"], domain="ai.bnnc", channels=c)
+    model = _model(node, [helper.make_tensor_value_info("X", TensorProto.UINT32, [None] * rank)],
+                   out_type=TensorProto.FLOAT)
+    return model, {"X": xp}, K.unpack_sign(xp, c)
+
+
+def pool_case(rng, c, k, s, p, mode):
+    xp = _rand_bits(rng, (2, 9, 10, c))
+    attrs = dict(channels=c, kernel_shape=[k, k], strides=[s, s], pads=[p] * 4, mode=mode)
+    node = helper.make_node("MaxPoolBits", ["X"], ["Y"], domain="ai.bnnc", **attrs)
+    model = _model(node, [helper.make_tensor_value_info("X", TensorProto.UINT32, None)])
+    return model, {"X": xp}, K.maxpool_bits(xp, **attrs)
+
+
+POOLS = [(2, 2, 0), (3, 2, 1), (3, 1, 1)]
+
+
+def _conv_cases(seed):
+    rng = np.random.default_rng(seed)
+    for mode in ("bits", "float"):
+        for c in CHANNELS:
+            o = {1: 33, 31: 1, 33: 70, 70: 31}[c]  # every out-channel count too, crossed with the inputs
+            for k, s, p in GEOMS:
+                yield f"{mode} c={c} o={o} k={k} s={s} p={p}", conv_case(rng, c, o, k, s, p, mode)
+    # dilation, general directions (|P0| > 1) and a wider output
+    yield "bits dilation 2", conv_case(rng, 33, 40, 3, 1, 2, "bits", dil=2)
+    yield "bits |P0|>1", conv_case(rng, 70, 64, 3, 1, 1, "bits", wide_dir=True)
+    yield "float o=64", conv_case(rng, 64, 64, 3, 1, 1, "float", h=8, w=8)
+
+
+def _other_cases(seed):
+    rng = np.random.default_rng(seed)
+    for c in CHANNELS:
+        for rank in (4, 2):
+            for with_t in (False, True):
+                yield f"PackSign c={c} rank={rank} T={with_t}", pack_case(rng, c, rank, with_t)
+            yield f"UnpackSign c={c} rank={rank}", unpack_case(rng, c, rank)
+        for k, s, p in POOLS:
+            for mode in ("or", "and"):
+                yield f"MaxPoolBits c={c} k={k} s={s} p={p} {mode}", pool_case(rng, c, k, s, p, mode)
+
+
+def test_conv_library_each_isa(isa, lib):
+    for what, (model, feeds, ref) in _conv_cases(1):
+        _same(_run(model, feeds, "library", lib), ref, f"[{isa}] {what}")
+
+
+def test_other_ops_library(lib):
+    for what, (model, feeds, ref) in _other_cases(2):
+        _same(_run(model, feeds, "library", lib), ref, what)
+
+
+def test_conv_library_threads(lib):
+    model, feeds, ref = conv_case(np.random.default_rng(3), 64, 70, 3, 1, 1, "bits", n=3, h=12, w=12)
+    _same(_run(model, feeds, "library", lib, threads=2), ref, "2 threads")
+
+
+def test_portable_single_ops():
+    for what, (model, feeds, ref) in list(_conv_cases(1)) + list(_other_cases(2)):
+        port = ort_rt.to_portable(model)
+        assert all(n.domain in ("", "ai.onnx") for n in port.graph.node), what
+        assert all(o.domain in ("", "ai.onnx") for o in port.opset_import), what
+        _same(_run(model, feeds, "portable"), ref, f"portable {what}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# a small multi-op deploy graph
+
+
+def multi_op_model(seed=4):
+    """PackSign → conv(bits) → MaxPoolBits → conv(float) → Flatten → Gemm, intermediates as outputs."""
+    rng = np.random.default_rng(seed)
+    n, c, h = 2, 3, 12
+    c1, c2, classes = 40, 33, 10
+    t = (rng.standard_normal(c) * 0.1).astype(np.float32)
+    w1 = _rand_bits(rng, (c1, 3, 3, c))
+    rc1, rv1 = K.border_classes(h, 3, 1, 1, 1)
+    e1 = rng.integers(-27, 28, (c1, len(rv1), len(rv1))).astype(np.int32)
+    d1 = rng.integers(-1, 2, c1).astype(np.int32)
+    t1 = rng.integers(-6, 7, c1).astype(np.int32)
+    h2 = K.conv_output_size(h, 2, 2, 0, 0)
+    w2 = _rand_bits(rng, (c2, 3, 3, c1))
+    rc2, rv2 = K.border_classes(h2, 3, 2, 1, 1)
+    e2 = rng.integers(-360, 361, (c2, len(rv2), len(rv2))).astype(np.int32)
+    m2 = rng.standard_normal(c2).astype(np.float32)
+    b2 = rng.standard_normal(c2).astype(np.float32)
+    h3 = len(rc2)
+    gw = (rng.standard_normal((c2 * h3 * h3, classes)) * 0.1).astype(np.float32)
+    gb = rng.standard_normal(classes).astype(np.float32)
+    conv = dict(kernel_shape=[3, 3], dilations=[1, 1], domain="ai.bnnc", source="test")
+    nodes = [
+        helper.make_node("PackSign", ["x", "t"], ["a0"], domain="ai.bnnc"),
+        helper.make_node("BinaryConv2dPacked", ["a0", "w1", "e1", "rc1", "rc1", "d1", "t1"], ["a1"], in_channels=c,
+                         out_channels=c1, strides=[1, 1], pads=[1, 1, 1, 1], output="bits", **conv),
+        helper.make_node("MaxPoolBits", ["a1"], ["a2"], domain="ai.bnnc", channels=c1, kernel_shape=[2, 2],
+                         strides=[2, 2], pads=[0, 0, 0, 0], mode="or"),
+        helper.make_node("BinaryConv2dPacked", ["a2", "w2", "e2", "rc2", "rc2", "m2", "b2"], ["a3"], in_channels=c1,
+                         out_channels=c2, strides=[2, 2], pads=[1, 1, 1, 1], output="float", **conv),
+        helper.make_node("Flatten", ["a3"], ["a4"]),
+        helper.make_node("Gemm", ["a4", "gw", "gb"], ["y"]),
+    ]
+    inits = [("t", t), ("w1", w1), ("e1", e1), ("rc1", rc1.astype(np.int32)), ("d1", d1), ("t1", t1), ("w2", w2),
+             ("e2", e2), ("rc2", rc2.astype(np.int32)), ("m2", m2), ("b2", b2), ("gw", gw), ("gb", gb)]
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)] + [
+        helper.make_tensor_value_info(v, ty, None)
+        for v, ty in [("a1", TensorProto.UINT32), ("a2", TensorProto.UINT32), ("a3", TensorProto.FLOAT)]]
+    g = helper.make_graph(nodes, "multi", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, c, h, h])],
+                          outs, [numpy_helper.from_array(a, nm) for nm, a in inits])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("ai.bnnc", 1)],
+                              ir_version=10)
+    x = rng.standard_normal((n, c, h, h)).astype(np.float32)
+    return model, x
+
+
+@pytest.mark.parametrize("mode", ["library", "portable"])
+def test_multi_op_graph(mode, lib):
+    from bnnc.runtimes.numpy_ref import NumpyDeployRunner
+
+    model, x = multi_op_model()
+    ref = NumpyDeployRunner(model).run_all(x)
+    r = ort_rt.OrtDeployRunner(model, num_threads=1, mode=mode)
+    got = dict(zip(["y", "a1", "a2", "a3"], r.run_feeds({"x": x})))
+    for k in ("a1", "a2", "a3"):
+        _same(got[k], ref[k], f"{mode} {k}")
+    assert np.any(ref["a2"]) and np.any(ref["a2"] != ref["a2"].max())  # not a degenerate graph
+    np.testing.assert_allclose(got["y"], ref["y"], rtol=1e-5, atol=1e-5)  # Gemm: float sums, order may differ
+    np.testing.assert_array_equal(r.run(x), got["y"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# errors
+
+
+def _tiny_model():
+    return pack_case(np.random.default_rng(5), 3, 2, False)
+
+
+def test_missing_library_is_a_clear_error(tmp_path):
+    model, _, _ = _tiny_model()
+    with pytest.raises(ort_rt.OrtLibraryError, match="does not exist"):
+        ort_rt.OrtDeployRunner(model, lib=str(tmp_path / "nope.so"))
+
+
+def test_auto_mode_falls_back_to_portable(tmp_path):
+    model, feeds, ref = _tiny_model()
+    with pytest.warns(RuntimeWarning, match="portable"):
+        r = ort_rt.OrtDeployRunner(model, mode="auto", lib=str(tmp_path / "nope.so"))
+    assert r.mode == "portable"
+    _same(r.run_feeds(feeds)[0], ref, "auto → portable")
+
+
+def test_corrupt_library_is_a_clear_error(tmp_path, lib):
+    model, _, _ = _tiny_model()
+    junk = tmp_path / "junk.so"
+    junk.write_bytes(b"not a library at all" * 10)
+    with pytest.raises(ort_rt.OrtLibraryError, match="not a 64-bit shared library"):
+        ort_rt.OrtDeployRunner(model, lib=str(junk))
+    truncated = tmp_path / "truncated.so"
+    truncated.write_bytes(open(lib, "rb").read()[:4096])
+    with pytest.raises(ort_rt.OrtLibraryError, match="truncated"):
+        ort_rt.OrtDeployRunner(model, lib=str(truncated))
+    import _ctypes  # a valid shared library that is not an ORT custom-op library
+
+    with pytest.raises(ort_rt.OrtLibraryError, match="cannot load"):
+        ort_rt.OrtDeployRunner(model, lib=_ctypes.__file__)
+
+
+def test_bad_isa_request_is_a_clear_error(lib, monkeypatch):
+    with pytest.raises(ValueError, match="unknown value"):
+        ort_rt.resolve_isa("sse9", lib)
+    monkeypatch.setenv("BNNC_ORT_ISA", "sse9")
+    model, _, _ = _tiny_model()
+    with pytest.raises(ort_rt.OrtLibraryError, match="BNNC_ORT_ISA"):
+        ort_rt.OrtDeployRunner(model, lib=lib)
+
+
+def test_bad_attributes_are_clear_errors(lib):
+    model, feeds, _ = conv_case(np.random.default_rng(6), 33, 8, 3, 1, 1, "bits")
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    for a in bad.graph.node[0].attribute:
+        if a.name == "in_channels":
+            a.i = 70  # 3 words, X has 2
+    with pytest.raises(Exception, match="in_channels=70"):
+        _run(bad, feeds, "library", lib)
+
+
+# ----------------------------------------------------------------------------------------------------
+# timing (reported, not asserted)
+
+
+def test_report_conv_timing(lib, capsys):
+    from bnnc.runtimes.ort.bench import bench
+
+    isas = tuple(i for i in ("avx512", "avx2") if _has(i, lib))
+    res = bench(repeat=10, isas=isas)
+    with capsys.disabled():
+        print("\nBinaryConv2dPacked N=1 56x56x64->64 3x3 pad 1 bits, 1 thread (median ms): "
+              + ", ".join(f"{k}={v * 1e3:.3f}" for k, v in res.items()))
+    assert all(v > 0 for v in res.values())
+
+
+def _has(isa, lib):
+    try:
+        return ort_rt.resolve_isa(isa, lib) == isa
+    except ValueError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# native kernel self-test (no ORT): every ISA vs a direct-loop reference; NEON under qemu when available
+
+
+def _selftest(cross=None):
+    import subprocess
+
+    from bnnc.runtimes.ort import build as B
+
+    exe = B.build_selftest(cross=cross, log=lambda *_: None)
+    runner = [] if cross is None else [shutil.which(f"qemu-{cross}-static") or shutil.which(f"qemu-{cross}")]
+    r = subprocess.run([*runner, str(exe)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_native_kernel_selftest(lib):
+    out = _selftest()
+    assert "OK portable" in out and "FAIL" not in out
+
+
+def test_neon_kernel_selftest_under_qemu():
+    if shutil.which("aarch64-linux-gnu-g++") is None or not (shutil.which("qemu-aarch64-static")
+                                                             or shutil.which("qemu-aarch64")):
+        pytest.skip("needs aarch64-linux-gnu-g++ and qemu-aarch64(-static)")
+    out = _selftest("aarch64")
+    assert "OK neon" in out and "FAIL" not in out
+
+
+def test_library_for_another_arch_is_a_clear_error():
+    if shutil.which("aarch64-linux-gnu-g++") is None or __import__("platform").machine() != "x86_64":
+        pytest.skip("needs an x86-64 host with aarch64-linux-gnu-g++")
+    from bnnc.runtimes.ort import build as B
+
+    other = B.build(cross="aarch64", log=lambda *_: None)
+    model, _, _ = _tiny_model()
+    with pytest.raises(ort_rt.OrtLibraryError, match="built for aarch64"):
+        ort_rt.OrtDeployRunner(model, lib=str(other))
