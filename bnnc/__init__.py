@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 from . import nn  # noqa: E402
 from . import models  # noqa: E402
+from .checkpoints import import_checkpoint  # noqa: E402
 from .compile import CompiledModel, compile, load  # noqa: E402
 from .errors import BnncError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
@@ -35,4 +36,5 @@ def fold(model, output=None):
 
 
 __all__ = ["models", "nn", "train", "export", "fold", "compile", "load", "evaluate", "load_checkpoint",
+           "import_checkpoint",
            "CompiledModel", "BnncError", "__version__"]

@@ -15,6 +15,8 @@ EPILOG = """examples:
   bnnc fold model.onnx -o model.deploy.onnx
   bnnc compile model.onnx --target cpu --runtime tvm -o model.bnnc
   bnnc eval model.bnnc --dataset fashion-mnist --split test --json
+  bnnc import model.th --model adabin_resnet20 -o adabin.pt
+  bnnc bench                                        # ResNet-18 layer shapes vs ORT FP32 and OpenVINO
 """
 
 
@@ -71,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="artifact path (default: MODEL with suffix .bnnc)")
     p.add_argument("--target", default="cpu", help="cpu (default: this machine, runnable here), arm (AArch64 NEON, "
                    "cross-compiled), cuda or cuda:sm_XX (sm_80 default; compiled with nvcc)")
-    p.add_argument("--runtime", default="tvm", help="tvm (default, bit-packed kernels), reference (stock "
-                                                   "ONNX Runtime on the export form), numpy (deploy-form reference)")
+    p.add_argument("--runtime", default="tvm", help="tvm (default, bit-packed kernels), ort (ONNX Runtime + "
+                   "bnnc's custom-op library), ort-portable (standard ONNX ops only), reference (stock ONNX "
+                   "Runtime on the export form), numpy (deploy-form reference executor)")
     p.add_argument("--batch-size", type=int, default=1, help="batch size the kernels are built for (default 1); "
                                                              "any batch runs, in chunks")
     _threads(p)
@@ -81,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate an artifact (.bnnc), an ONNX model (compiled on the fly for "
                                    "--runtime) or a bnnc checkpoint (.pt, in PyTorch) on a dataset split.")
     p.add_argument("model", help="model.bnnc, model.onnx or checkpoint.pt")
-    p.add_argument("--runtime", default=None, help="for .onnx input: tvm (default), reference or numpy")
+    p.add_argument("--runtime", default=None, help="for .onnx input: tvm (default), ort, ort-portable, reference "
+                                                   "or numpy")
     p.add_argument("--split", default="test", help="train or test (default test)")
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("--batch-size", type=int, default=256)
@@ -97,6 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="use only the first N images (smoke test)")
     _add_data(p)
     _threads(p)
+
+    p = sub.add_parser("import", help="import a published PyTorch/MindSpore checkpoint into a bnnc checkpoint",
+                       description="Strictly map a foreign checkpoint (.th/.pth/.pth.tar, or MindSpore .ckpt "
+                                   "read without MindSpore) onto a zoo model and write a bnnc checkpoint that "
+                                   "`bnnc export` and `bnnc eval` accept. Unmatched or misshapen keys are "
+                                   "reported by name; no pickled code is ever executed.")
+    p.add_argument("checkpoint", help="the published checkpoint")
+    p.add_argument("-o", "--output", required=True, help="output bnnc checkpoint (.pt)")
+    p.add_argument("--model", default="adabin_resnet20", help="zoo model to load it into (default adabin_resnet20)")
+    p.add_argument("--format", choices=["torch", "mindspore"], help="file format (default: detected)")
+
+    p = sub.add_parser("bench", help="benchmark kernels vs ONNX Runtime FP32 and OpenVINO, or a model end to end",
+                       description="Per-layer benchmark on ResNet-18 3x3 shapes (batch 1; packing and epilogue "
+                                   "included) against ONNX Runtime FP32 Conv and OpenVINO BinaryConvolution "
+                                   "(pip install 'bnnc[bench]'), all interleaved in one run; or, given an "
+                                   "export-form .onnx, the TVM artifact vs the reference end to end.")
+    from . import bench as _bench
+
+    _bench.add_arguments(p)
 
     sub.add_parser("models", help="list the registered models", description="List the model zoo.")
     return ap
@@ -171,6 +194,21 @@ def cmd_quickstart(a):
     quickstart(epochs=a.epochs, out=a.out, data_path=a.data_path, limit=a.limit, threads=a.threads)
 
 
+def cmd_import(a):
+    from .checkpoints import convert_checkpoint
+
+    out = convert_checkpoint(a.checkpoint, a.output, a.model, format=a.format)
+    print(f"wrote {out} (model {a.model}, from {a.checkpoint})")
+
+
+def cmd_bench(a):
+    from . import bench
+
+    rc = bench.run_from_args(a)
+    if rc:
+        raise SystemExit(rc)
+
+
 def cmd_models(a):
     from . import models
 
@@ -180,7 +218,7 @@ def cmd_models(a):
 
 
 COMMANDS = {"train": cmd_train, "export": cmd_export, "fold": cmd_fold, "compile": cmd_compile, "eval": cmd_eval,
-            "quickstart": cmd_quickstart, "models": cmd_models}
+            "quickstart": cmd_quickstart, "import": cmd_import, "bench": cmd_bench, "models": cmd_models}
 
 
 def main(argv=None) -> int:
@@ -189,7 +227,7 @@ def main(argv=None) -> int:
     if not a.command:
         ap.print_help()
         return 2
-    if getattr(a, "threads", None):
+    if getattr(a, "threads", None) and a.command != "bench":
         os.environ["TVM_NUM_THREADS"] = str(a.threads)
         import torch
 

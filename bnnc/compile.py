@@ -4,6 +4,8 @@ Runtimes:
 * ``reference`` — the export form on stock ONNX Runtime (the ``ai.bnnc`` function bodies): the truth.
 * ``numpy`` — the deploy form on the NumPy reference executor (slow; for checking passes).
 * ``tvm`` — the deploy form compiled by TVM with bit-packed XNOR-popcount kernels.
+* ``ort`` — the deploy form on ONNX Runtime with bnnc's custom-op library (bit-packed kernels).
+* ``ort-portable`` — the deploy form rewritten into standard ONNX ops only, for any ONNX Runtime.
 
 An artifact (``model.bnnc``) is a folder: ``manifest.json`` (format, bnnc version, runtime, target,
 input/output specs, SHA-256 of the source model and of every file) plus the files the runtime needs.
@@ -24,7 +26,7 @@ from .errors import BnncError, ModelFormatError
 from .util import atomic_path
 
 ARTIFACT_FORMAT = "bnnc-artifact-1"
-RUNTIMES = ("tvm", "reference", "numpy", "ort")
+RUNTIMES = ("tvm", "reference", "numpy", "ort", "ort-portable")
 TARGETS = ("cpu", "arm", "cuda")
 
 
@@ -127,7 +129,15 @@ def _executor(runtime: str, model: onnx.ModelProto, target: str, batch_size: int
         if lib_path is not None:
             return tvm_rt.TVMModel.load(lib_path, tvm_meta)
         return tvm_rt.compile_model(model, target=target, batch_size=batch_size, num_threads=num_threads)
-    raise BnncError(f"runtime {runtime!r} is not available in this version of bnnc (available: tvm, reference, numpy)")
+    if runtime in ("ort", "ort-portable"):
+        from bnnc.runtimes.ort import OrtDeployRunner, OrtLibraryError
+
+        try:
+            return OrtDeployRunner(model, num_threads=num_threads,
+                                   mode="library" if runtime == "ort" else "portable")
+        except OrtLibraryError as e:
+            raise BnncError(f"ONNX Runtime custom-op library: {e}") from None
+    raise BnncError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
 
 
 def compile(model, target: str = "cpu", runtime: str = "tvm", *, batch_size: int = 1,
@@ -154,6 +164,10 @@ def compile(model, target: str = "cpu", runtime: str = "tvm", *, batch_size: int
         run_model = proto
     else:
         run_model = to_deploy(proto)
+        if runtime == "ort-portable":
+            from bnnc.runtimes.ort import to_portable
+
+            run_model = to_portable(run_model)  # the artifact's model.onnx runs on any ONNX Runtime
     executor = _executor(runtime, run_model, target, batch_size, num_threads)
     manifest = {
         "format": ARTIFACT_FORMAT,

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from ._registry import create, get_recipe, names, register
 
-from . import fmnist  # noqa: F401  (registers its models)
+from . import adabin, fmnist  # noqa: F401  (they register their models)
 
 __all__ = ["create", "names", "register", "get_recipe"]

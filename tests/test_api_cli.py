@@ -41,7 +41,7 @@ def test_api_contract_all_runtimes_agree(trained):
     net, path, data, root = trained
     ref = bnnc.evaluate(net, "fashion-mnist", split="test", data_path=data, return_logits=True)
     assert set(ref) >= {"top1", "top5", "loss", "n"} and ref["n"] == 48
-    for runtime in ("reference", "numpy", "tvm"):
+    for runtime in ("reference", "numpy", "tvm", "ort", "ort-portable"):
         cm = bnnc.compile(path, target="cpu", runtime=runtime)
         cm.save(root / f"model-{runtime}.bnnc")
         cm = bnnc.load(root / f"model-{runtime}.bnnc")

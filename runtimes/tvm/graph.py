@@ -355,6 +355,41 @@ class _Translator:
     def op_Div(self, node, a):
         return self._binary(node, relax.op.divide, np.divide)
 
+    def op_Neg(self, node, a):
+        return self.emit(relax.op.negative(self.get(node.input[0])))
+
+    def op_Abs(self, node, a):
+        return self.emit(relax.op.abs(self.get(node.input[0])))
+
+    def op_Slice(self, node, a):
+        x = self.get(node.input[0])
+        rank = len(_shape(x))
+        starts = [int(v) for v in self.cval(node.input[1], "Slice starts", node)]
+        ends = [int(v) for v in self.cval(node.input[2], "Slice ends", node)]
+        axes = ([int(v) for v in self.cval(node.input[3], "Slice axes", node)] if self.opt(node, 3)
+                else list(range(len(starts))))
+        steps = ([int(v) for v in self.cval(node.input[4], "Slice steps", node)] if self.opt(node, 4)
+                 else [1] * len(starts))
+        shape = _shape(x)
+        axes = [ax % rank for ax in axes]
+        # clamp ONNX's INT64_MAX-style ends to the dimension, as the spec does
+        ends = [min(e, shape[ax]) if st > 0 else e for e, ax, st in zip(ends, axes, steps)]
+        return self.emit(relax.op.strided_slice(x, axes, starts, ends, steps))
+
+    def op_Pad(self, node, a):
+        x = self.get(node.input[0])
+        if a.get("mode", b"constant") not in (b"constant", "constant"):
+            raise ValueError(f"node {node.name!r} (Pad): only constant padding is supported")
+        pads = [int(v) for v in self.cval(node.input[1], "Pad pads", node)]
+        value = float(self.cval(node.input[2], "Pad value", node).reshape(-1)[0]) if self.opt(node, 2) else 0.0
+        if self.opt(node, 3):
+            raise ValueError(f"node {node.name!r} (Pad): the axes input is not supported")
+        rank = len(_shape(x))
+        if min(pads) < 0:
+            raise ValueError(f"node {node.name!r} (Pad): negative pads are not supported")
+        width = [v for i in range(rank) for v in (pads[i], pads[i + rank])]
+        return self.emit(relax.op.nn.pad(x, width, "constant", value))
+
     def op_Relu(self, node, a):
         return self.emit(relax.op.nn.relu(self.get(node.input[0])))
 
