@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     _bench.add_arguments(p)
 
+    p = sub.add_parser("inspect", help="per layer: binary or real, folded form, output mode, BOPs/FLOPs",
+                       description="Show, per layer of an export-form model, whether it is binary or real, how "
+                                   "the deploy passes fold it (integer threshold, float epilogue, pooling on bits, "
+                                   "or float fallback and why), its output mode, and its BOPs/FLOPs at batch 1.")
+    p.add_argument("model", help="export-form .onnx (from `bnnc export`)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
     sub.add_parser("models", help="list the registered models", description="List the model zoo.")
     return ap
 
@@ -209,6 +216,17 @@ def cmd_bench(a):
         raise SystemExit(rc)
 
 
+def cmd_inspect(a):
+    from .compile import read_onnx
+    from .inspect import format_inspect, inspect_model
+    from .passes.pipeline import check_bnnc_ops
+
+    proto, _ = read_onnx(a.model)
+    check_bnnc_ops(proto)
+    report = inspect_model(proto)
+    print(json.dumps(report) if a.json else format_inspect(report))
+
+
 def cmd_models(a):
     from . import models
 
@@ -218,7 +236,8 @@ def cmd_models(a):
 
 
 COMMANDS = {"train": cmd_train, "export": cmd_export, "fold": cmd_fold, "compile": cmd_compile, "eval": cmd_eval,
-            "quickstart": cmd_quickstart, "import": cmd_import, "bench": cmd_bench, "models": cmd_models}
+            "quickstart": cmd_quickstart, "import": cmd_import, "bench": cmd_bench, "inspect": cmd_inspect,
+            "models": cmd_models}
 
 
 def main(argv=None) -> int:

@@ -162,3 +162,19 @@ def test_arm_artifact_is_aarch64_and_refused_here(trained, tmp_path):
         bnnc.compile(path, target="arm", runtime="reference")
     with pytest.raises(bnnc.BnncError, match="unknown target"):
         bnnc.compile(path, target="tpu")
+
+
+def test_inspect_counts_match_closed_form(trained, capsys):
+    """methods.md §12: MACs = Cout·Hout·Wout·Cin·kh·kw at batch 1; OPs = BOPs/64 + FLOPs."""
+    _, path, _, _ = trained
+    assert main(["inspect", str(path), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    rows = {row["name"]: row for row in r["rows"]}
+    assert rows["features.0"]["bops"] == 14 * 14 * 48 * 32 * 9 and rows["features.0"]["output"] == "bits"
+    assert "OR" in rows["features.0"]["form"]
+    assert rows["features.3"]["bops"] == 7 * 7 * 64 * 48 * 9 and rows["features.3"]["output"] == "bits"
+    assert rows["features.5"]["bops"] == 7 * 7 * 80 * 64 * 9 and rows["features.5"]["output"] == "float"
+    flops = 28 * 28 * 32 * 1 * 9 + 720 * 10
+    assert r["flops"] == flops and r["ops"] == pytest.approx(r["bops"] / 64 + flops)
+    assert main(["inspect", str(path)]) == 0
+    assert "integer threshold" in capsys.readouterr().out
