@@ -649,6 +649,84 @@ def format_model_result(r: dict) -> str:
 # Command line (``python -m bnnc.bench``; also wired as ``bnnc bench``)
 
 
+# --------------------------------------------------------------------------------- training overhead
+
+TRAIN_QUANTIZERS = (("sign", "sign"), ("approx_sign", "magnitude_aware"), ("ede", "ede"), ("rsign", "libra_pb"),
+                    ("adabin", "adabin"), ("fda", "fda"), ("rbnn", "rbnn"))
+
+
+def _resnet20(aq=None, wq=None):
+    """AdaBin's CIFAR ResNet-20 with the given quantizers, or with real convs (FP32) when ``aq`` is None."""
+    from torch import nn
+
+    from . import models
+    from .nn import BinaryConv2d
+    from .quantizers import get_activation_quantizer, get_weight_quantizer
+
+    net = models.create("adabin_resnet20")
+    for name, m in list(net.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if not isinstance(child, BinaryConv2d):
+                continue
+            if aq is None:
+                setattr(m, child_name, nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size,
+                                                 child.stride, child.padding, bias=False))
+            else:
+                child.input_quantizer = get_activation_quantizer(aq)
+                child.weight_quantizer = get_weight_quantizer(wq)
+    return net
+
+
+def run_train_overhead_bench(quantizers=TRAIN_QUANTIZERS, batch: int = 32, steps: int = 6, rounds: int = 3,
+                             threads: int | None = None) -> list[dict]:
+    """Training step time (forward, backward, SGD step) of CIFAR ResNet-20 with each quantizer pair, as a
+    ratio to the same network in FP32, interleaved in one run (median over rounds)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    nets = {"fp32": _resnet20()}
+    for aq, wq in quantizers:
+        nets[f"{aq}/{wq}"] = _resnet20(aq, wq)
+    opts = {k: torch.optim.SGD(n.parameters(), lr=0.01, momentum=0.9) for k, n in nets.items()}
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step(k):
+        n, o = nets[k], opts[k]
+        loss = loss_fn(n(x), y)
+        o.zero_grad(set_to_none=True)
+        loss.backward()
+        o.step()
+
+    for k, n in nets.items():  # warm-up (also materializes lazily shaped quantizer parameters)
+        n.train()
+        for q in n.modules():
+            if hasattr(q, "on_epoch") and q is not n:
+                q.on_epoch(0, 10)
+        step(k)
+    times = {k: [] for k in nets}
+    order = list(nets)
+    for r in range(rounds):
+        for k in order[r % len(order):] + order[:r % len(order)]:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(k)
+            times[k].append((time.perf_counter() - t0) / steps)
+    base = statistics.median(times["fp32"])
+    return [{"quantizers": k, "step_ms": statistics.median(v) * 1e3, "ratio_vs_fp32": statistics.median(v) / base,
+             "batch": batch, "threads": torch.get_num_threads()} for k, v in times.items()]
+
+
+def format_train_overhead(rows) -> str:
+    lines = [f"{'quantizers (act/weight)':28s} {'step ms':>9s} {'× FP32':>8s}"]
+    for r in rows:
+        lines.append(f"{r['quantizers']:28s} {r['step_ms']:9.1f} {r['ratio_vs_fp32']:8.2f}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -664,10 +742,17 @@ def add_arguments(ap) -> None:
     ap.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO column")
     ap.add_argument("--shapes", help="layer shapes H,W,Cin,Cout[;...] (default: ResNet-18 3x3 layers)")
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    ap.add_argument("--train", action="store_true", help="training-step overhead of each quantizer on CIFAR "
+                                                         "ResNet-20 vs the same network in FP32")
 
 
 def run_from_args(args) -> int:
     import json
+
+    if getattr(args, "train", False):
+        rows = run_train_overhead_bench(threads=args.threads[0], rounds=max(3, min(args.repeat, 7)))
+        print(json.dumps(rows) if args.json else format_train_overhead(rows), flush=True)
+        return 0
 
     if args.model:
         for t in args.threads:

@@ -108,3 +108,10 @@ def test_model_bench_tiny(tmp_path):
     assert r["speedup"] == pytest.approx(r["ort_reference_ms"] / r["bnnc_tvm_ms"])
     assert r["same_argmax"] and r["max_abs_diff"] < 1e-3
     assert "speedup" in bench.format_model_result(r)
+
+
+def test_train_overhead_bench_rows():
+    rows = bench.run_train_overhead_bench(quantizers=(("sign", "sign"), ("rbnn", "rbnn")), batch=2, steps=1,
+                                          rounds=1)
+    assert [r["quantizers"] for r in rows] == ["fp32", "sign/sign", "rbnn/rbnn"]
+    assert rows[0]["ratio_vs_fp32"] == 1.0 and all(r["step_ms"] > 0 for r in rows)
