@@ -163,23 +163,28 @@ def build(force: bool = False, cross: str | None = None, bdir: Path | None = Non
         if not force and out.is_file() and stamp.is_file() and stamp.read_text().strip() == fp:
             return out
         srcs = [str(f) for f in sorted(SRC_DIR.glob("*.cc"))]
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=bdir)
-        os.close(fd)
-        cmd = [cxx, *flags, f"-I{inc}", f"-I{SRC_DIR}", *srcs, "-o", tmp]
-        log("compiling: " + " ".join(cmd))
         t0 = time.time()
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise BuildError(f"compiling {LIB_NAME} failed:\n{r.stderr[-4000:]}")
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, out)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        _compile_atomic([cxx, *flags, f"-I{inc}", f"-I{SRC_DIR}", *srcs], out, LIB_NAME, log)
         stamp.write_text(fp + "\n")
         log(f"built {out} in {time.time() - t0:.1f} s")
         return out
+
+
+def _compile_atomic(cmd: list, out: Path, what: str, log) -> None:
+    """Run the compiler ``cmd`` writing to a temp file beside ``out``, then rename it onto ``out``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    cmd = [*cmd, "-o", tmp]
+    log("compiling: " + " ".join(cmd))
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise BuildError(f"compiling {what} failed:\n{r.stderr[-4000:]}")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def build_selftest(cross: str | None = None, bdir: Path | None = None, log=print) -> Path:
@@ -198,19 +203,7 @@ def build_selftest(cross: str | None = None, bdir: Path | None = None, log=print
         fp = _fingerprint(cxx, flags, None, (main_src,))
         if out.is_file() and stamp.is_file() and stamp.read_text().strip() == fp:
             return out
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=bdir)
-        os.close(fd)
-        cmd = [cxx, *flags, f"-I{SRC_DIR}", *srcs, "-o", tmp]
-        log("compiling: " + " ".join(cmd))
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise BuildError(f"compiling the kernel self-test failed:\n{r.stderr[-4000:]}")
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, out)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        _compile_atomic([cxx, *flags, f"-I{SRC_DIR}", *srcs], out, "the kernel self-test", log)
         stamp.write_text(fp + "\n")
         return out
 

@@ -18,7 +18,9 @@ import numpy as np
 import tvm
 from tvm import te, tirx
 
-WORD = 32
+from bnnc.ops import WORD_BITS as WORD
+from bnnc.ops.deploy import num_words
+
 VEC = 16  # int32 lanes of a 512-bit vector; also fine (two registers) on AVX2
 
 __all__ = [
@@ -38,10 +40,6 @@ __all__ = [
     "nvcc_compile",
     "nvcc_env",
 ]
-
-
-def num_words(c: int) -> int:
-    return (int(c) + WORD - 1) // WORD
 
 
 def _out_size(size, k, stride, pb, pe, dil=1):
