@@ -87,8 +87,9 @@ class BinaryConv2d(nn.Conv2d):
         y = self._conv(x, s)
         if r is not None:
             y = y * r.reshape(1, -1, 1, 1)
-        if t is not None:
-            y = y + self._conv(x, torch.ones_like(s)) * t.reshape(1, -1, 1, 1)
+        if t is not None:  # Σ over the valid window of the inputs, the same for every output channel
+            ones = torch.ones_like(s) if self.groups > 1 else torch.ones_like(s[:1])
+            y = y + self._conv(x, ones) * t.reshape(1, -1, 1, 1)
         return y
 
 

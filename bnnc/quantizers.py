@@ -360,6 +360,29 @@ class RSign(_LazyShapes, ActivationQuantizer):
         return ActivationDeploy(-self.bias.detach().reshape(-1).clone(), torch.ones(channels), torch.zeros(channels))
 
 
+class _AdaBinActivationFn(torch.autograd.Function):
+    """AdaBin's activation in one autograd node (training speed): out = α·(s + β) with s = sign(u),
+    u = (x − β)/α, decided as in the deploy form (s' = +1 ⇔ x ≥ threshold, flipped for α < 0), and the
+    gradients of §1.2 with the ApproxSign derivative F'(u)."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, beta, threshold):
+        s = torch.where(x >= threshold, 1.0, -1.0).to(x.dtype)
+        if alpha < 0:
+            s = -s
+        ctx.save_for_backward(x, s, alpha, beta)
+        return alpha * (s + beta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, s, alpha, beta = ctx.saved_tensors
+        u = (x - beta) / alpha
+        fp = approx_sign_grad(u)
+        grad_alpha = (grad * (s + beta - u * fp)).sum().reshape(alpha.shape)
+        grad_beta = (grad * (alpha - fp)).sum().reshape(beta.shape)
+        return grad * fp, grad_alpha, grad_beta, None
+
+
 class AdaBinActivation(ActivationQuantizer):
     """``adabin`` (AdaBin, §1.2), the OFFICIAL output form:
 
@@ -389,13 +412,9 @@ class AdaBinActivation(ActivationQuantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         threshold, p, q = self._mapping()
-        s_flip = _threshold_sign(x, threshold)  # s' = +1 ⇔ x ≥ threshold
         if _use_plain_forward():
-            return p * s_flip + q
-        a, b = self.alpha_a, self.beta_a
-        u = (x - b) / a
-        value = torch.where(a.detach() < 0, -s_flip, s_flip)  # = sign(u), +1 ⇔ u ≥ 0
-        return a * (_binary(u, approx_sign_grad, value) + b)
+            return p * _threshold_sign(x, threshold) + q  # s' = +1 ⇔ x ≥ threshold
+        return _AdaBinActivationFn.apply(x, self.alpha_a, self.beta_a, threshold)
 
     def deploy(self, channels: int) -> ActivationDeploy:
         threshold, p, q = self._mapping()

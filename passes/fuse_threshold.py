@@ -86,7 +86,7 @@ class FuseThresholdPass(ir.passes.InPlacePass):
                 out = pooled
             graph.insert_after(pack, new_nodes)
             replace_value(pack.outputs[0], out)
-            graph.remove([pack] + region.nodes[::-1] + [conv], safe=False)
+            graph.remove([pack] + region.nodes[::-1] + [conv], safe=True)
             modified = True
         if modified:
             graph.sort()

@@ -296,3 +296,10 @@ def test_binary_linear_layers_deploy_exactly_including_ties():
         np.testing.assert_array_equal(OrtReferenceRunner(model).run(x), net(torch.tensor(x)).numpy())
     got = bnnc.compile(model, runtime="tvm").run(x)
     np.testing.assert_allclose(got, OrtReferenceRunner(model).run(x), rtol=1e-5, atol=1e-5)
+
+
+def test_deploy_form_keeps_no_dead_initializers():
+    _, model, _ = export_random(9, c0=8, c1=37, c2=9, k1=3, stride1=1, pool1=True, k2=3, act="maxout")
+    deploy = to_deploy(model)
+    used = {i for n in deploy.graph.node for i in n.input}
+    assert [i.name for i in deploy.graph.initializer if i.name not in used] == []

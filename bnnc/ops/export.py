@@ -83,8 +83,8 @@ def binary_conv2d(
     """conv2d(x, sign(weight))·scale[o] + conv2d(x, 1)·offset[o], zero padding."""
     ws = weight_sign(weight)
     y = torch.nn.functional.conv2d(x, ws, None, stride, padding, dilation, groups) * scale.reshape(1, -1, 1, 1)
-    if torch.any(offset != 0):
-        ones = torch.ones_like(ws)
+    if torch.any(offset != 0):  # the window sum is the same for every output channel
+        ones = torch.ones_like(ws) if groups > 1 else torch.ones_like(ws[:1])
         y = y + torch.nn.functional.conv2d(x, ones, None, stride, padding, dilation, groups) * offset.reshape(1, -1, 1, 1)
     return y
 
