@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="train or test (default test)")
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--compare-to", metavar="SPEC", help="also run a second model and report prediction "
+                   "agreement: a runtime name (for .onnx MODEL) or another model path")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     _add_data(p)
     _threads(p)
@@ -185,14 +187,30 @@ def cmd_eval(a):
     import bnnc
 
     model, runtime = _open_model(a.model, a.runtime, a.threads)
+    other, other_name = None, None
+    if a.compare_to:
+        from .compile import RUNTIMES
+
+        if a.compare_to in RUNTIMES:
+            if Path(a.model).suffix != ".onnx":
+                raise bnnc.BnncError("--compare-to RUNTIME needs an .onnx MODEL; pass another model path instead")
+            other, other_name = _open_model(a.model, a.compare_to, a.threads)
+        else:
+            other, other_name = _open_model(a.compare_to, None, a.threads)
+            other_name = f"{a.compare_to} [{other_name}]"
     r = bnnc.evaluate(model, a.dataset, a.split, batch_size=a.batch_size, data_path=a.data_path, limit=a.limit,
-                      progress=not a.json)
+                      progress=not a.json, compare_to=other)
     r = {"model": a.model, "runtime": runtime, "dataset": a.dataset, "split": a.split, **r}
+    if other is not None:
+        r["compare_to"] = other_name
     if a.json:
         print(json.dumps(r))
     else:
         print(f"{a.model} [{runtime}] {a.dataset}/{a.split}: top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  "
-              f"loss {r['loss']:.4f}  n {r['n']}")
+              f"loss {r['loss']:.4f}  n {r['n']}  ({r['images_per_s']:.0f} images/s)")
+        print("per-class top-1: " + "  ".join(f"{c}:{v:.3f}" for c, v in enumerate(r["per_class"]) if v is not None))
+        if other is not None:
+            print(f"agreement with {other_name}: {r['agreement'] * 100:.2f} % (its top-1 {r['compare_top1']:.4f})")
 
 
 def cmd_quickstart(a):

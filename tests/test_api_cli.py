@@ -178,3 +178,19 @@ def test_inspect_counts_match_closed_form(trained, capsys):
     assert r["flops"] == flops and r["ops"] == pytest.approx(r["bops"] / 64 + flops)
     assert main(["inspect", str(path)]) == 0
     assert "integer threshold" in capsys.readouterr().out
+
+
+def test_eval_per_class_and_compare_to(trained, capsys):
+    net, path, data, _ = trained
+    assert main(["eval", str(path), "--runtime", "tvm", "--compare-to", "reference", "--json",
+                 "--data-path", str(data)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    ref = bnnc.evaluate(net, "fashion-mnist", data_path=data, return_logits=True)
+    from bnnc.data import load_dataset
+
+    _, y = load_dataset("fashion-mnist", "test", data)
+    pred = ref["logits"].argmax(1)
+    want = [float((pred[y == c] == c).mean()) if np.any(y == c) else None for c in range(10)]
+    assert r["per_class"] == want
+    assert r["agreement"] == 1.0 and r["compare_to"] == "reference" and r["compare_top1"] == r["top1"]
+    assert main(["eval", str(path.with_suffix(".missing.onnx")), "--json", "--data-path", str(data)]) == 1
