@@ -15,6 +15,7 @@ import torch
 from . import __version__
 from .ops import DOMAIN
 from .ops import export as export_ops
+from .nn import frozen_for_export
 from .util import atomic_path
 
 # ONNX Runtime 1.31 reads IR version ≤ 13; onnx 1.23 writes 14 by default.
@@ -22,24 +23,9 @@ IR_VERSION = 10
 OPSET = 18
 
 
-from .nn import frozen_for_export  # noqa: E402
-
-
-def _supported_check(model: torch.nn.Module) -> None:
-    """Refuse modules whose semantics the export form cannot express, naming them."""
-    from .nn import BinaryConv2d
-
-    for name, m in model.named_modules():
-        if isinstance(m, BinaryConv2d):
-            continue
-        if type(m).__module__.startswith("bnnc.nn") and not list(m.children()) and any(
-                p.requires_grad for p in m.parameters(recurse=False)) and m.__class__.__name__.endswith("Quantizer"):
-            raise ValueError(f"module {name!r} ({type(m).__name__}) cannot be exported yet")
-
-
 def to_onnx(model: torch.nn.Module, input_shape, *, dynamic_batch: bool = True) -> onnx.ModelProto:
-    """Trace ``model`` (eval mode) into an export-form ``onnx.ModelProto``."""
-    _supported_check(model)
+    """Trace ``model`` (eval mode) into an export-form ``onnx.ModelProto``. A quantizer the op set cannot
+    express raises ``NotExportableError`` naming its layer (``frozen_for_export``)."""
     was_training = model.training
     model.eval()
     x = torch.zeros(tuple(input_shape), dtype=torch.float32)
@@ -107,6 +93,3 @@ def export(model: torch.nn.Module, path, input_shape=None) -> Path:
         input_shape = recipe.input_shape
     return save_onnx(to_onnx(model, input_shape), path)
 
-
-def uses_bnnc_domain(proto: onnx.ModelProto) -> bool:
-    return any(n.domain == DOMAIN for n in proto.graph.node)

@@ -29,7 +29,6 @@ def quickstart(epochs: int = 4, out="runs/quickstart", data_path=None, limit=Non
     import bnnc
     from .data import load_dataset
     from .evaluate import metrics_from_logits, predict
-    from .export import save_onnx
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -41,7 +40,7 @@ def quickstart(epochs: int = 4, out="runs/quickstart", data_path=None, limit=Non
     bnnc.train(net, "fashion-mnist", epochs=epochs, out=out, data_path=data_path, limit=limit)
     print("[2/4] exporting to ONNX (export form) and folding (deploy form)")
     onnx_path = bnnc.export(net, out / "model.onnx", input_shape=(1, 1, 28, 28))
-    deploy = bnnc.fold(onnx_path, out / "model.deploy.onnx")
+    bnnc.fold(onnx_path, out / "model.deploy.onnx")
     print("[3/4] compiling: reference ONNX Runtime, TVM bit-packed kernels")
     compiled = {"reference (ORT)": bnnc.compile(onnx_path, runtime="reference", num_threads=threads),
                 "tvm": bnnc.compile(onnx_path, runtime="tvm", num_threads=threads)}
@@ -73,6 +72,5 @@ def quickstart(epochs: int = 4, out="runs/quickstart", data_path=None, limit=Non
               f"{size / 1024:7.1f} KiB {form[:6]:>6s} {lat:7.3f} ms")
     print(f"\nmodel size: FP32 export form {file_size(onnx_path):,} B → deploy form {file_size(out / 'model.deploy.onnx'):,} B "
           f"({file_size(onnx_path) / file_size(out / 'model.deploy.onnx'):.1f}× smaller); artifact {out / 'model.bnnc'}")
-    del deploy
     return {name: {"metrics": m, "agreement": agree, "size": size, "latency_ms": lat}
             for name, m, agree, size, lat in rows}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -137,8 +136,3 @@ def train(model: torch.nn.Module, dataset: str | None = None, *, epochs: int | N
     return {"history": history, "checkpoint": str(out / "last.pt") if out else None,
             "test_top1": history[-1]["test_top1"]}
 
-
-def set_threads(n: int | None) -> None:
-    if n:
-        torch.set_num_threads(n)
-        os.environ.setdefault("OMP_NUM_THREADS", str(n))

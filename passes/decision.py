@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -167,6 +166,3 @@ def monotone_direction(values: np.ndarray, decisions: np.ndarray) -> int:
         return -1
     return None
 
-
-def onnx_opset(model: ir.Model) -> int:
-    return model.opset_imports.get("", onnx.defs.onnx_opset_version())

@@ -1,6 +1,5 @@
 """Quantizers and binary layers: forward values and gradients against closed forms."""
 
-import numpy as np
 import pytest
 import torch
 

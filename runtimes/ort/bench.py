@@ -13,7 +13,6 @@ import os
 import time
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from bnnc.ops import deploy as K
