@@ -279,7 +279,7 @@ def openvino_status() -> tuple[bool, str]:
     try:
         import openvino as ov
     except Exception as e:  # noqa: BLE001 - report any import failure verbatim
-        return False, f"openvino not installed ({type(e).__name__}: {e}); pip install 'bnnc[bench]'"
+        return False, f"openvino not installed ({type(e).__name__}: {e}); pip install 'bnnc[peers]'"
     return True, str(ov.__version__)
 
 

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark kernels vs ONNX Runtime FP32 and OpenVINO, or a model end to end",
                        description="Per-layer benchmark on ResNet-18 3x3 shapes (batch 1; packing and epilogue "
                                    "included) against ONNX Runtime FP32 Conv and OpenVINO BinaryConvolution "
-                                   "(pip install 'bnnc[bench]'), all interleaved in one run; or, given an "
+                                   "(pip install 'bnnc[peers]'), all interleaved in one run; or, given an "
                                    "export-form .onnx, the TVM artifact vs the reference end to end.")
     from . import bench as _bench
 
