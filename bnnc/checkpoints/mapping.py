@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import ModelFormatError
 
-__all__ = ["ModelMapping", "MAPPINGS", "GENERIC", "MINDSPORE_LEAF_NAMES", "mapping_for", "map_state_dict",
+__all__ = ["ModelMapping", "MAPPINGS", "register_mapping", "GENERIC", "MINDSPORE_LEAF_NAMES", "mapping_for", "map_state_dict",
            "load_tensors"]
 
 MINDSPORE_LEAF_NAMES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
@@ -75,6 +75,17 @@ MAPPINGS: dict[str, ModelMapping] = {
               "Maxout (1,C,1,1) -> (C,)",
     ),
 }
+
+
+def register_mapping(name: str, mapping: ModelMapping) -> ModelMapping:
+    """Declare how reference checkpoints of registered model ``name`` name their tensors.
+
+    Model files call this next to their ``@register``, so a family's architecture and its checkpoint names
+    live together."""
+    if name in MAPPINGS and MAPPINGS[name] != mapping:
+        raise ValueError(f"checkpoint mapping for {name!r} registered twice")
+    MAPPINGS[name] = mapping
+    return mapping
 
 
 # model classes built directly (not through the registry, so without ``bnnc_name``) → registered name
