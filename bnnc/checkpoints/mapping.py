@@ -51,6 +51,8 @@ class ModelMapping:
     optional: tuple[str, ...] = (r"(^|\.)num_batches_tracked$",)
     prefixes: tuple[str, ...] = ("module.",)
     notes: str = ""
+    # regexes of model entries the reference stores flattened (see ``_unflatten`` below)
+    flattened: tuple[str, ...] = ()
 
     def rename(self, name: str) -> str:
         for p in self.prefixes:
@@ -125,6 +127,19 @@ def _fit(value: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor | None
     return value.to(dtype=target.dtype).clone(), ""
 
 
+# ---- flattened reference weights (methods.md §5.3, §11) -------------------------------------------------
+# Bi-Real's and ReActNet-A's ``HardBinaryConv`` keep their weight as ``weights`` of shape (Cout·Cin·kh·kw, 1)
+# and ``view`` it to (Cout, Cin, kh, kw) in forward. A mapping lists such model entries in ``flattened``; a
+# checkpoint value for one of them with the same number of elements is reshaped the same way (C order).
+
+
+def _unflatten(value: torch.Tensor, target: torch.Tensor, name: str, mapping: ModelMapping) -> torch.Tensor:
+    if (tuple(value.shape) != tuple(target.shape) and value.numel() == target.numel()
+            and any(re.search(p, name) for p in mapping.flattened)):
+        return value.reshape(target.shape)
+    return value
+
+
 def _is_norm_leaf(model: nn.Module, key: str) -> bool:
     owner = key.rpartition(".")[0]
     try:
@@ -167,6 +182,7 @@ def map_state_dict(tensors: dict, model: nn.Module, mapping: ModelMapping | None
         except TypeError as e:
             misshapen.append(f"{shown}: {e}")
             continue
+        t = _unflatten(t, target[name], name, mapping)
         fitted, why = _fit(t, target[name])
         if fitted is None:
             misshapen.append(f"{shown}: {why}")
