@@ -41,6 +41,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -168,21 +169,29 @@ def _sum_timer(*timers):
     return t
 
 
-def _interleaved(timers: dict, repeat: int, block_s: float) -> dict:
+def _interleaved(timers: dict, repeat: int, block_s: float, samples: bool = False) -> dict:
     """Median seconds per call of each timer, measured round-robin: each of ``repeat`` rounds runs one
-    block (about ``block_s`` seconds) of every timer, the order rotating between rounds."""
+    block (about ``block_s`` seconds) of every timer, the order rotating between rounds. With ``samples``
+    the per-round values themselves (seconds per call, one per round), for percentiles."""
     numbers = {}
     for name, f in timers.items():
         f(1)  # warm-up (first call allocates, JITs, spins up thread pools)
         one = max(f(3), 1e-7)
         numbers[name] = max(1, min(100000, int(block_s / one)))
-    samples = {name: [] for name in timers}
+    per_round = {name: [] for name in timers}
     names = list(timers)
     for r in range(max(1, repeat)):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
-            samples[name].append(timers[name](numbers[name]))
-    return {name: statistics.median(v) for name, v in samples.items()}
+            per_round[name].append(timers[name](numbers[name]))
+    if samples:
+        return per_round
+    return {name: statistics.median(v) for name, v in per_round.items()}
+
+
+def percentile(values, q: float) -> float:
+    """The q-th percentile (0–100, linear interpolation) of per-round times."""
+    return float(np.percentile(np.asarray(values, np.float64), q))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -500,7 +509,7 @@ def run_layer_bench(shapes=RESNET18_3X3, threads: int = 1, repeat: int = 15, inc
     number); ``speedup_vs_ort`` (ORT ms / bnnc ms), ``ratio_vs_openvino`` (OpenVINO ms / bnnc ms: > 1
     means bnnc is faster); ``gbops`` (BOPs / bnnc_ms, in 1e9/s); ``bitmacs_per_cycle`` (the bits conv
     kernel alone, per thread) and ``frac_of_bound`` (of the theoretical popcount bound) when the clock
-    is known.
+    is known; ``bnnc_p90_ms``, ``ort_fp32_p90_ms``, ``openvino_p90_ms``: the 90th percentile over rounds.
     """
     import tvm
 
@@ -558,8 +567,9 @@ def run_layer_bench(shapes=RESNET18_3X3, threads: int = 1, repeat: int = 15, inc
             except Exception as e:  # noqa: BLE001 - the column says why
                 note = f"OpenVINO failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 timers.pop("ov", None)
-        med = _interleaved(timers, repeat, block_s)
-        ms = {k: v * 1e3 for k, v in med.items()}
+        rounds = _interleaved(timers, repeat, block_s, samples=True)
+        ms = {k: statistics.median(v) * 1e3 for k, v in rounds.items()}
+        p90 = {k: percentile(v, 90) * 1e3 for k, v in rounds.items()}
         row = dict(shape=shape.label, threads=threads, bops=shape.bops,
                    pack_ms=ms["pack"], conv_bits_ms=ms["conv_bits"], conv_float_ms=ms["conv_float"],
                    bnnc_sum_bits_ms=ms["pack"] + ms["conv_bits"], bnnc_sum_float_ms=ms["pack"] + ms["conv_float"],
@@ -567,6 +577,9 @@ def run_layer_bench(shapes=RESNET18_3X3, threads: int = 1, repeat: int = 15, inc
                    ort_fp32_ms=ms["ort"], openvino_ms=ms.get("ov"),
                    openvino_note=note)
         row["bnnc_ms"] = row["bnnc_chain_float_ms"] if chain else row["bnnc_sum_float_ms"]
+        row["bnnc_p90_ms"] = p90["chain_float"] if chain else p90["pack"] + p90["conv_float"]
+        row["ort_fp32_p90_ms"] = p90["ort"]
+        row["openvino_p90_ms"] = p90.get("ov")
         row["speedup_vs_ort"] = row["ort_fp32_ms"] / row["bnnc_ms"]
         row["ratio_vs_openvino"] = row["openvino_ms"] / row["bnnc_ms"] if row["openvino_ms"] else None
         row["gbops"] = shape.bops / (row["bnnc_ms"] * 1e-3) / 1e9
@@ -616,33 +629,188 @@ def format_layer_table(rows, header: bool = True, bound: dict | None = None) -> 
 # Model bench
 
 
-def run_model_bench(onnx_path, threads: int = 1, repeat: int = 15, block_s: float = 0.05) -> dict:
-    """End-to-end latency of one model at batch 1: ``bnnc.compile(path, runtime="tvm")`` vs the export
-    form on ONNX Runtime (``runtime="reference"``), both through ``CompiledModel.run`` (Python call
-    included for both), interleaved; medians in ms."""
-    import bnnc
+def fp32_twin(export_model):
+    """The same architecture in FP32 standard ONNX: every ``SignBinarize`` becomes an ``Identity`` (real
+    activations) and every ``BinaryConv2d`` a plain ``Conv`` on its weights — what an FP32 user of ONNX
+    Runtime would run (timing only: its outputs are not the binary network's)."""
+    import onnx
+    from onnx import helper
 
-    t0 = time.perf_counter()
-    tvm_m = bnnc.compile(str(onnx_path), runtime="tvm", num_threads=threads)
-    compile_s = time.perf_counter() - t0
-    ref_m = bnnc.compile(str(onnx_path), runtime="reference", num_threads=threads)
-    spec = tvm_m.input_spec
-    shape = [1] + [int(d) for d in spec["shape"][1:]]
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    y_tvm, y_ref = tvm_m.run(x), ref_m.run(x)
-    med = _interleaved({"tvm": _py_timer(lambda: tvm_m.run(x)), "ref": _py_timer(lambda: ref_m.run(x))},
-                       repeat, block_s)
-    return dict(model=str(onnx_path), threads=int(threads), input_shape=shape, bnnc_tvm_ms=med["tvm"] * 1e3,
-                ort_reference_ms=med["ref"] * 1e3, speedup=med["ref"] / med["tvm"], compile_s=compile_s,
-                same_argmax=bool(np.array_equal(np.argmax(y_tvm.reshape(1, -1), 1),
-                                                np.argmax(y_ref.reshape(1, -1), 1))),
-                max_abs_diff=float(np.max(np.abs(np.asarray(y_tvm, np.float64) - np.asarray(y_ref, np.float64)))))
+    from bnnc.ops import DOMAIN
+
+    m = onnx.ModelProto()
+    m.CopyFrom(export_model)
+    nodes = []
+    for n in m.graph.node:
+        if n.domain == DOMAIN and n.op_type == "SignBinarize":
+            nodes.append(helper.make_node("Identity", [n.input[0]], list(n.output), name=n.name))
+        elif n.domain == DOMAIN and n.op_type == "BinaryConv2d":
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute
+                     if a.name in ("strides", "pads", "dilations", "group")}
+            nodes.append(helper.make_node("Conv", list(n.input[:2]), list(n.output), name=n.name, **attrs))
+        elif n.domain == DOMAIN:
+            raise ValueError(f"node {n.name!r}: {n.op_type} has no FP32 twin (give an export-form model)")
+        else:
+            nodes.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    del m.functions[:]
+    ops = [o for o in m.opset_import if o.domain != DOMAIN]
+    del m.opset_import[:]
+    m.opset_import.extend(ops)
+    used = {i for n in m.graph.node for i in n.input}
+    keep = [t for t in m.graph.initializer if t.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    return m
+
+
+def _ort_session(model_bytes: bytes, threads: int, optimize: bool):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+_RSS_CHILD = r"""
+import resource, sys, json
+kind, path, batch, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+import numpy as np, onnxruntime, tvm, bnnc
+def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = peak()
+if kind != "baseline":
+    if kind == "tvm":
+        m = bnnc.load(path, num_threads=threads); shape = m.input_spec["shape"]; run = m.run
+    else:
+        o = onnxruntime.SessionOptions(); o.intra_op_num_threads = threads; o.log_severity_level = 3
+        if kind == "reference":
+            o.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+        s = onnxruntime.InferenceSession(path, o, providers=["CPUExecutionProvider"])
+        i = s.get_inputs()[0]; shape = i.shape
+        run = lambda x: s.run(None, {i.name: x})
+    x = np.zeros([batch] + [int(d) for d in shape[1:]], np.float32)
+    for _ in range(3):
+        run(x)
+print(json.dumps({"peak": peak(), "after_imports": base}))
+"""
+
+
+def peak_rss(kind: str, path, batch: int = 1, threads: int = 1) -> dict:
+    """Peak resident memory (``getrusage`` high-water mark, bytes) of a fresh process that imports bnnc, loads
+    one contender (``tvm``: an artifact folder; ``reference``/``fp32``: an ONNX file) and runs 3 batches;
+    ``kind="baseline"`` only imports. Returns ``{"peak", "after_imports"}``."""
+    import json
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _RSS_CHILD, kind, str(path), str(batch), str(threads)],
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS=str(threads), TVM_NUM_THREADS=str(threads)))
+    if r.returncode != 0:
+        raise RuntimeError(f"memory probe for {kind} failed: {r.stderr.strip().splitlines()[-1:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+MODEL_CONTENDERS = ("bnnc-tvm", "ort-fp32", "reference")
+
+
+def run_model_bench(onnx_path, threads: int = 1, repeat: int = 15, block_s: float = 0.05,
+                    batch_sizes=(1,), memory: bool = False) -> dict:
+    """End-to-end latency of one export-form model at each batch size, three contenders interleaved:
+
+    * ``bnnc-tvm`` — ``bnnc.compile(path, runtime="tvm", batch_size=b)`` (bit-packed kernels);
+    * ``ort-fp32`` — the same architecture in FP32 (:func:`fp32_twin`) on ONNX Runtime, all graph
+      optimizations on: what the network costs unbinarized;
+    * ``reference`` — the export form on ONNX Runtime (``runtime="reference"``, optimizations off).
+
+    Per contender and batch: ``p50_ms``, ``p90_ms`` (over rounds), ``images_per_s`` (batch / p50).
+    ``file_bytes``: export form, deploy form, FP32 twin, TVM artifact folder. With ``memory``,
+    ``peak_rss_bytes`` per contender at the first batch size, from a fresh process each (:func:`peak_rss`;
+    ``baseline`` is the process after its imports). The batch-1 headline keys of earlier versions
+    (``bnnc_tvm_ms``, ``ort_reference_ms``, ``speedup``, …) are the first batch size's p50s.
+    """
+    import bnnc
+    from bnnc.compile import file_size, read_onnx
+
+    export, data = read_onnx(onnx_path)
+    fp32_bytes = fp32_twin(export).SerializeToString()
+    deploy_bytes = bnnc.fold(export).SerializeToString()
+    ref_m = bnnc.compile(export, runtime="reference", num_threads=threads)
+    fp32 = _ort_session(fp32_bytes, threads, optimize=True)
+    fp32_in = fp32.get_inputs()[0].name
+    spec = ref_m.input_spec
+    result = dict(model=str(onnx_path), threads=int(threads), batches=[])
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmpd:
+        for k, b in enumerate(batch_sizes):
+            t0 = time.perf_counter()
+            tvm_m = bnnc.compile(export, runtime="tvm", num_threads=threads, batch_size=int(b))
+            compile_s = time.perf_counter() - t0
+            shape = [int(b)] + [int(d) for d in spec["shape"][1:]]
+            x = rng.standard_normal(shape).astype(np.float32)
+            y_tvm, y_ref = tvm_m.run(x), ref_m.run(x)
+            timers = {"bnnc-tvm": _py_timer(lambda: tvm_m.run(x)),
+                      "ort-fp32": _py_timer(lambda: fp32.run(None, {fp32_in: x})),
+                      "reference": _py_timer(lambda: ref_m.run(x))}
+            rounds = _interleaved(timers, repeat, block_s, samples=True)
+            cont = {n: dict(p50_ms=statistics.median(v) * 1e3, p90_ms=percentile(v, 90) * 1e3) for n, v in
+                    rounds.items()}
+            for c in cont.values():
+                c["images_per_s"] = b / (c["p50_ms"] * 1e-3)
+            result["batches"].append(dict(
+                batch=int(b), compile_s=compile_s, contenders=cont,
+                same_argmax=bool(np.array_equal(np.argmax(y_tvm.reshape(len(x), -1), 1),
+                                                np.argmax(y_ref.reshape(len(x), -1), 1))),
+                max_abs_diff=float(np.max(np.abs(np.asarray(y_tvm, np.float64) - np.asarray(y_ref, np.float64))))))
+            if k == 0:
+                art = Path(tmpd) / "model.bnnc"
+                tvm_m.save(art)
+                result["file_bytes"] = {"export": len(data), "deploy": len(deploy_bytes), "fp32": len(fp32_bytes),
+                                        "tvm_artifact": file_size(art)}
+                if memory:
+                    (Path(tmpd) / "fp32.onnx").write_bytes(fp32_bytes)
+                    (Path(tmpd) / "ref.onnx").write_bytes(data)
+                    probes = {"baseline": ("baseline", ""), "bnnc-tvm": ("tvm", art),
+                              "ort-fp32": ("fp32", Path(tmpd) / "fp32.onnx"),
+                              "reference": ("reference", Path(tmpd) / "ref.onnx")}
+                    result["peak_rss_bytes"] = {n: peak_rss(kind, p, int(b), threads)["peak"]
+                                                for n, (kind, p) in probes.items()}
+                    result["memory_batch"] = int(b)
+    first = result["batches"][0]
+    c = first["contenders"]
+    result.update(input_shape=[first["batch"]] + [int(d) for d in spec["shape"][1:]],
+                  bnnc_tvm_ms=c["bnnc-tvm"]["p50_ms"], ort_reference_ms=c["reference"]["p50_ms"],
+                  ort_fp32_ms=c["ort-fp32"]["p50_ms"], speedup=c["reference"]["p50_ms"] / c["bnnc-tvm"]["p50_ms"],
+                  speedup_vs_fp32=c["ort-fp32"]["p50_ms"] / c["bnnc-tvm"]["p50_ms"], compile_s=first["compile_s"],
+                  same_argmax=all(b["same_argmax"] for b in result["batches"]),
+                  max_abs_diff=max(b["max_abs_diff"] for b in result["batches"]))
+    return result
 
 
 def format_model_result(r: dict) -> str:
-    return (f"{os.path.basename(r['model'])} (batch 1, {r['threads']} thread(s)): bnnc tvm {r['bnnc_tvm_ms']:.3f} ms, "
-            f"ONNX Runtime export form {r['ort_reference_ms']:.3f} ms, speedup {r['speedup']:.1f}× "
-            f"(same argmax: {r['same_argmax']}, max |diff| {r['max_abs_diff']:.2e}; compile {r['compile_s']:.1f} s)")
+    lines = [f"{os.path.basename(r['model'])} ({r['threads']} thread(s)): bnnc tvm {r['bnnc_tvm_ms']:.3f} ms, "
+             f"ORT FP32 (same architecture) {r['ort_fp32_ms']:.3f} ms, ONNX Runtime export form "
+             f"{r['ort_reference_ms']:.3f} ms at batch {r['input_shape'][0]}: {r['speedup_vs_fp32']:.1f}× vs FP32, "
+             f"speedup {r['speedup']:.1f}× vs export form "
+             f"(same argmax: {r['same_argmax']}, max |diff| {r['max_abs_diff']:.2e}; compile {r['compile_s']:.1f} s)"]
+    lines.append(f"{'batch':>5s}  {'contender':10s} {'p50 ms':>9s} {'p90 ms':>9s} {'images/s':>10s}")
+    for b in r["batches"]:
+        for name, c in b["contenders"].items():
+            lines.append(f"{b['batch']:5d}  {name:10s} {c['p50_ms']:9.3f} {c['p90_ms']:9.3f} {c['images_per_s']:10.1f}")
+    fb = r.get("file_bytes")
+    if fb:
+        lines.append("file size: " + ", ".join(f"{k} {v:,} B" for k, v in fb.items()))
+    mem = r.get("peak_rss_bytes")
+    if mem:
+        base = mem.get("baseline", 0)
+        lines.append(f"peak RSS (fresh process, batch {r.get('memory_batch', 1)}): " + ", ".join(
+            f"{k} {v / 2**20:.1f} MiB" + (f" (+{(v - base) / 2**20:.1f})" if k != "baseline" else "")
+            for k, v in mem.items()))
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -735,15 +903,80 @@ def main(argv=None) -> int:
     return run_from_args(ap.parse_args(argv))
 
 
+LAYER_SETS = {"resnet18": RESNET18_3X3}
+
+
 def add_arguments(ap) -> None:
     ap.add_argument("model", nargs="?", help="export-form .onnx: end-to-end bench (default: the layer bench)")
+    ap.add_argument("--layers", choices=sorted(LAYER_SETS), help="the layer bench on a network's binary conv "
+                    "shapes (default without MODEL: resnet18)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1], help="thread counts (default 1)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="batch sizes of the model bench "
+                    "(default 1)")
     ap.add_argument("--repeat", type=int, default=15, help="interleaved rounds per contender (default 15)")
     ap.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO column")
+    ap.add_argument("--no-memory", action="store_true", help="model bench: skip the peak-RSS probes (one fresh "
+                    "process per contender)")
     ap.add_argument("--shapes", help="layer shapes H,W,Cin,Cout[;...] (default: ResNet-18 3x3 layers)")
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    ap.add_argument("--plot", metavar="DIR", help="write PNG plots there: latency and speedup per layer shape, "
+                    "or latency per batch size (and accuracy vs latency with --accuracy) for a model")
+    ap.add_argument("--accuracy", nargs="+", metavar="RUNTIME=TOP1|EVAL.json", help="model bench: top-1 per "
+                    "runtime (tvm, reference) for the accuracy-vs-latency plot, as RUNTIME=0.9006 or a file "
+                    "written by `bnnc eval --json`")
     ap.add_argument("--train", action="store_true", help="training-step overhead of each quantizer on CIFAR "
                                                          "ResNet-20 vs the same network in FP32")
+
+
+_RUNTIME_TO_CONTENDER = {"tvm": "bnnc-tvm", "reference": "reference"}
+
+
+def parse_accuracies(specs) -> dict:
+    """``["tvm=0.9", "eval.json", …]`` → ``{runtime: top1}`` (a JSON file is one `bnnc eval --json` object)."""
+    import json
+
+    out = {}
+    for spec in specs or ():
+        if "=" in spec and not os.path.exists(spec):
+            k, v = spec.split("=", 1)
+            try:
+                out[k.strip()] = float(v)
+            except ValueError:
+                raise ValueError(f"--accuracy {spec!r}: expected RUNTIME=TOP1 with a number, e.g. tvm=0.9006") from None
+            continue
+        try:
+            with open(spec) as f:
+                r = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--accuracy file {spec} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--accuracy file {spec} is not JSON ({e})") from None
+        if not isinstance(r, dict) or "top1" not in r or "runtime" not in r:
+            raise ValueError(f"--accuracy file {spec} is not a `bnnc eval --json` result (no runtime/top1)")
+        out[str(r["runtime"])] = float(r["top1"])
+    return out
+
+
+def write_plots(result, plot_dir, accuracies: dict | None = None, prefix: str = "") -> list:
+    """PNG plots of a layer bench (``{"rows": …}``) or of model bench results (a list), file names starting
+    with ``prefix``; returns the paths."""
+    from . import plots
+
+    d = Path(plot_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    if isinstance(result, dict) and "rows" in result:
+        return [plots.plot_layer_latency(result["rows"], d / f"{prefix}layer_latency.png"),
+                plots.plot_layer_speedup(result["rows"], d / f"{prefix}layer_speedup.png")]
+    paths = []
+    for r in result:
+        stem = f"{prefix}{Path(r['model']).stem}_t{r['threads']}"
+        paths.append(plots.plot_model_latency(r, d / f"{stem}_latency.png"))
+        pts = [dict(label=rt, latency_ms=r["batches"][0]["contenders"][_RUNTIME_TO_CONTENDER[rt]]["p50_ms"], top1=a)
+               for rt, a in (accuracies or {}).items() if rt in _RUNTIME_TO_CONTENDER]
+        if pts:
+            paths.append(plots.plot_accuracy_vs_latency(pts, d / f"{stem}_accuracy_vs_latency.png",
+                                                        title=f"{Path(r['model']).name}: top-1 vs latency"))
+    return paths
 
 
 def run_from_args(args) -> int:
@@ -753,13 +986,24 @@ def run_from_args(args) -> int:
         rows = run_train_overhead_bench(threads=args.threads[0], rounds=max(3, min(args.repeat, 7)))
         print(json.dumps(rows) if args.json else format_train_overhead(rows), flush=True)
         return 0
-
+    if any(b < 1 for b in args.batch_sizes) or any(t < 1 for t in args.threads):
+        raise ValueError("--batch-sizes and --threads must be ≥ 1")
     if args.model:
+        if args.layers:
+            raise ValueError("give either MODEL (end-to-end bench) or --layers NAME (layer bench), not both")
+        accuracies = parse_accuracies(args.accuracy)
+        results = []
         for t in args.threads:
-            r = run_model_bench(args.model, threads=t, repeat=args.repeat)
+            r = run_model_bench(args.model, threads=t, repeat=args.repeat, batch_sizes=args.batch_sizes,
+                                memory=not args.no_memory)
+            results.append(r)
             print(json.dumps(r) if args.json else format_model_result(r), flush=True)
+        if args.plot:
+            for p in write_plots(results, args.plot, accuracies):
+                if not args.json:
+                    print(f"wrote {p}")
         return 0
-    shapes = RESNET18_3X3
+    shapes = LAYER_SETS[args.layers or "resnet18"]
     if args.shapes:
         shapes = tuple(LayerShape(*[int(v) for v in s.split(",")]) for s in args.shapes.split(";") if s.strip())
     bound = popcount_bound()
@@ -771,6 +1015,10 @@ def run_from_args(args) -> int:
         print(json.dumps({"bound": bound, "rows": allrows}, indent=1))
     else:
         print(format_layer_table(allrows, bound=bound))
+    if args.plot:
+        for p in write_plots({"rows": allrows}, args.plot):
+            if not args.json:
+                print(f"wrote {p}")
     return 0
 
 
