@@ -113,7 +113,7 @@ class CompiledModel:
 
 
 def _executor(runtime: str, model: onnx.ModelProto, target: str, batch_size: int, num_threads, lib_path=None,
-              tvm_meta=None):
+              tvm_meta=None, rpc=None):
     if runtime == "reference":
         from bnnc.runtimes.reference import OrtReferenceRunner
 
@@ -125,6 +125,10 @@ def _executor(runtime: str, model: onnx.ModelProto, target: str, batch_size: int
     if runtime == "tvm":
         from bnnc.runtimes import tvm as tvm_rt
 
+        if rpc is not None:
+            from bnnc.runtimes.tvm.rpc import RemoteTVMModel
+
+            return RemoteTVMModel(lib_path, tvm_meta, rpc, num_threads=num_threads)
         num_threads = num_threads or len(os.sched_getaffinity(0))
         if lib_path is not None:
             return tvm_rt.TVMModel.load(lib_path, tvm_meta)
@@ -184,9 +188,17 @@ def compile(model, target: str = "cpu", runtime: str = "tvm", *, batch_size: int
     return CompiledModel(runtime, target, run_model, manifest, executor)
 
 
-def load(path, num_threads: int | None = None) -> CompiledModel:
-    """Load an artifact written by ``CompiledModel.save``, refusing corrupted or mismatched ones."""
+def load(path, num_threads: int | None = None, rpc: str | None = None) -> CompiledModel:
+    """Load an artifact written by ``CompiledModel.save``, refusing corrupted or mismatched ones.
+
+    ``rpc="HOST:PORT"``: run a TVM artifact on the device serving TVM's RPC there (``python -m
+    tvm.exec.rpc_server``): its library is uploaded and run on the device, inputs and outputs travel over the
+    connection. The artifact's target must match the device (checked before uploading)."""
     path = Path(path)
+    if rpc is not None:
+        from bnnc.runtimes.tvm.rpc import parse_address
+
+        parse_address(rpc)  # a bad HOST:PORT fails before anything is read
     if not path.exists():
         raise FileNotFoundError(f"artifact {path} does not exist")
     mpath = path / "manifest.json"
@@ -209,6 +221,14 @@ def load(path, num_threads: int | None = None) -> CompiledModel:
             raise ModelFormatError(f"{path}: file {name} is corrupted (SHA-256 mismatch)")
     runtime = manifest["runtime"]
     family = (manifest.get("tvm") or {}).get("target_family", "x86")
+    if rpc is not None and runtime != "tvm":
+        raise BnncError(f"{path}: --rpc runs TVM artifacts on a device; this one is for runtime {runtime!r} "
+                        "(compile with `bnnc compile --runtime tvm --target arm|cpu`)")
+    if rpc is not None:
+        model = onnx.load(str(path / "model.onnx"))
+        executor = _executor(runtime, model, manifest["target"], manifest.get("batch_size", 1), num_threads,
+                             lib_path=str(path / "lib.so"), tvm_meta=manifest.get("tvm"), rpc=rpc)
+        return CompiledModel(runtime, manifest["target"], model, manifest, executor)
     if runtime == "tvm":
         from bnnc.runtimes.tvm.graph import runnable_here
 

@@ -9,16 +9,27 @@ with a small C harness that provides those (a serial parallel-launch that runs e
 ``aligned_alloc`` workspaces), statically, with ``aarch64-linux-gnu-gcc``; it then runs the binary under
 ``qemu-aarch64-static`` on arrays passed through files. No TVM runtime is needed on the AArch64 side.
 
-Tools (Debian/Ubuntu): ``apt-get install -y gcc-aarch64-linux-gnu qemu-user-static``.
+Whole networks: :class:`QemuRPCServer` runs a small TVM RPC server, cross-compiled with
+``aarch64-linux-gnu-g++`` against the AArch64 TVM runtime (``libtvm_runtime.so`` + ``libtvm_ffi.so`` from the
+official ``apache-tvm`` / ``apache-tvm-ffi`` aarch64 wheels, fetched once with ``pip download`` into
+``~/.cache/bnnc/tvm-aarch64``, or taken from ``BNNC_AARCH64_TVM_RUNTIME``), under ``qemu-aarch64``. A
+``--target arm`` artifact then runs as a whole (the artifact's own ``lib.so`` in the real Relax VM) through
+``bnnc.load(artifact, rpc=server.address)``, exactly as on an AArch64 board.
+
+Tools (Debian/Ubuntu): ``apt-get install -y gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user-static``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
+import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +38,25 @@ import tvm
 from . import kernels as K
 from .target import arm_target
 
-__all__ = ["AARCH64_CC", "QEMU", "missing_aarch64_tools", "aarch64_compile", "aarch64_assembly",
-           "aarch64_object", "export_aarch64_library", "QemuKernel", "cross_fcompile"]
+__all__ = [
+    "AARCH64_CC",
+    "AARCH64_CXX",
+    "QEMU",
+    "QemuKernel",
+    "QemuRPCServer",
+    "aarch64_assembly",
+    "aarch64_compile",
+    "aarch64_object",
+    "aarch64_rpc_server",
+    "aarch64_tvm_runtime",
+    "cross_fcompile",
+    "export_aarch64_library",
+    "missing_aarch64_tools",
+]
 
 AARCH64_CC = os.environ.get("BNNC_AARCH64_CC", "aarch64-linux-gnu-gcc")
+AARCH64_CXX = os.environ.get("BNNC_AARCH64_CXX", "aarch64-linux-gnu-g++")
+AARCH64_SYSROOT = os.environ.get("BNNC_AARCH64_SYSROOT", "/usr/aarch64-linux-gnu")
 QEMU_CANDIDATES = ("qemu-aarch64-static", "qemu-aarch64")
 QEMU = os.environ.get("BNNC_QEMU_AARCH64") or next((q for q in QEMU_CANDIDATES if shutil.which(q)),
                                                   QEMU_CANDIDATES[0])
@@ -263,3 +289,290 @@ class QemuKernel:
             raise RuntimeError(f"AArch64 kernel failed under {QEMU} (rc={r.returncode}):\n{r.stderr}")
         return np.frombuffer(res.read_bytes(), dtype=np.dtype(self.out_dtype).newbyteorder("<")) \
             .astype(self.out_dtype).reshape(self.out_shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole networks: the AArch64 TVM runtime and an RPC server for it, run under qemu-user
+
+_RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_ffi.so")
+# wheel → the member holding each library
+_WHEEL_MEMBERS = {"apache-tvm": "tvm/lib/libtvm_runtime.so", "apache-tvm-ffi": "tvm_ffi/lib/libtvm_ffi.so"}
+AARCH64_WHEEL_PLATFORM = "manylinux_2_28_aarch64"
+
+
+class AArch64RuntimeError(RuntimeError):
+    """The AArch64 TVM runtime is not available (and could not be fetched or built)."""
+
+
+def cache_dir() -> Path:
+    """``$BNNC_CACHE_DIR`` or ``~/.cache/bnnc``."""
+    env = os.environ.get("BNNC_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "bnnc"
+
+
+def _versions() -> dict:
+    return {name: metadata.version(name) for name in _WHEEL_MEMBERS}
+
+
+def aarch64_tvm_runtime(fetch: bool = True, log=print) -> Path:
+    """Folder holding the AArch64 ``libtvm_runtime.so`` and ``libtvm_ffi.so`` of this host's TVM version.
+
+    ``BNNC_AARCH64_TVM_RUNTIME`` names such a folder (e.g. a TVM runtime built for the board). Otherwise they
+    come from the official aarch64 wheels of the installed ``apache-tvm`` and ``apache-tvm-ffi`` versions,
+    fetched once with ``pip download`` (no install) into :func:`cache_dir`; ``fetch=False`` only looks."""
+    env = os.environ.get("BNNC_AARCH64_TVM_RUNTIME")
+    if env:
+        d = Path(env)
+        miss = [n for n in _RUNTIME_LIBS if not (d / n).is_file()]
+        if miss:
+            raise AArch64RuntimeError(f"BNNC_AARCH64_TVM_RUNTIME={env} lacks {', '.join(miss)}")
+        return d
+    v = _versions()
+    d = cache_dir() / "tvm-aarch64" / f"tvm{v['apache-tvm']}-ffi{v['apache-tvm-ffi']}"
+    if all((d / n).is_file() for n in _RUNTIME_LIBS):
+        return d
+    if not fetch:
+        raise AArch64RuntimeError(f"the AArch64 TVM runtime is not in {d}")
+    from bnnc.util import atomic_path
+
+    pins = [f"{name}=={ver}" for name, ver in v.items()]
+    log(f"fetching the AArch64 TVM runtime: pip download {' '.join(pins)} ({AARCH64_WHEEL_PLATFORM})")
+    with tempfile.TemporaryDirectory(prefix="bnnc-a64-wheels-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--platform",
+               AARCH64_WHEEL_PLATFORM, "--python-version", f"{sys.version_info[0]}{sys.version_info[1]}",
+               "-d", tmp, "--quiet", *pins]
+        r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            raise AArch64RuntimeError(f"`pip download` of the aarch64 TVM wheels failed (rc={r.returncode}): "
+                                      f"{(r.stderr or r.stdout).strip()[-400:]}; set BNNC_AARCH64_TVM_RUNTIME to "
+                                      "a folder with an AArch64 libtvm_runtime.so and libtvm_ffi.so instead")
+        with atomic_path(d, is_dir=True) as out:
+            for name, member in _WHEEL_MEMBERS.items():
+                prefix = name.replace("-", "_") + "-"
+                wheels = [w for w in Path(tmp).glob("*.whl") if w.name.startswith(prefix)]
+                if not wheels:
+                    raise AArch64RuntimeError(f"pip download produced no {name} wheel")
+                with zipfile.ZipFile(wheels[0]) as z:
+                    (out / Path(member).name).write_bytes(z.read(member))
+            for n in _RUNTIME_LIBS:
+                if _elf_machine(out / n) != 183:
+                    raise AArch64RuntimeError(f"{n} from the {AARCH64_WHEEL_PLATFORM} wheel is not an AArch64 ELF")
+    return d
+
+
+def _elf_machine(path) -> int:
+    head = Path(path).read_bytes()[:20]
+    return int.from_bytes(head[18:20], "little") if head[:4] == b"\x7fELF" else -1
+
+
+_RPC_SERVER = r"""
+// bnnc's TVM RPC server: the TVM runtime's own RPC endpoint (rpc.ServerLoop) behind the handshake of
+// python -m tvm.exec.rpc_server, each session in a forked child, with the file hooks the client uses.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/utsname.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
+
+#include <tvm/ffi/extra/module.h>
+#include <tvm/ffi/function.h>
+#include <tvm/ffi/string.h>
+
+namespace ffi = tvm::ffi;
+static const int32_t kRPCMagic = 0xff271;  // tvm.rpc.base.RPC_MAGIC (= RPC_CODE_SUCCESS)
+
+static bool RecvAll(int fd, void* buf, size_t n) {
+  char* p = static_cast<char*>(buf);
+  while (n > 0) {
+    ssize_t r = recv(fd, p, n, 0);
+    if (r <= 0) return false;
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return true;
+}
+
+static bool SendAll(int fd, const void* buf, size_t n) {
+  const char* p = static_cast<const char*>(buf);
+  while (n > 0) {
+    ssize_t r = send(fd, p, n, 0);
+    if (r <= 0) return false;
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return true;
+}
+
+int main(int argc, char** argv) {
+  if (argc < 4) {
+    fprintf(stderr, "usage: %s HOST PORT WORKDIR   (PORT 0: any free port; prints 'listening PORT')\n", argv[0]);
+    return 2;
+  }
+  const std::string host = argv[1], workdir = argv[3];
+  const int port = atoi(argv[2]);
+  ffi::Function::SetGlobal("tvm.rpc.server.workpath", ffi::Function::FromTyped(
+      [workdir](ffi::String name) -> ffi::String { return ffi::String(workdir + "/" + std::string(name)); }), true);
+  ffi::Function::SetGlobal("tvm.rpc.server.load_module", ffi::Function::FromTyped(
+      [workdir](ffi::String name) -> ffi::Module {
+        return ffi::Module::LoadFromFile(ffi::String(workdir + "/" + std::string(name)));
+      }), true);
+  ffi::Function::SetGlobal("bnnc.rpc.machine", ffi::Function::FromTyped([]() -> ffi::String {
+    struct utsname u;
+    return ffi::String(uname(&u) == 0 ? std::string(u.machine) : std::string());
+  }), true);
+  ffi::Function server_loop = ffi::Function::GetGlobalRequired("rpc.ServerLoop");
+
+  int lfd = socket(AF_INET, SOCK_STREAM, 0);
+  int one = 1;
+  setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  sockaddr_in addr;
+  memset(&addr, 0, sizeof(addr));
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  if (inet_pton(AF_INET, host.c_str(), &addr.sin_addr) != 1) {
+    fprintf(stderr, "bad IPv4 host %s\n", host.c_str());
+    return 2;
+  }
+  if (bind(lfd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) { perror("bind"); return 2; }
+  if (listen(lfd, 4) != 0) { perror("listen"); return 2; }
+  socklen_t alen = sizeof(addr);
+  getsockname(lfd, reinterpret_cast<sockaddr*>(&addr), &alen);
+  printf("listening %d\n", ntohs(addr.sin_port));
+  fflush(stdout);
+  signal(SIGCHLD, SIG_IGN);  // sessions are forked children; no zombies
+  for (;;) {
+    int fd = accept(lfd, nullptr, nullptr);
+    if (fd < 0) continue;
+    int32_t magic = 0, keylen = 0;
+    if (!RecvAll(fd, &magic, 4) || magic != kRPCMagic || !RecvAll(fd, &keylen, 4) || keylen < 0 ||
+        keylen > 4096) {
+      close(fd);
+      continue;
+    }
+    std::string key(static_cast<size_t>(keylen), '\0');
+    if (keylen > 0 && !RecvAll(fd, &key[0], key.size())) { close(fd); continue; }
+    if (key.compare(0, 7, "client:") != 0) {
+      int32_t mismatch = kRPCMagic + 2;  // RPC_CODE_MISMATCH
+      SendAll(fd, &mismatch, 4);
+      close(fd);
+      continue;
+    }
+    const std::string server_key = "server:";
+    int32_t code = kRPCMagic, slen = static_cast<int32_t>(server_key.size());
+    if (!SendAll(fd, &code, 4) || !SendAll(fd, &slen, 4) || !SendAll(fd, server_key.data(), server_key.size())) {
+      close(fd);
+      continue;
+    }
+    pid_t pid = fork();
+    if (pid == 0) {
+      close(lfd);
+      int rc = 0;
+      try {
+        server_loop(fd);
+      } catch (const std::exception& e) {
+        fprintf(stderr, "session ended: %s\n", e.what());
+        rc = 1;
+      }
+      close(fd);
+      _exit(rc);
+    }
+    if (pid < 0) perror("fork");
+    close(fd);
+  }
+}
+"""
+
+
+def aarch64_rpc_server(runtime_dir=None, log=print) -> Path:
+    """The AArch64 RPC server binary, built once (per source and runtime) with ``aarch64-linux-gnu-g++``
+    against :func:`aarch64_tvm_runtime`, with that folder as its library path."""
+    if not shutil.which(AARCH64_CXX):
+        raise AArch64RuntimeError(f"{AARCH64_CXX} is missing (apt-get install g++-aarch64-linux-gnu)")
+    rt = Path(runtime_dir) if runtime_dir else aarch64_tvm_runtime(log=log)
+    key = hashlib.sha256(_RPC_SERVER.encode() + str(rt.resolve()).encode()).hexdigest()[:12]
+    exe = cache_dir() / "tvm-aarch64" / f"bnnc_rpc_server-{key}"
+    if exe.is_file():
+        return exe
+    from bnnc.util import atomic_path
+
+    inc = _ffi_include()
+    with tempfile.TemporaryDirectory(prefix="bnnc-a64-srv-") as tmp:
+        src = Path(tmp) / "bnnc_rpc_server.cc"
+        src.write_text(_RPC_SERVER)
+        with atomic_path(exe) as out:
+            cmd = [AARCH64_CXX, "-std=c++17", "-O1", "-I", inc, "-I", str(Path(inc) / "dlpack"), str(src),
+                   "-o", str(out), "-L", str(rt), "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi",
+                   f"-Wl,-rpath,{rt.resolve()}"]
+            r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if r.returncode != 0:
+                raise AArch64RuntimeError(f"building the AArch64 RPC server failed ({' '.join(cmd)}):\n"
+                                          f"{r.stderr.strip()[-2000:]}")
+            out.chmod(0o755)
+    return exe
+
+
+class QemuRPCServer:
+    """bnnc's AArch64 TVM RPC server running under ``qemu-aarch64`` on loopback: an emulated AArch64 device.
+
+    ``with QemuRPCServer() as dev: bnnc.load("model_arm.bnnc", rpc=dev.address).run(x)``.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, num_threads: int = 1, start_timeout: float = 60.0,
+                 log=print):
+        miss = missing_aarch64_tools()
+        if miss:
+            raise AArch64RuntimeError(f"missing AArch64 tools: {', '.join(miss)} "
+                                      "(apt-get install g++-aarch64-linux-gnu qemu-user-static)")
+        self.binary = aarch64_rpc_server(log=log)
+        self._tmp = tempfile.TemporaryDirectory(prefix="bnnc-a64-rpc-")
+        env = dict(os.environ, TVM_NUM_THREADS=str(int(num_threads)))
+        cmd = [QEMU, "-L", AARCH64_SYSROOT, str(self.binary), host, str(int(port)), self._tmp.name]
+        self.log_path = Path(self._tmp.name) / "server.log"  # a file, so a chatty server never blocks on a pipe
+        with open(self.log_path, "w") as logf:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=logf, text=True, env=env,
+                                         start_new_session=True)  # a group: its session children end with it
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        ready = sel.select(timeout=start_timeout)
+        sel.close()
+        line = self.proc.stdout.readline() if ready else ""
+        if not line.startswith("listening "):
+            err = self.log_path.read_text(errors="replace")
+            self.close()
+            raise AArch64RuntimeError(f"the AArch64 RPC server did not start under {QEMU} "
+                                      f"(rc={self.proc.returncode}): {err.strip()[-1000:]}")
+        self.host, self.port = host, int(line.split()[1])
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def close(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its forked sessions
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._tmp.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
