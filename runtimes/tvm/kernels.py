@@ -386,10 +386,155 @@ def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, ke
         ot, vec = 4 * NEON_VEC, NEON_VEC
         xt = _best_tile(ow, 4)
     else:
+        if (sh, sw) == (1, 1):
+            return _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, o=o, kh=kh, kw=kw, pads=(pt, pl, pb, pr),
+                                       dil=(dh, dw), output=output)
         ot = min(op, 4 * VEC) if op % (4 * VEC) == 0 else 2 * VEC  # op is a multiple of 32
         vec = VEC
         xt = _best_tile(ow, max(1, 20 // (ot // VEC)))
     return _schedule_conv_cpu(sch, op, output, ot=ot, vec=vec, xt=xt)
+
+
+# x86, stride 1: output positions in the vector lanes ------------------------------------------------
+#
+# The input is relaid once per call into one zero-padded plane per packed word, flattened row-major
+# (``xt[n, word, r*WP + c]``, WP = padded width). Output position ``q = y*WP + x`` then reads tap
+# (a, b) at ``q + a*dh*WP + b*dw`` for every q: 16 consecutive outputs are one contiguous 512-bit load
+# and the weight word is a broadcast (an embedded-broadcast operand of ``vpxord``), so the weights are
+# used in their given [O, KH, KW, Cw] layout (no per-call transpose). Columns x >= OW of a row are
+# computed and dropped (2/WP of the lanes for a 3x3 pad-1 conv). The register tile is
+# ``_X86_OC`` output channels x up to 3 vectors of 16 positions (<= 24 zmm accumulators); the reduction
+# over taps and words runs outside it. Epilogues read the [channels, positions] accumulators with
+# contiguous vector loads; float output is NCHW (contiguous along x), bits output is one packed word
+# per position and block of 32 channels.
+
+_X86_OC = 8  # output channels per register tile
+
+
+def _pick_qv(nq: int) -> int:
+    """Vectors of 16 positions per register tile: least padding, then the larger tile."""
+    def score(qv):
+        waste = (-(-nq // qv) * qv) / nq
+        return (round(waste, 2), -qv)
+    return min((3, 2, 1), key=score)
+
+
+def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output) -> tirx.PrimFunc:
+    n, h, w, cw = [int(s) for s in X.shape]
+    pt, pl, pb, pr = pads
+    dh, dw = dil
+    hp, wp = h + pt + pb, w + pl + pr
+    oh, ow = hp - dh * (kh - 1), wp - dw * (kw - 1)
+    oc = _X86_OC
+    # channels per parallel block: one output word (bits), or up to 32 channels (float)
+    oblk = WORD if (o > WORD or output == "bits") else -(-o // oc) * oc
+    opad = -(-o // oblk) * oblk
+    nq = -(-(oh * wp) // VEC)
+    qv = _pick_qv(nq)
+    qp = -(-nq // qv) * qv * VEC
+    length = -(-(qp + (kh - 1) * dh * wp + (kw - 1) * dw) // wp) * wp
+
+    def xt_f(i, c, pos):
+        r, x = pos // wp, pos % wp
+        inside = tirx.all(r >= pt, r < pt + h, x >= pl, x < pl + w)
+        return tirx.if_then_else(
+            inside, X[i, tirx.max(tirx.min(r - pt, h - 1), 0), tirx.max(tirx.min(x - pl, w - 1), 0), c], _u32(0))
+
+    xt = te.compute((n, cw, length), xt_f, name="xt")
+    rk = te.reduce_axis((0, kh), name="rk")
+    rw = te.reduce_axis((0, kw), name="rw")
+    rc = te.reduce_axis((0, cw), name="rc")
+
+    def wsel(oo):
+        return W[tirx.min(oo, o - 1) if opad != o else oo, rk, rw, rc]
+
+    pc = te.compute(
+        (n, opad, qp),
+        lambda i, oo, q: te.sum(
+            tirx.popcount(xt[i, rc, q + rk * (dh * wp) + rw * dw] ^ wsel(oo)).astype("int32"),
+            axis=[rk, rw, rc]),
+        name="pc")
+    stages = [X, W, E, RC, CC, P0, P1]
+    # E by output column (E[o, row class, ColClass[x]]), so the epilogues read it contiguously along x
+    ecol = te.compute((o, int(E.shape[1]), ow), lambda oo, r, x: E[oo, r, CC[x]], name="ecol")
+    if output == "float":
+        def ff(i, oo, y, x):
+            d = ecol[oo, RC[y], x] - 2 * pc[i, oo, y * wp + x]
+            return (d.astype("float64") * P0[oo].astype("float64")).astype("float32") + P1[oo]
+
+        Y = te.compute((n, o, oh, ow), ff, name="epilogue")
+    elif output == "bits":
+        nwo = num_words(o)
+
+        def fb(i, y, x, k):
+            terms = []
+            for b in range(WORD):
+                ch = k * WORD + b
+                chc = tirx.min(ch, o - 1)
+                d = ecol[chc, RC[y], x] - 2 * pc[i, ch, y * wp + x]
+                bit = tirx.all(ch < o, P0[chc].astype("int64") * d.astype("int64") >= P1[chc].astype("int64"))
+                terms.append(tirx.Select(bit, _u32(1 << b), _u32(0)))
+            return _or_all(terms)
+
+        Y = te.compute((n, oh, ow, nwo), fb, name="epilogue")
+    else:
+        raise ValueError(f"BinaryConv2dPacked: output must be 'float' or 'bits', got {output!r}")
+    sch = tvm.s_tir.Schedule(te.create_prim_func(stages + [Y]))
+
+    b_pc = sch.get_sblock("pc")
+    i, oo, q, r_k, r_w, r_c = sch.get_loops(b_pc)
+    ob, oio, oi = sch.split(oo, [None, oblk // oc, oc])
+    qo, qi, ql = sch.split(q, [None, qv, VEC])
+    sch.reorder(i, ob, oio, qo, r_k, r_w, r_c, oi, qi, ql)
+    blk = sch.fuse(i, ob)
+    sch.parallel(blk)
+    acc = sch.cache_write(b_pc, 0, "local")
+    sch.reverse_compute_at(acc, qo)
+    sch.vectorize(ql)
+    sch.unroll(qi)
+    sch.unroll(oi)
+    if cw <= 4:  # short word loops: unroll the taps of a row and the words (no loop overhead)
+        sch.unroll(r_w)
+        sch.unroll(r_c)
+    sch.decompose_reduction(b_pc, r_k)
+    wl = sch.get_loops(acc)
+    _, last = sch.split(wl[-1], [None, VEC])
+    sch.vectorize(last)
+
+    b_xt = sch.get_sblock("xt")
+    _, _, xpos = sch.get_loops(b_xt)
+    sch.split(xpos, [None, wp])
+
+    b_ec = sch.get_sblock("ecol")
+    el = sch.get_loops(b_ec)
+    if ow >= 4:
+        xl = el[-1]
+        if ow > VEC:
+            _, xl = sch.split(xl, [None, _best_tile(ow, VEC)])
+        sch.vectorize(xl)
+
+    # Epilogue: its own parallel loop over (n, channel blocks | rows) once the accumulators are complete.
+    b_epi = sch.get_sblock("epilogue")
+    el = sch.get_loops(b_epi)
+    last = el[-1]
+    if output == "float":
+        ext = _extent(sch, last)
+        if ext and ext >= 4:
+            if ext > VEC:
+                _, last = sch.split(last, [None, _best_tile(ext, VEC)])
+            sch.vectorize(last)
+    else:
+        # loops: blk, y, x, k → vectorize over x (k is the block's single word)
+        xl = el[-2]
+        ext = _extent(sch, xl)
+        if ext and ext >= 4:
+            if ext > VEC:
+                _, xl = sch.split(xl, [None, _best_tile(ext, VEC)])
+            sch.reorder(last, xl)
+            sch.vectorize(xl)
+    el = sch.get_loops(b_epi)
+    sch.parallel(sch.fuse(el[0], el[1]))
+    return _finish(sch)
 
 
 def _schedule_conv_cpu(sch, op: int, output: str, *, ot: int, vec: int, xt: int) -> tirx.PrimFunc:
