@@ -56,6 +56,7 @@ def predict_torch(model: torch.nn.Module, x: np.ndarray, batch_size: int = 1000)
 
 def save_checkpoint(model: torch.nn.Module, path, **meta) -> None:
     """Write ``{"format", "model", "state_dict", ...meta}`` atomically (temp file, then rename)."""
+    meta.setdefault("model_kwargs", dict(getattr(model, "bnnc_kwargs", {})))
     payload = {"format": CHECKPOINT_FORMAT, "model": getattr(model, "bnnc_name", None),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **meta}
     with atomic_path(path) as tmp:

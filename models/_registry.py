@@ -53,7 +53,16 @@ def create(name: str, **kwargs) -> torch.nn.Module:
     model = fn(**kwargs)
     model.bnnc_name = name
     model.bnnc_recipe = recipe
+    # constructor arguments travel with checkpoints so a non-default model reloads as it was built (only plain
+    # values: a quantizer object cannot be stored in a weights-only checkpoint)
+    model.bnnc_kwargs = {k: v for k, v in kwargs.items() if _plain(v)}
     return model
+
+
+def _plain(v) -> bool:
+    if isinstance(v, (list, tuple)):
+        return all(_plain(x) for x in v)
+    return v is None or isinstance(v, (str, int, float, bool))
 
 
 def get_recipe(name: str) -> Recipe:

@@ -26,15 +26,16 @@ FMNIST_RECIPE = Recipe(
 
 
 class FashionMNISTBNN(nn.Module):
-    def __init__(self, channels=(32, 48, 64, 80), num_classes=10, weight_quantizer="xnor"):
+    def __init__(self, channels=(32, 48, 64, 80), num_classes=10, weight_quantizer="xnor",
+                 input_quantizer="sign"):
         super().__init__()
         c0, c1, c2, c3 = channels
         self.stem = nn.Sequential(nn.Conv2d(1, c0, 3, padding=1, bias=False), nn.BatchNorm2d(c0), nn.MaxPool2d(2))
-        wq = weight_quantizer
+        wq, aq = weight_quantizer, input_quantizer
         self.features = nn.Sequential(
-            BinaryConv2d(c0, c1, 3, padding=1, weight_quantizer=wq), nn.BatchNorm2d(c1), nn.MaxPool2d(2),
-            BinaryConv2d(c1, c2, 3, padding=1, weight_quantizer=wq), nn.BatchNorm2d(c2),
-            BinaryConv2d(c2, c3, 3, padding=1, weight_quantizer=wq), nn.BatchNorm2d(c3), nn.MaxPool2d(2),
+            BinaryConv2d(c0, c1, 3, padding=1, weight_quantizer=wq, input_quantizer=aq), nn.BatchNorm2d(c1), nn.MaxPool2d(2),
+            BinaryConv2d(c1, c2, 3, padding=1, weight_quantizer=wq, input_quantizer=aq), nn.BatchNorm2d(c2),
+            BinaryConv2d(c2, c3, 3, padding=1, weight_quantizer=wq, input_quantizer=aq), nn.BatchNorm2d(c3), nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c3 * 3 * 3, num_classes))
 
