@@ -15,14 +15,19 @@ def pack_conv_weights(w: np.ndarray) -> np.ndarray:
     return pack_bits(np.transpose(np.asarray(w) >= 0, (0, 2, 3, 1)))
 
 
-def border_tables(w: np.ndarray, in_hw, strides, pads, dilations):
-    """Per-border-class constants for zero padding (deploy.md §4).
+def border_tables(w: np.ndarray, in_hw, strides, pads, dilations, pad_level: int = 0):
+    """Per-border-class constants for the padding convention (deploy.md §4).
 
     The kernel counts pc = Σ over all taps of popcount(x XOR w) with padded positions read as 0 bits.
     A padded tap then adds the number of +1 weight bits at that tap, so for the valid taps V:
     Σ_V s_w·s_a = |V|·Cin + 2·P1 − 2·pc, where P1 counts +1 weight bits on padded taps.
-    Returns ``(E, row_class, col_class)`` with E[o, rc, cc] = |V|·Cin + 2·P1.
+    Returns ``(E, row_class, col_class)`` with E[o, rc, cc] = |V|·Cin + 2·P1 (``pad_level=0``, zero padding).
+
+    ``pad_level=+1`` ("one" padding: padded positions hold s = +1) adds Σ_pad s_w = 2·P1 − n_pad, and
+    ``pad_level=−1`` adds −(2·P1 − n_pad), so that E − 2·pc is the sum over all K taps (n_pad = padded taps·Cin).
     """
+    if pad_level not in (-1, 0, 1):
+        raise ValueError(f"pad_level must be -1, 0 or +1, got {pad_level!r}")
     w = np.asarray(w)
     o, cin, kh, kw = w.shape
     rcls, rvalid = border_classes(in_hw[0], kh, strides[0], pads[0], pads[2], dilations[0])
@@ -32,7 +37,8 @@ def border_tables(w: np.ndarray, in_hw, strides, pads, dilations):
     for r, rv in enumerate(rvalid):
         for c, cv in enumerate(cvalid):
             valid = rv[:, None] & cv[None, :]
-            e[:, r, c] = valid.sum() * cin + 2 * plus[:, ~valid].sum(axis=1)
+            p1 = plus[:, ~valid].sum(axis=1)
+            e[:, r, c] = valid.sum() * cin + 2 * p1 + pad_level * (2 * p1 - (~valid).sum() * cin)
     return e.astype(np.int32), rcls, ccls
 
 
@@ -77,11 +83,16 @@ def threshold_from_decisions(decide: np.ndarray, k_max: int):
     return direction, thr
 
 
-def popcount_grid(r, k_max: int) -> np.ndarray:
-    """The export form's conv output for every reachable D: fl32(D·r), shaped [1, O, 2K+1, 1]."""
+def popcount_grid(r, k_max: int, c=None) -> np.ndarray:
+    """The conv output for every reachable D, shaped [1, O, 2K+1, 1]: fl32(D·r) (the export form of a
+    plain binary conv), or fl32(fl32(D·r) + c) with a per-channel constant ``c`` (the float epilogue
+    ``BinaryConv2dPacked`` computes)."""
     r = np.asarray(r, np.float32).reshape(-1)
     d = np.arange(-k_max, k_max + 1, dtype=np.float32)
-    return (d[None, :] * r[:, None]).astype(np.float32)[None, :, :, None]
+    y = (d[None, :] * r[:, None]).astype(np.float32)
+    if c is not None:
+        y = (y + np.asarray(c, np.float32).reshape(-1)[:, None]).astype(np.float32)
+    return y[None, :, :, None]
 
 
 def integer_threshold(r, theta, k_max: int, bn=None):

@@ -17,6 +17,7 @@ from bnnc.ops import DOMAIN
 from . import arith
 from ._graph import add_initializer, attr, const, is_bnnc, replace_value, warn_fallback
 from .decision import evaluate_region, find_region, monotone_direction
+from .lower_binary_conv import AFFINE_KEY, SA_SOURCE_SUFFIX
 
 
 def _pool_mode(z: np.ndarray, decide: np.ndarray) -> str | None:
@@ -40,8 +41,11 @@ class FuseThresholdPass(ir.passes.InPlacePass):
         for conv in list(graph):
             if not (is_bnnc(conv, "BinaryConv2dPacked") and attr(conv, "output") == "float"):
                 continue
+            if attr(conv, "source", "").endswith(SA_SOURCE_SUFFIX):
+                continue  # the window sum S_a of an affine conv, not a layer output
             p0, p1 = const(conv.inputs[5]), const(conv.inputs[6])
-            if p0 is None or p1 is None or np.any(p1 != 0):
+            affine = conv.metadata_props.get(AFFINE_KEY) == "1"
+            if p0 is None or p1 is None or (np.any(p1 != 0) and not affine):
                 continue  # an epilogue already folded: the export form's float32 semantics are not at hand
             cout = attr(conv, "out_channels")
             region = find_region(conv.outputs[0], cout)
@@ -54,7 +58,10 @@ class FuseThresholdPass(ir.passes.InPlacePass):
             theta = np.broadcast_to(np.asarray(theta, np.float32).reshape(-1), (cout,))
             kh, kw = attr(conv, "kernel_shape")
             k_max = attr(conv, "in_channels") * kh * kw
-            zs = evaluate_region(model, region, arith.popcount_grid(p0, k_max))
+            # plain convs: the export form's fl32(D·r); affine ones (lowered with their constant term in
+            # P1, no S_a term): the deploy epilogue fl32(fl32(D·P0) + P1) itself, equal to the export form
+            # up to float32 rounding (deploy.md §5)
+            zs = evaluate_region(model, region, arith.popcount_grid(p0, k_max, p1 if affine else None))
             decide = zs[-1][0, :, :, 0] >= theta[:, None]
             try:
                 direction, thr = arith.threshold_from_decisions(decide, k_max)
@@ -72,6 +79,7 @@ class FuseThresholdPass(ir.passes.InPlacePass):
                 add_initializer(graph, f"{name}.direction", direction),
                 add_initializer(graph, f"{name}.threshold", thr),
             ], attributes={**conv.attributes, "output": ir.AttrString("output", "bits")}, outputs=[bits], name=name)]
+            new_nodes[0].metadata_props.update(conv.metadata_props)
             out = bits
             for pool, mode in zip(region.pools, modes):
                 pooled = ir.Value(name=f"{pool.outputs[0].name}_bits")

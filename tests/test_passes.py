@@ -15,6 +15,7 @@ from bnnc.activations import Maxout
 from bnnc.export import to_onnx
 from bnnc.ops import deploy as K
 from bnnc.passes import arith
+from bnnc.passes._graph import FallbackWarning
 from bnnc.passes.pipeline import form_of, to_deploy
 from bnnc.runtimes.numpy_ref import NumpyDeployRunner
 from bnnc.runtimes.reference import OrtReferenceRunner
@@ -182,10 +183,10 @@ def check_random_network(arch):
     if arch["residual"]:
         arch.update(c1=arch["c0"], stride1=1, k1=3)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # AdaBin and mixed pools fall back to float, with a warning
+        warnings.simplefilter("ignore")  # mixed pools fall back to float, with a warning
         net, model, rng = export_random(seed, aq=aq, wq=wq, **arch)
         x = rng.standard_normal((4, 3, 12, 12)).astype(np.float32)
-        assert_deploy_equals_export(model, x, expect_bits=False, lowered=aq != "adabin")
+        assert_deploy_equals_export(model, x, expect_bits=False)
     # and the export form on ORT agrees with PyTorch
     with torch.no_grad():
         np.testing.assert_allclose(OrtReferenceRunner(model).run(x), net(torch.tensor(x)).numpy(), rtol=1e-4,
@@ -273,11 +274,11 @@ def test_every_exportable_quantizer_deploys_exactly(aq, wq):
     with torch.no_grad():
         np.testing.assert_allclose(OrtReferenceRunner(model).run(x), net(torch.tensor(x)).numpy(), rtol=1e-4,
                                    atol=1e-4)
-    if aq == "adabin":  # affine levels and weight offsets stay in float, with a warning naming the layer
-        with pytest.warns(UserWarning, match="AdaBin"):
-            deploy = to_deploy(model)
-        np.testing.assert_allclose(NumpyDeployRunner(deploy).run(x), OrtReferenceRunner(model).run(x), rtol=1e-5,
-                                   atol=1e-5)
+    if aq == "adabin":  # affine levels and weight offsets: popcount + S_a + constant terms, float epilogue
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FallbackWarning)
+            deploy = assert_deploy_equals_export(model, x, expect_bits=False)
+        assert [n.op_type for n in deploy.graph.node].count("BinaryConv2dPacked") == 4  # 2 layers + 2 S_a sums
     else:
         assert_deploy_equals_export(model, x, expect_bits=True)
 
