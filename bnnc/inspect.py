@@ -45,6 +45,7 @@ def _attr(node, name, default=None):
 
 def _deploy_view(model: onnx.ModelProto) -> dict[str, dict]:
     """For each export-form BinaryConv2d name: how the deploy form computes it."""
+    from .passes.lower_binary_conv import SA_SOURCE_SUFFIX
     from .passes.pipeline import to_deploy
 
     with warnings.catch_warnings(record=True) as caught:
@@ -56,12 +57,15 @@ def _deploy_view(model: onnx.ModelProto) -> dict[str, dict]:
     for n in deploy.graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    view = {}
+    view, sa_layers = {}, set()
     for n in deploy.graph.node:
         if n.domain != DOMAIN or n.op_type != "BinaryConv2dPacked":
             continue
         out = _attr(n, "output").decode()
         source = _attr(n, "source").decode() or n.name
+        if source.endswith(SA_SOURCE_SUFFIX):  # AdaBin's auxiliary S_a popcount: reported with its layer
+            sa_layers.add(source[: -len(SA_SOURCE_SUFFIX)])
+            continue
         if out == "bits":
             direction = onnx.numpy_helper.to_array(inits[n.input[5]]) if n.input[5] in inits else None
             const = int((direction == 0).sum()) if direction is not None else 0
@@ -79,6 +83,9 @@ def _deploy_view(model: onnx.ModelProto) -> dict[str, dict]:
         else:
             form = "XNOR-popcount → float epilogue (scale, BatchNorm folded)"
         view[source] = {"form": form, "output": out}
+    for name in sa_layers:  # the S_a conv is named after the first layer of its (quantizer, geometry) group
+        if name in view:
+            view[name]["form"] += " + S_a window popcount"
     for name, msg in fallbacks.items():
         view.setdefault(name, {"form": "stays float: " + msg.split(": ", 1)[-1], "output": "float"})
     return view
