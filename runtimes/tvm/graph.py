@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
-
 import tvm
-from tvm import relax
+import tvm_ffi
+from onnx import numpy_helper
+from tvm import relax, tirx
 
 from . import kernels as K
 from .target import cpu_target, host_family, resolve_target, target_family  # noqa: F401
@@ -106,6 +106,183 @@ def _dtype(expr) -> str:
     return str(expr.ty.dtype)
 
 
+# --------------------------------------------------------------------------------------------------
+# Scheduled float kernels (CPU): the real layers of a BNN (stem conv, 1x1 downsample convs, classifier)
+
+
+def _float_tile(ext: int, vec: int) -> tuple[int, int]:
+    """(vector width, padded extent): whole vectors of ``vec`` lanes (LLVM splits an odd width such as 14
+    into 8+4+2 pieces, slower than one padded vector); below ``vec``, the next power of two."""
+    t = vec if ext >= vec else 1 << (max(ext, 1) - 1).bit_length()
+    return t, -(-ext // t) * t
+
+
+def float_conv2d_primfunc(x_shape, w: np.ndarray, bias: np.ndarray | None, strides, pads, vec: int = 16,
+                          oc_tile: int = 8, row_tile: int = 2, col_vecs: int = 1):
+    """A direct float32 NCHW conv (groups 1, dilation 1) scheduled for CPUs: register tile of ``oc_tile``
+    output channels × ``row_tile`` output rows × ``col_vecs`` vectors of ``vec`` output columns, weights pre-blocked
+    to ``[O/oc_tile, C, KH, KW, oc_tile]`` (constants, broadcast into FMAs), the padded input split into
+    ``stride`` column phases so every tap reads contiguous columns. Bias added in the write-back.
+
+    Returns ``(primfunc, [weight_blocked, bias], output_shape)``: the constants to pass after the input."""
+    from tvm import s_tir, te
+
+    n, c, h, wd = [int(v) for v in x_shape]
+    o, c2, kh, kw = [int(v) for v in w.shape]
+    if c2 != c:
+        raise ValueError(f"Conv: input has {c} channels but the weights expect {c2}")
+    sh, sw = [int(v) for v in strides]
+    pt, pl, pb, pr = [int(v) for v in pads]
+    oh = (h + pt + pb - kh) // sh + 1
+    ow = (wd + pl + pr - kw) // sw + 1
+    vw, owp = _float_tile(ow, vec)
+    xv = col_vecs if col_vecs > 1 and owp % (vw * col_vecs) == 0 else 1
+    ot = oc_tile
+    while o % ot:
+        ot //= 2
+    wblk = np.ascontiguousarray(w.astype(np.float32).reshape(o // ot, ot, c, kh, kw).transpose(0, 2, 3, 4, 1))
+    b = np.zeros(o, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(o)
+    hp = (oh - 1) * sh + kh
+    wq = owp + (kw - 1) // sw  # columns per phase
+    X = te.placeholder((n, c, h, wd), "float32", name="X")
+    Wb = te.placeholder(wblk.shape, "float32", name="W")
+    B = te.placeholder((o,), "float32", name="B")
+
+    def xp_f(i, ch, y, ph, j):
+        yy = y - pt
+        xx = j * sw + ph - pl
+        ok = tirx.all(yy >= 0, yy < h, xx >= 0, xx < wd)
+        return tirx.if_then_else(ok, X[i, ch, tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xx, wd - 1), 0)],
+                                 tirx.const(0.0, "float32"))
+
+    xp = te.compute((n, c, hp, sw, wq), xp_f, name="xp")
+    rc = te.reduce_axis((0, c), name="rc")
+    rh = te.reduce_axis((0, kh), name="rh")
+    rw = te.reduce_axis((0, kw), name="rw")
+    acc = te.compute(
+        (n, o, oh, owp),
+        lambda i, oc, y, x: te.sum(xp[i, rc, y * sh + rh, rw % sw, x + rw // sw] * Wb[oc // ot, rc, rh, rw, oc % ot],
+                                   axis=[rc, rh, rw]),
+        name="acc")
+    out = te.compute((n, o, oh, ow), lambda i, oc, y, x: acc[i, oc, y, x] + B[oc], name="out")
+    f = te.create_prim_func([X, Wb, B, out])
+    sch = s_tir.Schedule(f)
+    # input padding / phase split: parallel rows, contiguous writes
+    bx = sch.get_sblock("xp")
+    lx = sch.get_loops(bx)
+    sch.parallel(sch.fuse(*lx[:3]))
+    # conv: n, oo, y, xo | rc, rh, rw | oi, xi(vector)
+    ba = sch.get_sblock("acc")
+    i, oc, y, x, r_c, r_h, r_w = sch.get_loops(ba)
+    oo, oi = sch.split(oc, [None, ot])
+    xo, xj, xi = sch.split(x, [None, xv, vw])
+    yt = row_tile if row_tile > 1 and oh % row_tile == 0 else 1
+    yo, yi = sch.split(y, [None, yt])
+    sch.reorder(i, oo, yo, xo, r_c, r_h, r_w, oi, yi, xj, xi)
+    sch.parallel(sch.fuse(i, oo, yo))
+    sch.unroll(yi)
+    sch.unroll(xj)
+    bo = sch.get_sblock("out")
+    sch.reverse_compute_at(bo, xo)
+    sch.unroll(r_w)
+    sch.unroll(oi)
+    sch.vectorize(xi)
+    init = sch.decompose_reduction(ba, r_c)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if owp == ow:
+        lo = sch.get_loops(bo)
+        _, v = sch.split(lo[-1], [None, vw])
+        sch.vectorize(v)
+    func = sch.mod["main"].with_attrs({"bnnc.scheduled": True, "op_pattern": 8})
+    return func, [wblk, b], [n, o, oh, ow]
+
+
+def float_dense_primfunc(n: int, k: int, b_kn: np.ndarray, bias: np.ndarray | None, vec: int = 16, j_tile: int = 4):
+    """``Y[n, j] = sum_k A[n, k] * B[k, j] (+ bias[j])`` with constant ``B`` (padded to whole vectors),
+    vectorized over ``j``, ``j_tile`` vectors of accumulators per task. Returns ``(primfunc, [B, bias], shape)``."""
+    from tvm import s_tir, te
+
+    kk, j = [int(v) for v in b_kn.shape]
+    if kk != k:
+        raise ValueError(f"MatMul: A has {k} columns but B has {kk} rows")
+    blk = vec * j_tile
+    jp = -(-j // vec) * vec
+    bp = np.zeros((k, jp), np.float32)
+    bp[:, :j] = b_kn
+    bb = np.zeros(j, np.float32) if bias is None else np.broadcast_to(np.asarray(bias, np.float32), (j,)).copy()
+    A = te.placeholder((n, k), "float32", name="A")
+    Bp = te.placeholder((k, jp), "float32", name="Bw")
+    Bias = te.placeholder((j,), "float32", name="bias")
+    r = te.reduce_axis((0, k), name="r")
+    acc = te.compute((n, jp), lambda i, jj: te.sum(A[i, r] * Bp[r, jj], axis=r), name="acc")
+    out = te.compute((n, j), lambda i, jj: acc[i, jj] + Bias[jj], name="out")
+    sch = s_tir.Schedule(te.create_prim_func([A, Bp, Bias, out]))
+    ba = sch.get_sblock("acc")
+    i, jj, rr = sch.get_loops(ba)
+    t = blk if jp % blk == 0 else vec
+    jo, ji = sch.split(jj, [None, t])
+    ji, jv = sch.split(ji, [None, vec])
+    sch.reorder(i, jo, rr, ji, jv)
+    sch.parallel(sch.fuse(i, jo))
+    sch.reverse_compute_at(sch.get_sblock("out"), sch.get_loops(ba)[0])
+    sch.unroll(ji)
+    sch.vectorize(jv)
+    init = sch.decompose_reduction(ba, rr)
+    sch.vectorize(sch.get_loops(init)[-1])
+    lo = sch.get_loops(sch.get_sblock("out"))
+    if jp == j:
+        _, v = sch.split(lo[-1], [None, vec])
+        sch.vectorize(v)
+    func = sch.mod["main"].with_attrs({"bnnc.scheduled": True, "op_pattern": 8})
+    return func, [bp, bb], [n, j]
+
+
+def float_maxpool2d_primfunc(x_shape, kernel_shape, strides, pads, vec: int = 16):
+    """Float32 NCHW max pooling (dilation 1, floor mode): the input padded with -inf and split into
+    ``stride`` column phases, so each window row reads contiguous columns; vectorized over output columns."""
+    from tvm import s_tir, te
+
+    n, c, h, wd = [int(v) for v in x_shape]
+    kh, kw = [int(v) for v in kernel_shape]
+    sh, sw = [int(v) for v in strides]
+    pt, pl, pb, pr = [int(v) for v in pads]
+    oh = (h + pt + pb - kh) // sh + 1
+    ow = (wd + pl + pr - kw) // sw + 1
+    hp = (oh - 1) * sh + kh
+    wq = ow + (kw - 1) // sw
+    X = te.placeholder((n, c, h, wd), "float32", name="X")
+    ninf = tirx.const(-np.inf, "float32")
+
+    def xp_f(i, ch, y, ph, jj):
+        yy = y - pt
+        xx = jj * sw + ph - pl
+        ok = tirx.all(yy >= 0, yy < h, xx >= 0, xx < wd)
+        return tirx.if_then_else(ok, X[i, ch, tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xx, wd - 1), 0)], ninf)
+
+    xp = te.compute((n, c, hp, sw, wq), xp_f, name="xp")
+    rh = te.reduce_axis((0, kh), name="rh")
+    rw = te.reduce_axis((0, kw), name="rw")
+    out = te.compute((n, c, oh, ow), lambda i, ch, y, x: te.max(xp[i, ch, y * sh + rh, rw % sw, x + rw // sw],
+                                                                  axis=[rh, rw]), name="out")
+    sch = s_tir.Schedule(te.create_prim_func([X, out]))
+    bo = sch.get_sblock("out")
+    i, ch, y, x, r_h, r_w = sch.get_loops(bo)
+    vw = vec if ow % vec == 0 else (ow if ow <= vec else 1)
+    xo, xi = sch.split(x, [None, vw])
+    sch.reorder(i, ch, y, xo, r_h, r_w, xi)
+    fused = sch.fuse(i, ch)
+    sch.parallel(fused)
+    sch.compute_at(sch.get_sblock("xp"), fused)
+    sch.unroll(r_h)
+    sch.unroll(r_w)
+    if vw > 1:
+        sch.vectorize(xi)
+        init = sch.decompose_reduction(bo, r_h)
+        sch.vectorize(sch.get_loops(init)[-1])
+    func = sch.mod["main"].with_attrs({"bnnc.scheduled": True, "op_pattern": 8})
+    return func, [n, c, oh, ow]
+
+
 class _Translator:
     def __init__(self, model: onnx.ModelProto, batch_size: int, family: str = "x86"):
         self.model = model
@@ -116,7 +293,11 @@ class _Translator:
         self.values: dict[str, Any] = {}  # name → relax expr
         self.consts: dict[str, np.ndarray] = {}  # name → numpy value (initializers, Constant nodes)
         self.nfunc = 0
+        self.kernels: dict[tuple, list] = {}  # (base, structural hash) → [(GlobalVar, PrimFunc)]
         self.orig_batch = None
+        # real (float) layers get bnnc's scheduled CPU kernels; CUDA keeps legalization + dlight
+        self.cpu_float = family in ("x86", "arm")
+        self.float_tiles = dict(vec=8, oc_tile=8) if family == "arm" else dict(vec=16, oc_tile=8)
 
     # -- helpers -------------------------------------------------------------------------------
     def const(self, name_or_arr, dtype=None):
@@ -144,9 +325,19 @@ class _Translator:
         return self.bb.emit(expr)
 
     def call_kernel(self, func, base: str, args, out_shape, out_dtype):
-        name = f"bnnc_{base}_{self.nfunc}"
-        gv = self.bb.add_func(func.with_attr("global_symbol", name), name)
-        self.nfunc += 1
+        # one PrimFunc per distinct kernel: layers of the same shape (a ResNet stage) share their code,
+        # which divides the LLVM work of compile time (weights are arguments, not part of the kernel)
+        key = (base, tvm_ffi.structural_hash(func))
+        gv = None
+        for cand, f in self.kernels.get(key, ()):
+            if tvm_ffi.structural_equal(f, func):
+                gv = cand
+                break
+        if gv is None:
+            name = f"bnnc_{base}_{self.nfunc}"
+            gv = self.bb.add_func(func.with_attr("global_symbol", name), name)
+            self.kernels.setdefault(key, []).append((gv, func))
+            self.nfunc += 1
         return self.emit(relax.call_tir(gv, list(args), relax.TensorType(out_shape, out_dtype)))
 
     # -- driver --------------------------------------------------------------------------------
@@ -442,9 +633,14 @@ class _Translator:
         st = [int(v) for v in a.get("strides", [1, 1])]
         dil = [int(v) for v in a.get("dilations", [1, 1])]
         pads = self._pads(node, a, xs[2:], ks, st, dil)
-        y = self.emit(relax.op.nn.conv2d(x, w, strides=st, padding=pads, dilation=dil,
-                                         groups=int(a.get("group", 1))))
         bname = self.opt(node, 2)
+        groups = int(a.get("group", 1))
+        if (self.cpu_float and groups == 1 and dil == [1, 1] and _dtype(x) == "float32" and len(ws) == 4
+                and wname in self.consts and (not bname or bname in self.consts)):
+            f, consts, oshape = float_conv2d_primfunc(
+                xs, self.consts[wname], self.consts[bname] if bname else None, st, pads, **self.float_tiles)
+            return self.call_kernel(f, "conv", [x] + [self.const(c) for c in consts], oshape, "float32")
+        y = self.emit(relax.op.nn.conv2d(x, w, strides=st, padding=pads, dilation=dil, groups=groups))
         if bname:
             b = self.get(bname)
             y = self.emit(relax.op.add(y, relax.op.reshape(b, [1, -1, 1, 1])))
@@ -494,6 +690,9 @@ class _Translator:
         if kind == "max":
             if len(node.output) > 1 and node.output[1]:
                 raise ValueError(f"node {node.name!r} (MaxPool): the Indices output is not supported")
+            if self.cpu_float and not ceil and dil == [1, 1] and _dtype(x) == "float32":
+                f, oshape = float_maxpool2d_primfunc(xs, ks, st, pads, vec=self.float_tiles["vec"])
+                return self.call_kernel(f, "maxpool", [x], oshape, "float32")
             return self.emit(relax.op.nn.max_pool2d(x, ks, st, pads, dil, ceil_mode=ceil))
         return self.emit(relax.op.nn.avg_pool2d(x, ks, st, pads, dil, ceil_mode=ceil,
                                                 count_include_pad=bool(a.get("count_include_pad", 0))))
@@ -575,13 +774,41 @@ class _Translator:
         return self.emit(relax.op.concat(xs, axis=int(a["axis"])))
 
     def op_MatMul(self, node, a):
+        dense = self._dense(node.input[0], node.input[1], None)
+        if dense is not None:
+            return dense
         x, y = self.inputs(node)[:2]
         return self.emit(relax.op.matmul(x, y))
+
+    def _dense(self, aname, bname, bias):
+        """``A @ B (+ bias)`` as a scheduled CPU kernel when A is a 2-D float32 value and B a constant
+        matrix (a classifier); None when the generic path must be used."""
+        if not self.cpu_float or bname not in self.consts or bname in self.values:
+            return None
+        A = self.get(aname)
+        b = self.consts[bname]
+        shp = _shape(A)
+        if len(shp) != 2 or b.ndim != 2 or _dtype(A) != "float32" or b.dtype != np.float32:
+            return None
+        if bias is not None and (bias.dtype != np.float32 or bias.size not in (1, b.shape[1])
+                                 or bias.ndim > 2 or (bias.ndim == 2 and bias.shape[0] != 1)):
+            return None
+        f, consts, oshape = float_dense_primfunc(shp[0], shp[1], b, None if bias is None else bias.reshape(-1),
+                                                 vec=self.float_tiles["vec"])
+        return self.call_kernel(f, "dense", [A] + [self.const(c) for c in consts], oshape, "float32")
 
     def op_Gemm(self, node, a):
         alpha = float(a.get("alpha", 1.0))
         beta = float(a.get("beta", 1.0))
         ta, tb = int(a.get("transA", 0)), int(a.get("transB", 0))
+        bname, cname = node.input[1], self.opt(node, 2)
+        if not ta and alpha == 1.0 and bname in self.consts and bname not in self.values and \
+                (not cname or (beta == 1.0 and cname in self.consts and cname not in self.values)):
+            bval = self.consts[bname]
+            self.consts[bname + "@kn"] = np.ascontiguousarray(bval.T if tb else bval)
+            dense = self._dense(node.input[0], bname + "@kn", self.consts[cname] if cname else None)
+            if dense is not None:
+                return dense
         A = self.get(node.input[0])
         if ta:
             A = self.emit(relax.op.permute_dims(A, [1, 0]))
@@ -635,8 +862,10 @@ def translate(model: onnx.ModelProto, batch_size: int = 1, target=None):
 # Compilation
 
 
-def _schedule_generic(func):
-    """Parallelize the outer spatial loops of every block of an unscheduled (legalized) PrimFunc."""
+def _schedule_generic(func, vec: int = 16):
+    """Schedule an unscheduled (legalized, fused) PrimFunc for CPUs: inline its elementwise intermediate
+    blocks; a block whose loops are all spatial becomes one flat loop, vectorized by ``vec`` lanes where
+    the size allows and parallel outside; other blocks get their outer spatial loops parallel."""
     from tvm import s_tir
 
     try:
@@ -645,6 +874,12 @@ def _schedule_generic(func):
         blocks = sch.get_child_blocks(root) if root is not None else []
     except Exception:
         return func
+    for blk in blocks[:-1]:
+        try:
+            sch.compute_inline(blk)
+        except Exception:
+            continue
+    blocks = sch.get_child_blocks(root) if root is not None else []
     for blk in blocks:
         try:
             loops = sch.get_loops(blk)
@@ -661,12 +896,27 @@ def _schedule_generic(func):
                 n_spatial += 1
             if n_spatial == 0:
                 continue
+            if n_spatial == len(loops):
+                flat = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+                total = _extent(sch, flat)
+                if total is not None and total >= 4 * vec and total % vec == 0:
+                    outer, inner = sch.split(flat, [None, vec])
+                    sch.vectorize(inner)
+                    sch.parallel(outer)
+                else:
+                    sch.parallel(flat)
+                continue
             lead = loops[: min(n_spatial, 3)]
             fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
             sch.parallel(fused)
         except Exception:
             continue
     return sch.mod["main"]
+
+
+def _extent(sch, loop):
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
 
 
 def _has_root(sch):
