@@ -17,7 +17,7 @@ from bnnc.ops import deploy as K
 
 ort_rt = pytest.importorskip("bnnc.runtimes.ort")
 
-ISAS = ["avx512", "avx2", "portable"]
+ISAS = ["amx", "avx512", "avx2", "portable"]
 CHANNELS = [1, 31, 33, 70]
 # (kernel, stride, pad)
 GEOMS = [(1, 1, 0), (1, 2, 0), (3, 1, 1), (3, 2, 1), (3, 2, 0), (3, 1, 0)]
@@ -135,6 +135,10 @@ def _conv_cases(seed):
     yield "bits dilation 2", conv_case(rng, 33, 40, 3, 1, 2, "bits", dil=2)
     yield "bits |P0|>1", conv_case(rng, 70, 64, 3, 1, 1, "bits", wide_dir=True)
     yield "float o=64", conv_case(rng, 64, 64, 3, 1, 1, "float", h=8, w=8)
+    # rows wider than 16 pixels (the transposed 16×16 float store) and taller than one AMX row block
+    yield "float wide rows", conv_case(rng, 64, 40, 3, 1, 1, "float", n=1, h=40, w=35)
+    yield "bits wide rows", conv_case(rng, 96, 48, 3, 1, 1, "bits", n=1, h=40, w=35)
+    yield "float stride 2 wide", conv_case(rng, 33, 33, 3, 2, 1, "float", n=1, h=21, w=40)
 
 
 def _other_cases(seed):
@@ -152,6 +156,32 @@ def _other_cases(seed):
 def test_conv_library_each_isa(isa, lib):
     for what, (model, feeds, ref) in _conv_cases(1):
         _same(_run(model, feeds, "library", lib), ref, f"[{isa}] {what}")
+
+
+def test_conv_library_weights_as_inputs_and_repeated_runs(isa, lib):
+    """W/E/P0/P1 as graph inputs (prepared per call) and as initializers (prepared once per session,
+    then reused for every run): both agree with the reference, run after run."""
+    rng = np.random.default_rng(7)
+    for mode in ("bits", "float"):
+        model, feeds, ref = conv_case(rng, 70, 40, 3, 1, 1, mode, n=1, h=19, w=21)
+        g = model.graph
+        moved = [i for i in g.initializer if i.name in ("W", "E", "P0", "P1")]
+        dyn = onnx.ModelProto()
+        dyn.CopyFrom(model)
+        del dyn.graph.initializer[:]
+        dyn.graph.initializer.extend([i for i in g.initializer if i not in moved])
+        dyn.graph.input.extend([helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in moved])
+        dyn_feeds = dict(feeds, **{i.name: numpy_helper.to_array(i) for i in moved})
+        _same(_run(dyn, dyn_feeds, "library", lib), ref, f"[{isa}] {mode} weights as inputs")
+        r = ort_rt.OrtDeployRunner(model, num_threads=1, mode="library", lib=lib)
+        for _ in range(2):
+            x2 = _rand_bits(rng, feeds["X"].shape[:3] + (70,))
+            attrs = {a.name: helper.get_attribute_value(a) for a in g.node[0].attribute if a.name != "source"}
+            attrs["output"] = attrs["output"].decode()
+            init = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+            want = K.binary_conv2d_packed(x2, init["W"], init["E"], init["RC"], init["CC"], init["P0"], init["P1"],
+                                          **attrs)
+            _same(r.run_feeds({"X": x2})[0], want, f"[{isa}] {mode} repeated run")
 
 
 def test_other_ops_library(lib):
@@ -301,7 +331,7 @@ def test_bad_attributes_are_clear_errors(lib):
 def test_report_conv_timing(lib, capsys):
     from bnnc.runtimes.ort.bench import bench
 
-    isas = tuple(i for i in ("avx512", "avx2") if _has(i, lib))
+    isas = tuple(i for i in ("amx", "avx512", "avx2") if _has(i, lib))
     res = bench(repeat=10, isas=isas)
     with capsys.disabled():
         print("\nBinaryConv2dPacked N=1 56x56x64->64 3x3 pad 1 bits, 1 thread (median ms): "

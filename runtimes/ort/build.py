@@ -8,8 +8,8 @@ Steps (each skipped when already done):
    package ``com.github.asus4.onnxruntime@0.4.9`` (MIT; ``npm pack`` into a temp dir, only the
    ``Headers/`` folder is extracted) into ``<build>/include``. ``BNNC_ORT_INCLUDE=/dir`` uses a folder
    that already holds ``onnxruntime_cxx_api.h`` instead.
-2. ``g++ -O3 -fPIC -shared -ffp-contract=off`` of ``src/*.cc`` for baseline x86-64 (AVX2 and AVX-512
-   kernels carry per-function targets and are chosen at run time) or aarch64 (NEON).
+2. ``g++ -O3 -fPIC -shared -ffp-contract=off`` of ``src/*.cc`` for baseline x86-64 (AMX-INT8, AVX-512
+   and AVX2 kernels carry per-function targets and are chosen at run time) or aarch64 (NEON).
 3. The library is written atomically to ``<build>/libbnnc_ort[.<arch>].so`` with a stamp holding the
    hash of the sources, flags and compiler; an unchanged stamp means nothing to do.
 

@@ -55,6 +55,7 @@ void reference(const Case& c, const std::vector<uint32_t>& x, const std::vector<
         }
 }
 
+// conv == nullptr: the AMX whole-image kernels
 bool run_case(const Case& c, std::mt19937& rng, ConvRowPcFn conv, EpilogueRowFn epi) {
   const int64_t Cw = (c.C + 31) / 32, Ow = (c.O + 31) / 32;
   const int64_t OH = out_size(c.H, c.k, c.s, c.p, c.p, c.d), OW = out_size(c.W, c.k, c.s, c.p, c.p, c.d);
@@ -93,22 +94,28 @@ bool run_case(const Case& c, std::mt19937& rng, ConvRowPcFn conv, EpilogueRowFn 
   p.y = c.bits ? static_cast<void*>(gb.data()) : static_cast<void*>(gf.data());
   ConvStorage st;
   prepare_plan(p, st, e.data(), NR, NC, c.bits ? static_cast<const void*>(p0i.data()) : p0f.data(),
-               c.bits ? static_cast<const void*>(p1i.data()) : p1f.data());
-  run_conv_serial(p, conv, epi);
+               c.bits ? static_cast<const void*>(p1i.data()) : p1f.data(), conv == nullptr);
+#if defined(__x86_64__)
+  if (conv == nullptr) run_conv_serial_amx(p);
+  else
+#endif
+    run_conv_serial(p, conv, epi);
   return c.bits ? gb == rb : std::memcmp(gf.data(), rf.data(), rf.size() * sizeof(float)) == 0;
 }
 
 int test_isa(const char* name, ConvRowPcFn conv, EpilogueRowFn epi) {
   std::mt19937 rng(1234);
   int n = 0, bad = 0;
-  for (int64_t C : {1, 31, 33, 64, 70})
+  for (int64_t C : {1, 31, 33, 64, 70, 130})
     for (int64_t O : {1, 31, 33, 64, 70})
       for (auto g : {std::vector<int64_t>{1, 1, 0, 1}, {1, 2, 0, 1}, {3, 1, 1, 1}, {3, 2, 1, 1}, {3, 2, 0, 1},
-                     {3, 1, 2, 2}})
+                     {3, 1, 2, 2}, {3, 2, 2, 2}, {5, 3, 2, 1}})
         for (bool bits : {true, false})
           for (bool wide : {false, true}) {
             if (wide && !bits) continue;
-            Case c{2, 7, 9, C, O, g[0], g[1], g[2], g[3], bits, wide};
+            // odd sizes; a taller image now and then so that row blocks and tiles crossing rows occur
+            const int64_t H = (C == 64 || O == 64) ? 23 : 7;
+            Case c{2, H, H == 7 ? 9 : 37, C, O, g[0], g[1], g[2], g[3], bits, wide};
             ++n;
             if (!run_case(c, rng, conv, epi)) {
               if (++bad <= 5)
@@ -132,6 +139,10 @@ int main() {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq"))
     rc |= test_isa("avx512", conv_row_pc_avx512, epilogue_row_avx512);
   else std::printf("SKIP avx512: not supported by this CPU\n");
+#endif
+#if defined(__x86_64__)
+  if (amx_available()) rc |= test_isa("amx", nullptr, nullptr);
+  else std::printf("SKIP amx: not supported by this CPU/OS\n");
 #endif
 #if defined(__aarch64__)
   rc |= test_isa("neon", conv_row_pc_neon, epilogue_row_neon);

@@ -2,8 +2,9 @@
 // (PackSign, UnpackSign, BinaryConv2dPacked, MaxPoolBits), bit-exact with bnnc/ops/deploy.py.
 //
 // Load it with SessionOptions.register_custom_ops_library(path). The XOR-popcount kernel is picked at
-// session creation from the CPU's features (AVX-512 VPOPCNTDQ > AVX2 > portable on x86-64, NEON on
-// aarch64); the environment variable BNNC_ORT_ISA=auto|avx512|avx2|neon|portable forces one.
+// session creation from the CPU's features (AMX-INT8 > AVX-512 VPOPCNTDQ > AVX2 > portable on x86-64,
+// NEON on aarch64); the environment variable BNNC_ORT_ISA=auto|amx|avx512|avx2|neon|portable forces one.
+// Weights, border tables and epilogue constants that are initializers are prepared once per session.
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -66,6 +67,8 @@ struct IsaImpl {
   const char* name;
   ConvRowPcFn conv;
   EpilogueRowFn epi;
+  PackSignFn pack;
+  bool amx;  // whole-image AMX conv (conv/epi unused for BinaryConv2dPacked)
 };
 
 bool cpu_has(Isa isa) {
@@ -80,6 +83,10 @@ bool cpu_has(Isa isa) {
       __builtin_cpu_init();
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq");
 #endif
+#if defined(__x86_64__)
+    case Isa::Amx:
+      return cpu_has(Isa::Avx512) && amx_available();
+#endif
 #if defined(__aarch64__)
     case Isa::Neon:
       return true;  // Advanced SIMD is mandatory on AArch64
@@ -92,17 +99,21 @@ bool cpu_has(Isa isa) {
 IsaImpl impl_of(Isa isa) {
   switch (isa) {
 #if defined(__x86_64__) || defined(__i386__)
+#if defined(__x86_64__)
+    case Isa::Amx:
+      return {isa, "amx", conv_row_pc_avx512, epilogue_row_avx512, pack_sign_avx512, true};
+#endif
     case Isa::Avx512:
-      return {isa, "avx512", conv_row_pc_avx512, epilogue_row_avx512};
+      return {isa, "avx512", conv_row_pc_avx512, epilogue_row_avx512, pack_sign_avx512, false};
     case Isa::Avx2:
-      return {isa, "avx2", conv_row_pc_avx2, epilogue_row_avx2};
+      return {isa, "avx2", conv_row_pc_avx2, epilogue_row_avx2, pack_sign_portable, false};
 #endif
 #if defined(__aarch64__)
     case Isa::Neon:
-      return {isa, "neon", conv_row_pc_neon, epilogue_row_neon};
+      return {isa, "neon", conv_row_pc_neon, epilogue_row_neon, pack_sign_portable, false};
 #endif
     default:
-      return {Isa::Portable, "portable", conv_row_pc_portable, epilogue_row_portable};
+      return {Isa::Portable, "portable", conv_row_pc_portable, epilogue_row_portable, pack_sign_portable, false};
   }
 }
 
@@ -111,16 +122,17 @@ IsaImpl resolve_isa(const char* request) {
   std::string req = request ? request : "";
   for (auto& ch : req) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
   if (req.empty() || req == "auto") {
-    for (Isa isa : {Isa::Avx512, Isa::Avx2, Isa::Neon})
+    for (Isa isa : {Isa::Amx, Isa::Avx512, Isa::Avx2, Isa::Neon})
       if (cpu_has(isa)) return impl_of(isa);
     return impl_of(Isa::Portable);
   }
   Isa isa;
-  if (req == "avx512") isa = Isa::Avx512;
+  if (req == "amx") isa = Isa::Amx;
+  else if (req == "avx512") isa = Isa::Avx512;
   else if (req == "avx2") isa = Isa::Avx2;
   else if (req == "neon") isa = Isa::Neon;
   else if (req == "portable") isa = Isa::Portable;
-  else fail("BNNC_ORT_ISA", "unknown value '", req, "' (use auto, avx512, avx2, neon or portable)");
+  else fail("BNNC_ORT_ISA", "unknown value '", req, "' (use auto, amx, avx512, avx2, neon or portable)");
   if (!cpu_has(isa))
     fail("BNNC_ORT_ISA", "'", req, "' requested, but this CPU or this build does not support it");
   return impl_of(isa);
@@ -200,7 +212,8 @@ OrtStatusPtr guarded(F&& f) {
 // PackSign
 
 struct PackSignKernel {
-  explicit PackSignKernel(const OrtKernelInfo*) {}
+  PackSignFn pack;
+  explicit PackSignKernel(const OrtKernelInfo*) : pack(isa_from_env().pack) {}
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return guarded([&] {
       Ort::KernelContext ctx(context);
@@ -223,22 +236,7 @@ struct PackSignKernel {
       for (size_t i = 2; i < x.shape.size(); ++i) oshape.push_back(x.shape[i]);
       oshape.push_back(Cw);
       uint32_t* y = ctx.GetOutput(0, oshape).GetTensorMutableData<uint32_t>();
-      std::vector<uint32_t> tmp(static_cast<size_t>(S));
-      for (int64_t n = 0; n < N; ++n) {
-        for (int64_t wd = 0; wd < Cw; ++wd) {
-          std::fill(tmp.begin(), tmp.end(), 0u);
-          uint32_t* tp = tmp.data();
-          const int64_t cend = std::min<int64_t>(C, (wd + 1) * 32);
-          for (int64_t c = wd * 32; c < cend; ++c) {
-            const float* xs = x.data + (n * C + c) * S;
-            const float th = t ? t[c] : 0.0f;
-            const unsigned b = static_cast<unsigned>(c & 31);
-            for (int64_t s = 0; s < S; ++s) tp[s] |= static_cast<uint32_t>(xs[s] >= th) << b;
-          }
-          uint32_t* yo = y + n * S * Cw + wd;
-          for (int64_t s = 0; s < S; ++s) yo[s * Cw] = tp[s];
-        }
-      }
+      if (N * S * Cw > 0) pack(x.data, t, N, C, S, y);
     });
   }
 };
@@ -383,11 +381,32 @@ struct MaxPoolBitsOp : Ort::CustomOpBase<MaxPoolBitsOp, MaxPoolBitsKernel, true>
 struct ConvTask {
   const ConvPlan* plan;
   IsaImpl impl;
+  const int8_t* amx_img;  // AMX: the unpacked images, amx_img_bytes apart
+  int64_t amx_img_bytes, amx_nblk;
 };
 
 thread_local std::vector<uint32_t> t_patch;
 thread_local std::vector<int32_t> t_pc;
 thread_local std::vector<float> t_fbuf;
+thread_local std::vector<int32_t> t_dot;
+
+#if defined(__x86_64__)
+void amx_block_task(void* data, size_t idx) {
+  const ConvTask& task = *static_cast<const ConvTask*>(data);
+  const ConvPlan& p = *task.plan;
+  const int64_t n = static_cast<int64_t>(idx) / task.amx_nblk, b = static_cast<int64_t>(idx) % task.amx_nblk;
+  const size_t nd = static_cast<size_t>(amx_scratch_words(p)), nf = static_cast<size_t>(p.OW * p.Opad);
+  if (t_dot.size() < nd) t_dot.resize(nd);
+  if (!p.bits && t_fbuf.size() < nf) t_fbuf.resize(nf);
+  amx_conv_block(p, task.amx_img + n * task.amx_img_bytes, n, b, t_dot.data(), p.bits ? nullptr : t_fbuf.data());
+}
+
+void amx_unpack_task(void* data, size_t n) {
+  const ConvTask& task = *static_cast<const ConvTask*>(data);
+  amx_unpack_image(*task.plan, static_cast<int64_t>(n),
+                   const_cast<int8_t*>(task.amx_img) + static_cast<int64_t>(n) * task.amx_img_bytes);
+}
+#endif
 
 void conv_row_task(void* data, size_t idx) {
   const ConvTask& task = *static_cast<const ConvTask*>(data);
@@ -407,6 +426,12 @@ struct ConvKernel {
   int64_t in_channels, out_channels;
   std::vector<int64_t> kernel, strides, pads, dilations;
   IsaImpl impl;
+  // W, E, P0, P1 as initializers: prepared once here (`cached`), else per call
+  bool cached = false;
+  ConvPlan prepared{};
+  ConvStorage storage;
+  std::vector<int8_t> amx_img;  // unpacked input images (AMX), reused between calls
+  std::mutex amx_mutex;
 
   ConvKernel(const OrtKernelInfo* info, bool bits) : bits_type(bits) {
     in_channels = attr_int(info, "in_channels", op);
@@ -428,6 +453,38 @@ struct ConvKernel {
     for (auto p : pads)
       if (p < 0) fail(op, "pads must be >= 0");
     impl = isa_from_env();
+    prepare_constants(info);
+  }
+
+  // With constant W, E, P0 and P1, transpose / pack them once (the plan depends on nothing else).
+  void prepare_constants(const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo ki(info);
+    Ort::ConstValue v[4];
+    const size_t idx[4] = {1, 2, 5, 6};
+    try {
+      for (int i = 0; i < 4; ++i) {
+        int is_const = 0;
+        v[i] = ki.GetTensorConstantInput(idx[i], &is_const);
+        if (!is_const || v[i] == nullptr) return;
+      }
+    } catch (const Ort::Exception&) {
+      return;  // an ORT without constant-input access: prepare per call
+    }
+    const auto ws = v[0].GetTensorTypeAndShapeInfo().GetShape(), es = v[1].GetTensorTypeAndShapeInfo().GetShape();
+    const size_t n0 = v[2].GetTensorTypeAndShapeInfo().GetElementCount(),
+                 n1 = v[3].GetTensorTypeAndShapeInfo().GetElementCount();
+    // shapes are validated per call; anything unexpected here just disables the cache
+    if (ws.size() != 4 || es.size() != 3 || es[0] != ws[0] || static_cast<int64_t>(n0) != ws[0] ||
+        static_cast<int64_t>(n1) != ws[0])
+      return;
+    ConvPlan& p = prepared;
+    p.O = ws[0]; p.KH = ws[1]; p.KW = ws[2]; p.Cw = ws[3];
+    p.w = v[0].GetTensorData<uint32_t>();
+    p.bits = bits_type;
+    const void* p0 = bits_type ? static_cast<const void*>(v[2].GetTensorData<int32_t>()) : v[2].GetTensorData<float>();
+    const void* p1 = bits_type ? static_cast<const void*>(v[3].GetTensorData<int32_t>()) : v[3].GetTensorData<float>();
+    prepare_plan(p, storage, v[1].GetTensorData<int32_t>(), es[1], es[2], p0, p1, impl.amx);
+    cached = true;
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -485,9 +542,27 @@ struct ConvKernel {
       p1 = b.data;
       p.y = ctx.GetOutput(0, std::vector<int64_t>{p.N, O, p.OH, p.OW}).GetTensorMutableData<float>();
     }
-    prepare_plan(p, st, e.data, NR, NC, p0, p1);
+    if (cached && prepared.O == p.O && prepared.KH == p.KH && prepared.KW == p.KW && prepared.Cw == p.Cw &&
+        prepared.NC == NC) {
+      attach_plan(p, prepared);
+    } else {
+      prepare_plan(p, st, e.data, NR, NC, p0, p1, impl.amx);
+    }
     if (p.N == 0 || p.OH == 0 || p.OW == 0 || O == 0) return;
-    ConvTask task{&p, impl};
+    ConvTask task{&p, impl, nullptr, 0, 0};
+#if defined(__x86_64__)
+    if (impl.amx) {
+      std::lock_guard<std::mutex> lock(amx_mutex);  // amx_img is per kernel: one call at a time
+      task.amx_img_bytes = (amx_image_bytes(p) + 63) / 64 * 64;
+      task.amx_nblk = amx_blocks(p);
+      const size_t need = static_cast<size_t>(p.N * task.amx_img_bytes) + 64;
+      if (amx_img.size() < need) amx_img.resize(need);
+      task.amx_img = amx_img.data() + (64 - reinterpret_cast<uintptr_t>(amx_img.data()) % 64) % 64;
+      parallel_for(ctx, static_cast<size_t>(p.N), amx_unpack_task, &task);
+      parallel_for(ctx, static_cast<size_t>(p.N * task.amx_nblk), amx_block_task, &task);
+      return;
+    }
+#endif
     parallel_for(ctx, static_cast<size_t>(p.N * p.OH), conv_row_task, &task);
   }
 };

@@ -8,7 +8,7 @@
 
 namespace bnnc {
 
-enum class Isa : int { Portable = 0, Avx2 = 1, Avx512 = 2, Neon = 3 };
+enum class Isa : int { Portable = 0, Avx2 = 1, Avx512 = 2, Neon = 3, Amx = 4 };
 
 // One BinaryConv2dPacked call, prepared by the generic driver (bnnc_ort.cc).
 struct ConvPlan {
@@ -22,6 +22,8 @@ struct ConvPlan {
   // weights, transposed: wt[k * Opad + o] (o >= O: 0); original layout w[o * K + k]
   const uint32_t* wt;
   const uint32_t* w;
+  // AMX only: weights as ±1 int8 in the B-tile layout (kernels_amx.cc), else null
+  const int8_t* wamx;
   // border table, transposed: et[(r * NC + c) * Opad + o]; classes per output row / column
   const int32_t* et;
   int64_t NC;
@@ -65,6 +67,25 @@ void epilogue_row_avx512(const ConvPlan& p, int64_t n, int64_t y, const int32_t*
 #if defined(__aarch64__)
 void conv_row_pc_neon(const ConvPlan& p, const RowSrc& src, int32_t* pc);
 void epilogue_row_neon(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, float* fbuf);
+#endif
+
+#if defined(__x86_64__)
+// AMX-INT8 (kernels_amx.cc): whole-image int8 GEMM on ±1 values, in blocks of output rows.
+bool amx_available();  // CPU has AMX-TILE/INT8 + AVX-512BW and the OS granted the tile state
+int64_t amx_weight_bytes(const ConvPlan& p);
+void amx_pack_weights(const ConvPlan& p, int8_t* dst);  // needs p.{w, O, Opad, K, KH, KW, Cw}
+int64_t amx_image_bytes(const ConvPlan& p);               // unpacked image, per image
+void amx_unpack_image(const ConvPlan& p, int64_t n, int8_t* dst);
+int64_t amx_blocks(const ConvPlan& p);                    // row blocks per image
+int64_t amx_scratch_words(const ConvPlan& p);             // int32 scratch of amx_conv_block
+void amx_conv_block(const ConvPlan& p, const int8_t* img, int64_t n, int64_t blk, int32_t* dot, float* fbuf);
+#endif
+
+// PackSign: X [N, C, S] float → Y [N, S, Cw] words (bit c%32 of word c/32: x >= t[c], t = null: 0).
+using PackSignFn = void (*)(const float* x, const float* t, int64_t N, int64_t C, int64_t S, uint32_t* y);
+void pack_sign_portable(const float* x, const float* t, int64_t N, int64_t C, int64_t S, uint32_t* y);
+#if defined(__x86_64__) || defined(__i386__)
+void pack_sign_avx512(const float* x, const float* t, int64_t N, int64_t C, int64_t S, uint32_t* y);
 #endif
 
 // Scalar epilogue of one output pixel range [x0, x1) of row y (shared by all ISAs for tails and

@@ -66,6 +66,22 @@ void epilogue_row_portable(const ConvPlan& p, int64_t n, int64_t y, const int32_
   epilogue_scalar(p, n, y, 0, p.OW, pc);
 }
 
+void pack_sign_portable(const float* x, const float* t, int64_t N, int64_t C, int64_t S, uint32_t* y) {
+  const int64_t Cw = (C + 31) / 32;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t wd = 0; wd < Cw; ++wd) {
+      uint32_t* yo = y + n * S * Cw + wd;
+      for (int64_t s = 0; s < S; ++s) yo[s * Cw] = 0u;
+      const int64_t cend = C < (wd + 1) * 32 ? C : (wd + 1) * 32;
+      for (int64_t c = wd * 32; c < cend; ++c) {
+        const float* xs = x + (n * C + c) * S;
+        const float th = t ? t[c] : 0.0f;
+        const unsigned b = static_cast<unsigned>(c & 31);
+        for (int64_t s = 0; s < S; ++s) yo[s * Cw] |= static_cast<uint32_t>(xs[s] >= th) << b;
+      }
+    }
+}
+
 static int64_t padded_span(const ConvPlan& p) { return (p.OW - 1) * p.sw + (p.KW - 1) * p.dw + 1; }
 
 int64_t row_buf_words(const ConvPlan& p) {
@@ -131,7 +147,7 @@ void store_float_row(const ConvPlan& p, int64_t n, int64_t y, const float* fbuf)
 namespace bnnc {
 
 void prepare_plan(ConvPlan& p, ConvStorage& st, const int32_t* e, int64_t NR, int64_t NC, const void* p0,
-                  const void* p1) {
+                  const void* p1, bool amx) {
   p.K = p.KH * p.KW * p.Cw;
   p.Opad = (p.O + 15) / 16 * 16;
   p.NC = NC;
@@ -144,6 +160,17 @@ void prepare_plan(ConvPlan& p, ConvStorage& st, const int32_t* e, int64_t NR, in
     for (int64_t rc = 0; rc < NR * NC; ++rc) st.et[rc * Opad + o] = e[o * NR * NC + rc];
   p.wt = st.wt.data();
   p.et = st.et.data();
+  p.wamx = nullptr;
+#if defined(__x86_64__)
+  if (amx) {
+    st.wamx.assign(static_cast<size_t>(amx_weight_bytes(p)) + 64, 0);
+    int8_t* a = st.wamx.data() + (64 - reinterpret_cast<uintptr_t>(st.wamx.data()) % 64) % 64;
+    amx_pack_weights(p, a);
+    p.wamx = a;
+  }
+#else
+  (void)amx;
+#endif
   if (p.bits) {
     const int32_t* a = static_cast<const int32_t*>(p0);
     const int32_t* b = static_cast<const int32_t*>(p1);
@@ -170,6 +197,21 @@ void prepare_plan(ConvPlan& p, ConvStorage& st, const int32_t* e, int64_t NR, in
     p.p0f = st.p0f.data();
     p.p1f = st.p1f.data();
   }
+}
+
+void attach_plan(ConvPlan& p, const ConvPlan& q) {
+  p.K = q.K;
+  p.Opad = q.Opad;
+  p.NC = q.NC;
+  p.wt = q.wt;
+  p.wamx = q.wamx;
+  p.et = q.et;
+  p.small_dir = q.small_dir;
+  p.p0i = q.p0i;
+  p.p1i = q.p1i;
+  p.p0f = q.p0f;
+  p.p1f = q.p1f;
+  p.Ow = q.Ow;
 }
 
 void run_conv_serial(const ConvPlan& p, ConvRowPcFn conv, EpilogueRowFn epi) {

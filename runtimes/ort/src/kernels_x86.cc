@@ -49,6 +49,31 @@ inline void cols512(const ConvPlan& p, const RowSrc& src, int32_t* pc, int64_t o
   for (; x < p.OW; ++x) block512<1, OB>(src, p.wt, p.Opad, x, o0, pc);
 }
 
+// In-register transpose of a 16×16 float matrix (row q → t[q] becomes column q).
+__attribute__((always_inline)) inline void transpose16(__m512* t) {
+  __m512 a[16], b[16];
+  for (int i = 0; i < 16; i += 2) {
+    a[i] = _mm512_unpacklo_ps(t[i], t[i + 1]);
+    a[i + 1] = _mm512_unpackhi_ps(t[i], t[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    b[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a[i]), _mm512_castps_pd(a[i + 2])));
+    b[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a[i]), _mm512_castps_pd(a[i + 2])));
+    b[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a[i + 1]), _mm512_castps_pd(a[i + 3])));
+    b[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a[i + 1]), _mm512_castps_pd(a[i + 3])));
+  }
+  // b[4k + j] holds, in each 128-bit lane L, column j of rows 4k..4k+3 (lane L = columns 4L + j)
+  for (int h = 0; h < 2; ++h)
+    for (int j = 0; j < 4; ++j) {
+      a[8 * h + j] = _mm512_shuffle_f32x4(b[8 * h + j], b[8 * h + 4 + j], 0x88);
+      a[8 * h + 4 + j] = _mm512_shuffle_f32x4(b[8 * h + j], b[8 * h + 4 + j], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    t[j] = _mm512_shuffle_f32x4(a[j], a[8 + j], 0x88);
+    t[8 + j] = _mm512_shuffle_f32x4(a[j], a[8 + j], 0xdd);
+  }
+}
+
 }  // namespace
 
 void conv_row_pc_avx512(const ConvPlan& p, const RowSrc& src, int32_t* pc) {
@@ -91,19 +116,92 @@ void epilogue_row_avx512(const ConvPlan& p, int64_t n, int64_t y, const int32_t*
       if (nvec & 1) ow[nvec >> 1] = word;
     }
   } else {
-    for (int64_t x = 0; x < p.OW; ++x) {
-      const int32_t* e = p.et + (r * p.NC + p.cc[x]) * Opad;
-      const int32_t* c = pc + x * Opad;
-      float* f = fbuf + x * Opad;
+    // 16 pixels × 16 channels at a time, transposed in registers and stored straight into the NCHW planes
+    float* out = static_cast<float*>(p.y);
+    const int64_t plane = p.OH * p.OW;
+    int64_t x0 = 0;
+    for (; x0 + 16 <= p.OW; x0 += 16) {
       for (int64_t v = 0; v < nvec; ++v) {
-        const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(e + 16 * v),
-                                           _mm512_slli_epi32(_mm512_loadu_si512(c + 16 * v), 1));
-        const __m512 prod = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(p.p0f + 16 * v));
-        _mm512_storeu_ps(f + 16 * v, _mm512_add_ps(prod, _mm512_loadu_ps(p.p1f + 16 * v)));
+        const __m512 s0 = _mm512_loadu_ps(p.p0f + 16 * v), s1 = _mm512_loadu_ps(p.p1f + 16 * v);
+        __m512 t[16];
+        for (int q = 0; q < 16; ++q) {
+          const int32_t* e = p.et + (r * p.NC + p.cc[x0 + q]) * Opad + 16 * v;
+          const int32_t* c = pc + (x0 + q) * Opad + 16 * v;
+          const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(e), _mm512_slli_epi32(_mm512_loadu_si512(c), 1));
+          t[q] = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), s0), s1);
+        }
+        transpose16(t);
+        const int64_t o0 = 16 * v, oend = p.O - o0 < 16 ? p.O - o0 : 16;
+        float* dst = out + (n * p.O + o0) * plane + y * p.OW + x0;
+        for (int64_t j = 0; j < oend; ++j) _mm512_storeu_ps(dst + j * plane, t[j]);
       }
     }
-    store_float_row(p, n, y, fbuf);
+    if (x0 < p.OW) {
+      for (int64_t x = x0; x < p.OW; ++x) {
+        const int32_t* e = p.et + (r * p.NC + p.cc[x]) * Opad;
+        const int32_t* c = pc + x * Opad;
+        float* f = fbuf + (x - x0) * Opad;
+        for (int64_t v = 0; v < nvec; ++v) {
+          const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(e + 16 * v),
+                                             _mm512_slli_epi32(_mm512_loadu_si512(c + 16 * v), 1));
+          const __m512 prod = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(p.p0f + 16 * v));
+          _mm512_storeu_ps(f + 16 * v, _mm512_add_ps(prod, _mm512_loadu_ps(p.p1f + 16 * v)));
+        }
+      }
+      for (int64_t o = 0; o < p.O; ++o) {
+        float* dst = out + (n * p.O + o) * plane + y * p.OW;
+        for (int64_t x = x0; x < p.OW; ++x) dst[x] = fbuf[(x - x0) * Opad + o];
+      }
+    }
   }
+}
+
+// PackSign: 16 positions per vector; per channel one compare into a mask and one masked OR of the
+// channel's bit, 4 vectors (64 positions, whole cache lines of every channel plane) per step.
+void pack_sign_avx512(const float* x, const float* t, int64_t N, int64_t C, int64_t S, uint32_t* y) {
+  const int64_t Cw = (C + 31) / 32;
+  const __m512i lane = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int>(Cw)));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t wd = 0; wd < Cw; ++wd) {
+      const int64_t c0 = wd * 32, c1 = C < c0 + 32 ? C : c0 + 32;
+      uint32_t* yo = y + n * S * Cw + wd;
+      int64_t s = 0;
+      for (; s + 64 <= S; s += 64) {
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t c = c0; c < c1; ++c) {
+          const float* xs = x + (n * C + c) * S + s;
+          const __m512 th = _mm512_set1_ps(t ? t[c] : 0.0f);
+          const __m512i bit = _mm512_set1_epi32(static_cast<int>(1u << (c & 31)));
+          a0 = _mm512_mask_or_epi32(a0, _mm512_cmp_ps_mask(_mm512_loadu_ps(xs), th, _CMP_GE_OQ), a0, bit);
+          a1 = _mm512_mask_or_epi32(a1, _mm512_cmp_ps_mask(_mm512_loadu_ps(xs + 16), th, _CMP_GE_OQ), a1, bit);
+          a2 = _mm512_mask_or_epi32(a2, _mm512_cmp_ps_mask(_mm512_loadu_ps(xs + 32), th, _CMP_GE_OQ), a2, bit);
+          a3 = _mm512_mask_or_epi32(a3, _mm512_cmp_ps_mask(_mm512_loadu_ps(xs + 48), th, _CMP_GE_OQ), a3, bit);
+        }
+        if (Cw == 1) {
+          _mm512_storeu_si512(yo + s, a0);
+          _mm512_storeu_si512(yo + s + 16, a1);
+          _mm512_storeu_si512(yo + s + 32, a2);
+          _mm512_storeu_si512(yo + s + 48, a3);
+        } else {
+          _mm512_i32scatter_epi32(yo + s * Cw, lane, a0, 4);
+          _mm512_i32scatter_epi32(yo + (s + 16) * Cw, lane, a1, 4);
+          _mm512_i32scatter_epi32(yo + (s + 32) * Cw, lane, a2, 4);
+          _mm512_i32scatter_epi32(yo + (s + 48) * Cw, lane, a3, 4);
+        }
+      }
+      for (; s < S; s += 16) {
+        const __mmask16 m = S - s >= 16 ? static_cast<__mmask16>(0xffff)
+                                        : static_cast<__mmask16>((1u << (S - s)) - 1u);
+        __m512i a = _mm512_setzero_si512();
+        for (int64_t c = c0; c < c1; ++c) {
+          const __m512 v = _mm512_maskz_loadu_ps(m, x + (n * C + c) * S + s);
+          const __mmask16 k = _mm512_mask_cmp_ps_mask(m, v, _mm512_set1_ps(t ? t[c] : 0.0f), _CMP_GE_OQ);
+          a = _mm512_mask_or_epi32(a, k, a, _mm512_set1_epi32(static_cast<int>(1u << (c & 31))));
+        }
+        _mm512_mask_i32scatter_epi32(yo + s * Cw, m, lane, a, 4);
+      }
+    }
 }
 
 #pragma GCC pop_options

@@ -11,12 +11,22 @@ struct ConvStorage {
   std::vector<uint32_t> wt;
   std::vector<int32_t> et, p0i, p1i;
   std::vector<float> p0f, p1f;
+  std::vector<int8_t> wamx;  // AMX B tiles (+ 64 bytes for alignment)
 };
 
-// Expects p.{x, N, H, W, Cw, O, KH, KW, sh, sw, pt, pl, dh, dw, OH, OW, w, rc, cc, bits, y} set; fills the
-// rest. `e` is [O, NR, NC]; p0/p1 are int32 (bits) or float (float output), O elements each.
+// Expects p.{Cw, O, KH, KW, w, bits} set (the rest of p is not read); fills K, Opad, NC, wt, et, wamx
+// (when `amx`), small_dir, p0i/p1i or p0f/p1f, Ow. `e` is [O, NR, NC]; p0/p1 are int32 (bits) or float
+// (float output), O elements each. Depends only on the weights and constants: can be done once per model.
 void prepare_plan(ConvPlan& p, ConvStorage& st, const int32_t* e, int64_t NR, int64_t NC, const void* p0,
-                  const void* p1);
+                  const void* p1, bool amx = false);
+
+// Copy the fields prepare_plan fills from `prepared` into `p`.
+void attach_plan(ConvPlan& p, const ConvPlan& prepared);
+
+#if defined(__x86_64__)
+// Whole convolution with the AMX kernels on the calling thread (self-test).
+void run_conv_serial_amx(const ConvPlan& p);
+#endif
 
 // Whole convolution on the calling thread (self-test; the ORT kernel parallelizes over rows).
 void run_conv_serial(const ConvPlan& p, ConvRowPcFn conv, EpilogueRowFn epi);
