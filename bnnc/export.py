@@ -57,23 +57,35 @@ def to_onnx(model: torch.nn.Module, input_shape, *, dynamic_batch: bool = True) 
 
 def _name_binary_layers(model: ir.Model) -> None:
     """Name each binary conv node and its constants after the PyTorch module they came from
-    (``features.0.binary_weight``, ``features.0.weight_scale``), so any mismatch traces back to a layer."""
+    (``features.0.binary_weight``, ``features.0.weight_scale``), so any mismatch traces back to a layer.
+    A layer whose activation has several terms (BiMLP's ternary levels) exports one conv per term sharing
+    the weights: they are named ``<layer>.term1``, ``<layer>.term2``, … in graph order."""
     used = set(model.graph.initializers)
+    layers: dict[int, list[ir.Node]] = {}
     for node in model.graph:
-        if node.domain != DOMAIN or node.op_type != "BinaryConv2d":
-            continue
-        w = node.inputs[1].name or ""
+        if node.domain == DOMAIN and node.op_type == "BinaryConv2d":
+            layers.setdefault(id(node.inputs[1]), []).append(node)
+
+    def rename(value: ir.Value, new: str) -> None:
+        if value.is_initializer() and new not in used:
+            model.graph.initializers.pop(value.name)
+            value.name = new
+            model.graph.initializers[new] = value
+            used.add(new)
+
+    for nodes in layers.values():
+        w = nodes[0].inputs[1].name or ""
         if "lifted_tensor" not in w:
             continue
         prefix = w.rsplit("lifted_tensor", 1)[0]
-        node.name = prefix.rstrip(".") or node.name
-        for value, suffix in ((node.inputs[1], "binary_weight"), (node.inputs[2], "weight_scale")):
-            new = prefix + suffix
-            if value.is_initializer() and new not in used:
-                model.graph.initializers.pop(value.name)
-                value.name = new
-                model.graph.initializers[new] = value
-                used.add(new)
+        layer = prefix.rstrip(".")
+        if len(nodes) == 1:
+            nodes[0].name = layer or nodes[0].name
+            rename(nodes[0].inputs[2], prefix + "weight_scale")
+        else:
+            for k, node in enumerate(nodes, 1):
+                node.name = f"{layer}.term{k}" if layer else node.name
+        rename(nodes[0].inputs[1], prefix + "binary_weight")
 
 
 def save_onnx(proto: onnx.ModelProto, path) -> Path:

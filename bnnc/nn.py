@@ -12,7 +12,8 @@ from torch import nn
 
 from .ops import export as ops
 from .quantizers import (ACTIVATION_QUANTIZERS, WEIGHT_QUANTIZERS, ActivationQuantizer, NotExportableError, SignSTE,
-                         SignWeight, WeightQuantizer, XnorWeight, get_activation_quantizer, get_weight_quantizer)
+                         SignWeight, WeightQuantizer, XnorWeight, center_per_sample, get_activation_quantizer,
+                         get_weight_quantizer)
 
 __all__ = [
     "BinaryConv2d",
@@ -43,12 +44,28 @@ def frozen_for_export(model: nn.Module):
                     d = m.input_quantizer.deploy(m.in_channels)
                 except NotExportableError as e:
                     raise NotExportableError(f"layer {name!r}: input quantizer {type(m.input_quantizer).__name__}: {e}") from None
-                act = tuple(v.detach().float().reshape(-1).clone() for v in (d.threshold, d.p, d.q))
-            m._export_params = (act, *m.weight_quantizer.deploy(m.weight))
+                act = (d.terms(), bool(d.center))
+            ws, scale, offset = m.weight_quantizer.deploy(m.weight)
+            m._export_params = (_export_plan(act, scale, offset), ws, scale, offset)
         yield model
     finally:
         for _, m in layers:
             m._export_params = None
+
+
+def _export_plan(act, scale: torch.Tensor, offset: torch.Tensor):
+    """None (real activations) or (terms, center, summed_scale) for ``BinaryConv2d._export_forward``, decided
+    before tracing. ``summed_scale`` = p·r when the activation has several terms sharing one level p with
+    q = 0 and the weights have no offset (their ±1 convs are summed, then scaled once), else None."""
+    if act is None:
+        return None
+    terms, center = act
+    summed = None
+    if len(terms) > 1:
+        p0 = float(terms[0][1].reshape(-1)[0])
+        if all(bool((p == p0).all()) and not bool(q.any()) for _, p, q in terms) and not bool(offset.any()):
+            summed = (scale.detach().float() * p0).reshape(1, -1, 1, 1).clone()
+    return terms, center, summed
 
 
 class BinaryConv2d(nn.Conv2d):
@@ -76,14 +93,19 @@ class BinaryConv2d(nn.Conv2d):
         if torch.compiler.is_exporting():
             if self._export_params is None:
                 raise RuntimeError("export BinaryConv2d through bnnc.export(), which freezes its quantizers")
-            act, ws, scale, offset = self._export_params
-            if act is not None:
-                x = ops.affine_sign(x, *act)
-            return ops.binary_conv2d(x, ws, scale, offset, list(self.stride), list(self.padding),
-                                     list(self.dilation), self.groups)
+            return self._export_forward(x, *self._export_params)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         s, r, t = self.weight_quantizer(self.weight)
+        if torch.is_grad_enabled():
+            # Training: one conv with W_b = s·r + t, the reference codes' form. The same values and
+            # gradients as the deploy form below up to float rounding, at the cost of one conv: the scale
+            # and offset are applied to the small weight tensor, not to the activations (issue #7).
+            view = (-1,) + (1,) * (s.dim() - 1)
+            w = s if r is None else s * r.reshape(view)
+            return self._conv(x, w if t is None else w + t.reshape(view))
+        # Without gradients (eval, checking against the export form): the deploy form's arithmetic,
+        # conv(a, s)·r + conv(a, 1)·t, so PyTorch's values match the ai.bnnc BinaryConv2d op bit for bit.
         y = self._conv(x, s)
         if r is not None:
             y = y * r.reshape(1, -1, 1, 1)
@@ -91,6 +113,35 @@ class BinaryConv2d(nn.Conv2d):
             ones = torch.ones_like(s) if self.groups > 1 else torch.ones_like(s[:1])
             y = y + self._conv(x, ones) * t.reshape(1, -1, 1, 1)
         return y
+
+    def _export_forward(self, x, act, ws, scale, offset):
+        """The export form (docs/ops.md): [center →] SignBinarize → BinaryConv2d, one per activation term.
+
+        Several terms (BiMLP's ternary a = ½·s₁ + ½·s₂) become binary convs sharing the weights, summed:
+        conv(Σ_k p·s_k, W)·r = (Σ_k conv(s_k, sign W))·(p·r). With one level p shared by all terms and
+        channels, q = 0 and no weight offset, each conv keeps plain ±1 activations (R = 1, B = 0, lowered to
+        XNOR-popcount) and the integer sum is scaled once: the same float32 rounding as PyTorch's conv on the
+        levels times r. Otherwise each term is an ordinary affine binary conv and the outputs are added."""
+        geometry = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
+        if act is None:
+            return ops.binary_conv2d(x, ws, scale, offset, *geometry)
+        terms, center, summed_scale = act
+        if center:
+            x = center_per_sample(x)
+        if len(terms) == 1:
+            return ops.binary_conv2d(ops.affine_sign(x, *terms[0]), ws, scale, offset, *geometry)
+        if summed_scale is not None:
+            ones, zeros = torch.ones_like(scale), torch.zeros_like(offset)
+            total = None
+            for t, _, _ in terms:
+                y = ops.binary_conv2d(ops.sign_binarize(x, t), ws, ones, zeros, *geometry)
+                total = y if total is None else total + y
+            return total * summed_scale
+        total = None
+        for t, p, q in terms:
+            y = ops.binary_conv2d(ops.affine_sign(x, t, p, q), ws, scale, offset, *geometry)
+            total = y if total is None else total + y
+        return total
 
 
 class BinaryLinear(nn.Linear):

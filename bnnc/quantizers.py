@@ -5,8 +5,10 @@ an affine image of ±1 (``../shared/spec/deploy.md`` §3).
 
 Activation quantizers (``ActivationQuantizer``):
     ``forward(x)`` → a_b = p·s + q with s = +1 ⇔ x ≥ threshold (per channel), surrogate gradient in training.
-    ``deploy(channels)`` → ``ActivationDeploy(threshold, p, q)``, each a float tensor of shape [C];
-    raises ``NotExportableError`` when the quantizer is not an affine image of a thresholded sign.
+    ``deploy(channels)`` → ``ActivationDeploy(threshold, p, q[, center])``, each a float tensor of shape
+    [C] (or [K, C]: a sum of K thresholded signs, e.g. BiMLP's ternary levels), ``center=True`` when the
+    sign is taken of x minus its per-sample mean (RBNN); raises ``NotExportableError`` when the quantizer
+    has no such mapping.
 
 Weight quantizers (``WeightQuantizer``):
     ``forward(w)`` → ``(s, r, t)``: s = ±1 tensor shaped like w (sign(0) = +1) carrying the surrogate
@@ -18,7 +20,7 @@ Both may implement ``on_epoch(epoch, epochs)``: schedules (EDE t/k, …) the tra
 of every epoch.
 
 Registered names (formulas in ``../shared/spec/methods.md``; each class docstring states its own):
-    activations: sign, approx_sign, ede, rsign, adabin, fda, rbnn (not exportable), bimlp (not exportable)
+    activations: sign, approx_sign, ede, rsign, adabin, fda, rbnn (per-sample mean threshold), bimlp (ternary)
     weights:     sign, xnor, ede, libra_pb, adabin (t ≠ 0), magnitude_aware, fda, rbnn, bimlp (1×1 only)
 Quantizers with per-channel state made by name (rsign, rbnn, fda's noise module) size it at the first
 forward, in place, so an optimizer built before that keeps owning the parameters.
@@ -77,9 +79,43 @@ class NotExportableError(BnncError):
 
 @dataclass
 class ActivationDeploy:
-    threshold: torch.Tensor  # [C]: s = +1 ⇔ x ≥ threshold
-    p: torch.Tensor  # [C]
-    q: torch.Tensor  # [C]
+    """The deploy mapping of an activation quantizer (docs/ops.md, "Activation mappings"):
+
+        a = Σ_k (p[k, c]·s_k + q[k, c]),  s_k = +1 ⇔ u ≥ threshold[k, c] else −1,
+
+    with u = x, or with ``center`` u = x − mean(x) over (C, H, W) of each sample, the mean computed in
+    float64 and u rounded back to float32 (``center_per_sample``). Tensors are [C] (one term, K = 1: an
+    affine image of a thresholded sign, the common case) or [K, C] (K terms: BiMLP's ternary levels are
+    K = 2 signs at thresholds just above ½ and at −½, each with p = ½)."""
+
+    threshold: torch.Tensor  # [C] or [K, C]: s_k = +1 ⇔ u ≥ threshold[k]
+    p: torch.Tensor  # [C] or [K, C]
+    q: torch.Tensor  # [C] or [K, C]
+    center: bool = False  # u = x − per-sample mean over (C, H, W) (RBNN)
+
+    def terms(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """[(threshold, p, q)] per term, each [C] float32 (detached copies)."""
+        ts = [v.detach().float() for v in (self.threshold, self.p, self.q)]
+        shape = ts[0].shape
+        if any(v.shape != shape for v in ts) or len(shape) not in (1, 2):
+            raise ValueError(f"ActivationDeploy tensors must share one shape [C] or [K, C], got "
+                             f"{[tuple(v.shape) for v in ts]}")
+        if len(shape) == 1:
+            return [tuple(v.clone() for v in ts)]
+        return [tuple(v[k].clone() for v in ts) for k in range(shape[0])]
+
+
+def center_per_sample(x: torch.Tensor) -> torch.Tensor:
+    """x − mean(x) over all axes but the batch axis, per sample, computed in float64 and rounded to x's dtype.
+
+    RBNN binarizes at the per-sample mean. In float64 the sum of float32 activations is exact in most
+    practical cases (and then every runtime's ReduceMean gives the same, correctly rounded mean), so an
+    activation equal to its sample mean is a tie (+1) on PyTorch, ONNX Runtime and TVM alike; a float32
+    mean would depend on each runtime's summation order. The export form is
+    Cast(double) → ReduceMean(axes 1…) → Sub → Cast(float), the same computation."""
+    xd = x.double()
+    dims = tuple(range(1, x.dim()))
+    return (xd - xd.mean(dims, keepdim=True)).to(x.dtype)
 
 
 def ste(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
@@ -363,24 +399,39 @@ class RSign(_LazyShapes, ActivationQuantizer):
 class _AdaBinActivationFn(torch.autograd.Function):
     """AdaBin's activation in one autograd node (training speed): out = α·(s + β) with s = sign(u),
     u = (x − β)/α, decided as in the deploy form (s' = +1 ⇔ x ≥ threshold, flipped for α < 0), and the
-    gradients of §1.2 with the ApproxSign derivative F'(u)."""
+    gradients of §1.2 with the ApproxSign derivative F'(u).
+
+    Written for speed on CPU (issue #7), with no boolean tensors (``torch.where`` and bool → float casts
+    are several times slower than float arithmetic there): s' = sign(sign(x − threshold) + ½)
+    (``_sign_at_least_zero_``). The parameter gradients are sums split so that only ∂out/∂x = g·F'(u)
+    is a new full-size tensor:
+    Σ g·(s + β − u·F') = Σ g·s + β·Σ g − Σ (g·F')·u and Σ g·(α − F') = α·Σ g − Σ g·F'."""
 
     @staticmethod
     def forward(ctx, x, alpha, beta, threshold):
-        s = torch.where(x >= threshold, 1.0, -1.0).to(x.dtype)
+        s = _sign_at_least_zero_(torch.sub(x, threshold))  # +1 ⇔ x ≥ threshold
         if alpha < 0:
-            s = -s
+            s.neg_()
         ctx.save_for_backward(x, s, alpha, beta)
-        return alpha * (s + beta)
+        return torch.add(s, beta).mul_(alpha)
 
     @staticmethod
     def backward(ctx, grad):
         x, s, alpha, beta = ctx.saved_tensors
-        u = (x - beta) / alpha
-        fp = approx_sign_grad(u)
-        grad_alpha = (grad * (s + beta - u * fp)).sum().reshape(alpha.shape)
-        grad_beta = (grad * (alpha - fp)).sum().reshape(beta.shape)
-        return grad * fp, grad_alpha, grad_beta, None
+        need_x, need_alpha, need_beta = ctx.needs_input_grad[:3]
+        u = torch.sub(x, beta).div_(alpha)
+        fp = u.abs().mul_(-2.0).add_(2.0).clamp_min_(0.0)  # approx_sign_grad(u), in place
+        gx = fp.mul_(grad)
+        grad_alpha = grad_beta = None
+        if need_alpha or need_beta:
+            gsum = grad.sum()
+            gxsum = gx.sum()
+            if need_alpha:
+                grad_alpha = (torch.dot(grad.reshape(-1), s.reshape(-1)) + beta * gsum
+                              - torch.dot(gx.reshape(-1), u.reshape(-1))).reshape(alpha.shape)
+            if need_beta:
+                grad_beta = (alpha * gsum - gxsum).reshape(beta.shape)
+        return gx if need_x else None, grad_alpha, grad_beta, None
 
 
 class AdaBinActivation(ActivationQuantizer):
@@ -500,8 +551,10 @@ class RBNNActivation(_TKSchedule, ActivationQuantizer):
     (unbiased std), s = sign(Ã); backward max(0, √2·t' − t'²·|Ã|) with t' = max(t, 1), k = 1
     (``RBNNSchedule``), chained through the standardisation.
 
-    Not exportable: the threshold is the per-sample mean of the input, a data-dependent value rather than
-    a per-channel constant, so it is not an affine image of a thresholded sign."""
+    The value is decided as s = +1 ⇔ x − mean_b x ≥ 0 (the std > 0 only rescales; ``center_per_sample``:
+    mean in float64, so a value equal to its sample mean is a tie, +1, on every runtime; a constant sample
+    gives +1 where the reference's 0/0 gives NaN). Deploy: (0, 1, 0) with ``center=True``; the export form is
+    x − ReduceMean(x) → SignBinarize(T = 0) (docs/ops.md)."""
 
     name = "rbnn"
 
@@ -510,22 +563,31 @@ class RBNNActivation(_TKSchedule, ActivationQuantizer):
         self._init_schedule(schedule or RBNNSchedule())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value = _threshold_sign(center_per_sample(x.detach() if not _use_plain_forward() else x))
+        if _use_plain_forward():
+            return value
         dims = tuple(range(1, x.dim()))
         c = x - x.mean(dims, keepdim=True)
         a2 = c / c.std(dims, keepdim=True)
-        return _binary(a2, rbnn_grad(max(self.t, 1.0), 1.0))
+        return _binary(a2, rbnn_grad(max(self.t, 1.0), 1.0), value)
 
     def deploy(self, channels: int) -> ActivationDeploy:
-        raise NotExportableError("rbnn activations binarize x − mean(x) over (C, H, W) of each sample: a "
-                                 "data-dependent per-sample threshold, not an affine image of a thresholded sign")
+        return ActivationDeploy(torch.zeros(channels), torch.ones(channels), torch.zeros(channels), center=True)
 
 
 class BiMLPActivation(ActivationQuantizer):
     """``bimlp`` (BiMLP release, §7.1, DoReFa with nbit 1): a = rint(clip(x, −1, 1)) ∈ {−1, 0, +1}
     (round half to even: |x| ≤ 0.5 → 0), backward the gradient of clip (1 for |x| ≤ 1). TERNARY, as in
-    the released MindSpore code (an upstream oddity): not exportable."""
+    the released MindSpore code (an upstream oddity).
+
+    Deploy: two terms, a = ½·s₁ + ½·s₂ with s₁ = +1 ⇔ x ≥ nextafter(½, +∞) (i.e. x > ½) and s₂ = +1 ⇔
+    x ≥ −½: x > ½ → +1, −½ ≤ x ≤ ½ → 0, x < −½ → −1, exactly rint's ties (rint(±½) = 0). A binary layer
+    exports it as two binary convs sharing the weights, added, then scaled by ½ (docs/ops.md)."""
 
     name = "bimlp"
+
+    #: s₁'s threshold: the smallest float32 above ½ (s₁ = +1 ⇔ x > ½)
+    UPPER = float(torch.nextafter(torch.tensor(0.5), torch.tensor(1.0)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = x.clamp(-1.0, 1.0)
@@ -535,8 +597,8 @@ class BiMLPActivation(ActivationQuantizer):
         return ste(value, c)
 
     def deploy(self, channels: int) -> ActivationDeploy:
-        raise NotExportableError("bimlp activations are ternary (rint(clip(x, −1, 1)) ∈ {−1, 0, +1}), "
-                                 "not an affine image of ±1")
+        t = torch.tensor([[self.UPPER], [-0.5]]).expand(2, channels)
+        return ActivationDeploy(t.clone(), torch.full((2, channels), 0.5), torch.zeros(2, channels))
 
 
 # -------------------------------------------------------------------------------------------------- weights
@@ -575,6 +637,47 @@ class LibraPBWeight(_TKSchedule, WeightQuantizer):
         return _binary(wh, ede_grad(self.t, self.k)).reshape(w.shape), r, None
 
 
+def _sign_at_least_zero_(d: torch.Tensor) -> torch.Tensor:
+    """In place: +1 where d ≥ 0 (±0 included), −1 where d < 0 or NaN, i.e. ``torch.where(d >= 0, 1, −1)``
+    (``SignBinarize`` / ``weight_sign``), without boolean tensors, which are several times slower than
+    float arithmetic on CPU (issue #7): sign(sign(d) + ½), NaN first mapped to −1. With d = x − T, d is ±0
+    only when x = T (IEEE subtraction is exact near zero, with subnormals), so x ≥ T ⇔ d ≥ 0 for finite T."""
+    return d.nan_to_num_(nan=-1.0).sign_().add_(0.5).sign_()
+
+
+def _adabin_equalize(flat: torch.Tensor):
+    """AdaBin's equalization of [O, n] weights: (s = sign(Ŵ), α, β, Ŵ), α and β shaped [O, 1]."""
+    beta = flat.mean(1, keepdim=True)
+    c = flat - beta
+    alpha = torch.sqrt((c ** 2).sum(1, keepdim=True) / flat.shape[1])
+    wh = c / alpha
+    return _sign_at_least_zero_(wh.clone()), alpha, beta, wh
+
+
+class _AdaBinWeightFn(torch.autograd.Function):
+    """AdaBin's weight equalization in one autograd node (training speed; a few dozen small autograd ops
+    otherwise, which cost as much as a 64-channel conv on CPU). Backward, closed form with n = row length,
+    h = ∂L/∂s·EDE'(Ŵ) and ∂α/∂W = Ŵ/n, ∂β/∂W = 1/n:
+
+        ∂L/∂W = (h − mean(h) − Ŵ·mean(h·Ŵ))/α + ∂L/∂α·Ŵ/n + ∂L/∂β/n   (per row)."""
+
+    @staticmethod
+    def forward(ctx, flat, t, k):
+        s, alpha, beta, wh = _adabin_equalize(flat)
+        ctx.save_for_backward(wh, alpha)
+        ctx.tk = (t, k)
+        return s, alpha, beta
+
+    @staticmethod
+    def backward(ctx, g_s, g_alpha, g_beta):
+        wh, alpha = ctx.saved_tensors
+        t, k = ctx.tk
+        n = wh.shape[1]
+        h = g_s * ede_grad(t, k)(wh)
+        dw = (h - h.mean(1, keepdim=True) - wh * (h * wh).mean(1, keepdim=True)) / alpha
+        return dw + (g_alpha * wh + g_beta) / n, None, None
+
+
 class AdaBinWeight(_TKSchedule, WeightQuantizer):
     """``adabin`` (AdaBin, §1.1): per output channel β = mean(W_o), α = population std (ddof 0),
     Ŵ = (W − β)/α, s = sign(Ŵ) with the EDE backward at Ŵ; r = α, t = β (W_b = α·s + β), neither
@@ -590,11 +693,11 @@ class AdaBinWeight(_TKSchedule, WeightQuantizer):
 
     def forward(self, w: torch.Tensor):
         flat = _per_channel(w)
-        beta = flat.mean(1, keepdim=True)
-        alpha = torch.sqrt(((flat - beta) ** 2).sum(1, keepdim=True) / flat.shape[1])
-        wh = (flat - beta) / alpha
-        s = _binary(wh, ede_grad(self.t, self.k)).reshape(w.shape)
-        return s, alpha.reshape(-1), beta.reshape(-1)
+        if _use_plain_forward():
+            s, alpha, beta, _ = _adabin_equalize(flat)
+        else:
+            s, alpha, beta = _AdaBinWeightFn.apply(flat, self.t, self.k)
+        return s.reshape(w.shape), alpha.reshape(-1), beta.reshape(-1)
 
 
 class MagnitudeAwareWeight(WeightQuantizer):

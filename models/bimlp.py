@@ -24,8 +24,9 @@ oddity kept for fidelity), weights XnorM sign(W)·mean(|W|, axis 1). The 1×1 Qu
 :class:`~bnnc.nn.BinaryConv2d` (``bimlp``/``bimlp``). The grouped 1×7 / 7×1 QuanConvs (``sfc_*`` depthwise,
 ``tfc_*`` with two inputs per group) scale per (out-channel, tap), which the binary-conv op cannot express
 (for the depthwise ones XnorM even gives W_b = W): they are :class:`XnorMConv2d`, real convs on the ternary
-input, counted as FLOPs. Because of the ternary activations the models do not export to the ``ai.bnnc`` op
-set: ``bnnc.export`` raises ``NotExportableError`` naming the first binary layer.
+input, counted as FLOPs. The ternary activations export as two binary convs sharing the weights
+(½·s₁ + ½·s₂, :class:`bnnc.quantizers.BiMLPActivation`); the TVM runtime does not yet translate every float op
+of the whole network (``Greater`` among them), the ORT runtimes run it.
 """
 
 from __future__ import annotations

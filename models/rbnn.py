@@ -19,9 +19,9 @@ Checkpoints (§6.5): ``torch.save({'epoch', 'model', 'state_dict', 'best_prec1',
 (or, from DataParallel, with) ``module.``; per binary conv ``<p>.{weight, alpha, rotate, R1, R2}``, which
 this model holds as ``<p>.weight`` and ``<p>.weight_quantizer.{alpha, rotate, R1, R2}`` (one rename).
 
-Export: RBNN activations binarise x − mean(x) over (C, H, W) of each sample, a data-dependent threshold the
-``ai.bnnc`` op set cannot express, so these models train and evaluate in PyTorch but
-``bnnc.export.to_onnx`` raises ``NotExportableError`` naming the first binary layer.
+Export: RBNN activations binarise x − mean(x) over (C, H, W) of each sample; the export form computes the
+centring with standard ONNX ops (ReduceMean in float64 → Sub) before ``SignBinarize`` with threshold 0, so
+ties at the mean agree on every runtime and the binary convs deploy bit-packed.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ ResNets ``resnet18_1w1a`` / ``resnet34_1w1a`` (``shared/spec/methods.md`` §6.1�
   Bi-Real-style block, Hardtanh after each add:
       h = Hardtanh(bn1(conv1(x)) + DS(x));   y = Hardtanh(bn2(conv2(h)) + h)
   DS = REAL conv1×1 stride 2 → BN (keys ``downsample.0``, ``downsample.1``).
-* Binary convs: ``rbnn`` activations (binarised around the per-sample mean: training only, not exportable)
+* Binary convs: ``rbnn`` activations (binarised around the per-sample mean, exported as ReduceMean → Sub → SignBinarize)
   and ``rbnn`` weights (bi-rotation; ``alpha``, ``rotate``, ``R1``, ``R2`` per conv, sized at construction).
 * Head: global average pool (the reference's AvgPool2d(7) at 224×224) → ``bn2`` BatchNorm1d(512) → ``fc``.
   The reference also builds ``bn3`` = BatchNorm1d(num_classes) that its forward never uses; it is kept

@@ -15,7 +15,6 @@ from torch import nn
 
 from bnnc import models
 from bnnc.export import to_onnx
-from bnnc.quantizers import NotExportableError
 from bnnc.runtimes.reference import OrtReferenceRunner
 
 IRNET = ["irnet_resnet20", "irnet_resnet20_1w32a", "irnet_resnet18", "irnet_vgg_small"]
@@ -342,10 +341,14 @@ def test_export_all_exportable_models(name):
 
 
 @pytest.mark.parametrize("name,layer", [("rbnn_resnet20_1w1a", "layer1.0.conv1"), ("rbnn_vgg_small_1w1a", "conv1")])
-def test_rbnn_models_are_not_exportable_and_say_which_layer(name, layer):
+def test_rbnn_models_export_with_the_per_sample_mean_threshold(name, layer):
+    """RBNN binarizes x − mean over (C, H, W) per sample: ReduceMean → Sub → SignBinarize(T = 0) per binary
+    conv (issue #7; export vs PyTorch and deploy: tests/test_export_rbnn_bimlp.py)."""
     net = models.create(name)
-    with pytest.raises(NotExportableError, match=rf"layer '{layer}'.*per-sample"):
-        to_onnx(net, (1, 3, 32, 32))
+    model = to_onnx(net, (1, 3, 32, 32))
+    convs = [n for n in model.graph.node if n.op_type == "BinaryConv2d"]
+    assert convs[0].name == layer
+    assert sum(n.op_type == "ReduceMean" for n in model.graph.node) >= len(convs)
 
 
 def test_fda_noise_modules_size_at_the_first_training_forward():

@@ -15,7 +15,6 @@ from onnx import numpy_helper
 from torch import nn
 
 from bnnc.export import to_onnx
-from bnnc.quantizers import NotExportableError
 
 R18, R34 = (2, 2, 2, 2), (3, 4, 6, 3)
 BIREAL18, BIREAL34 = (4, 4, 4, 4), (6, 8, 12, 6)
@@ -198,9 +197,17 @@ def test_real2binary_scale_refuses_another_input_size():
 
 
 @pytest.mark.parametrize("name", ["rbnn_resnet18_imagenet"])
-def test_rbnn_activations_do_not_export_and_say_which_layer(name):
-    with pytest.raises(NotExportableError, match=r"layer 'layer1\.0\.conv1'.*per-sample"):
-        to_onnx(zoo.create(name), (1, 3, 64, 64))
+def test_rbnn_activations_export_with_the_per_sample_mean_threshold(name):
+    torch.manual_seed(0)
+    net = zoo.create(name).eval()
+    model = to_onnx(net, (1, 3, 64, 64))
+    convs = [n for n in model.graph.node if n.op_type == "BinaryConv2d"]
+    assert convs[0].name == "layer1.0.conv1" and len(convs) == 16
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = net(x).numpy()
+    got = OrtReferenceRunner(model).run(x.numpy())
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
 
 
 # -------------------------------------------------------------------------------- export vs deploy size

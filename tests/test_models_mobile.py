@@ -13,7 +13,6 @@ import bnnc
 from bnnc.checkpoints import import_checkpoint
 from bnnc.errors import ModelFormatError
 from bnnc.export import to_onnx
-from bnnc.quantizers import NotExportableError
 
 # ---------------------------------------------------------------------------------------------- ReActNet-A
 
@@ -338,7 +337,22 @@ def test_bimlp_ternary_activations_and_xnorm_weights():
     assert torch.equal(dw.binarized_weight(), dw.weight)  # one input per group: W_b = W
 
 
-def test_bimlp_export_is_refused_naming_the_layer():
-    net = bnnc.models.create("bimlp_s")
-    with pytest.raises(NotExportableError, match=r"layer 'network\.0\.0\.attn\.fc_h'.*ternary"):
-        to_onnx(net, (1, 3, 64, 64))
+def test_bimlp_block_exports_its_ternary_convs_as_two_binary_convs():
+    """A WaveBlock of BiMLP-S: every ternary-input binary 1×1 conv exports as two BinaryConv2d (½·s₁ + ½·s₂)
+    sharing the weights (issue #7; the whole model and deploy: tests/test_export_rbnn_bimlp.py, slow)."""
+    torch.manual_seed(0)
+    from bnnc.models.bimlp import WaveBlock
+
+    block = torch.nn.Sequential(WaveBlock(16))
+    block.train()
+    block(torch.randn(4, 16, 6, 6))
+    block.eval()
+    model = to_onnx(block, (1, 16, 6, 6))
+    convs = [n for n in model.graph.node if n.op_type == "BinaryConv2d"]
+    binary = [name for name, m in block.named_modules() if isinstance(m, bnnc.nn.BinaryConv2d)]
+    assert sorted(n.name for n in convs) == sorted(f"{b}.term{k}" for b in binary for k in (1, 2))
+    x = torch.randn(3, 16, 6, 6)
+    with torch.no_grad():
+        want = block(x).numpy()
+    got = OrtReferenceRunner(model).run(x.numpy())
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))

@@ -487,8 +487,9 @@ def test_rbnn_activation():
         g, (dx,) = _grads(y, [x])
         h = _np(g).reshape(2, -1) * _rbnn_deriv(a2, tp, 1.0)
         _close(dx.reshape(2, -1), _standardize_backward(h, a2, sigma, 1), 1e-4)
-    with pytest.raises(NotExportableError, match="per-sample"):
-        q.deploy(3)
+    d = q.deploy(3)  # export: sign(x − per-sample mean) = SignBinarize(T = 0) after centering
+    assert d.center and torch.equal(d.threshold, torch.zeros(3)) and torch.equal(d.p, torch.ones(3))
+    assert torch.equal(d.q, torch.zeros(3))
 
 
 # ------------------------------------------------------------------------------------------------- BiMLP
@@ -501,8 +502,10 @@ def test_bimlp_ternary_activation():
     _close(y.view(-1), [-1, -1, -1, 0, 0, 0, 0, 0, 1, 1, 1])  # rint: halves to even
     g, (dx,) = _grads(y, [x])
     _close(dx, _np(g) * (np.abs(_np(x)) <= 1))
-    with pytest.raises(NotExportableError, match="ternary"):
-        q.deploy(11)
+    terms = q.deploy(11).terms()  # ternary = ½·sign(x ≥ T₁) + ½·sign(x ≥ T₂), rint's ties included
+    xs = x.detach().view(-1)
+    mapped = sum(p * torch.where(xs >= t, 1.0, -1.0) + qq for t, p, qq in terms)
+    _close(mapped, [-1, -1, -1, 0, 0, 0, 0, 0, 1, 1, 1])
 
 
 def test_bimlp_weight():
@@ -537,10 +540,13 @@ def test_activation_deploy_matches_forward(name):
     _check_activation_deploy(q, x, c)
 
 
-@pytest.mark.parametrize("name", ["rbnn", "bimlp"])
-def test_activation_not_exportable(name):
-    with pytest.raises(NotExportableError):
-        get_activation_quantizer(name).deploy(4)
+def test_activation_without_a_deploy_mapping_is_not_exportable():
+    class Custom(Q.ActivationQuantizer):
+        def forward(self, x):
+            return x.sign()
+
+    with pytest.raises(NotExportableError, match="Custom does not declare a deploy mapping"):
+        Custom().deploy(4)
 
 
 @pytest.mark.parametrize("name", sorted(Q.WEIGHT_QUANTIZERS))

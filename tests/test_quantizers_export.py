@@ -54,9 +54,24 @@ def test_mixed_quantizer_network_exports_with_pytorch_logits():
 
 
 @pytest.mark.parametrize("aq", ["rbnn", "bimlp"])
-def test_non_exportable_quantizer_is_a_clear_error_naming_the_layer(aq):
+def test_rbnn_and_bimlp_activations_export(aq):
+    """Since issue #7 every seed method exports (tests/test_export_rbnn_bimlp.py has the details)."""
+    torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 1), bnnc.nn.BinaryConv2d(4, 4, 1, input_quantizer=aq))
     net.train()
     net(torch.randn(2, 3, 4, 4))
+    model = to_onnx(net.eval(), (1, 3, 4, 4))
+    x = torch.randn(8, 3, 4, 4)
+    with torch.no_grad():
+        want = net(x).numpy()
+    assert np.abs(OrtReferenceRunner(model).run(x.numpy()) - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+
+def test_quantizer_without_a_deploy_mapping_is_a_clear_error_naming_the_layer():
+    class Custom(bnnc.quantizers.ActivationQuantizer):
+        def forward(self, x):
+            return x.sign()
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), bnnc.nn.BinaryConv2d(4, 4, 1, input_quantizer=Custom()))
     with pytest.raises(NotExportableError, match="layer '1'"):
         to_onnx(net.eval(), (1, 3, 4, 4))
