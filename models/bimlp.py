@@ -26,7 +26,7 @@ oddity kept for fidelity), weights XnorM sign(W)·mean(|W|, axis 1). The 1×1 Qu
 (for the depthwise ones XnorM even gives W_b = W): they are :class:`XnorMConv2d`, real convs on the ternary
 input, counted as FLOPs. The ternary activations export as two binary convs sharing the weights
 (½·s₁ + ½·s₂, :class:`bnnc.quantizers.BiMLPActivation`); the TVM runtime does not yet translate every float op
-of the whole network (``Greater`` among them), the ORT runtimes run it.
+of the whole network (``Greater`` among them).
 """
 
 from __future__ import annotations
