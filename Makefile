@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.bnnc-installed
 
-.PHONY: quickstart test test-slow test-all clean
+.PHONY: quickstart test test-ci test-slow test-all clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# the slow tests CI runs on every change (≈5 min): 300 random networks deploy exactly, quickstart accuracy
+test-ci: $(STAMP)
+	$(PY) -m pytest -q -m ci
+
+# every slow test (≈45 min on 2 cores): the zoo at 224×224, all exports, 300 random AdaBin networks, torchrun
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 

@@ -201,6 +201,7 @@ def test_random_networks_deploy_equals_export(arch):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 @settings(max_examples=300, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(arch=network_strategy)

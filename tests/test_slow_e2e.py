@@ -7,7 +7,7 @@ import pytest
 
 from bnnc.data import FASHION_MNIST_DEFAULT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ci]
 
 
 @pytest.mark.skipif(not Path(FASHION_MNIST_DEFAULT).is_dir() and not os.environ.get("CI"),
