@@ -846,11 +846,20 @@ def _resnet20(aq=None, wq=None):
 
 
 def run_train_overhead_bench(quantizers=TRAIN_QUANTIZERS, batch: int = 32, steps: int = 6, rounds: int = 3,
-                             threads: int | None = None) -> list[dict]:
+                             threads: int | None = None, progress: bool = False) -> list[dict]:
     """Training step time (forward, backward, SGD step) of CIFAR ResNet-20 with each quantizer pair, as a
-    ratio to the same network in FP32, interleaved in one run (median over rounds)."""
-    import torch
+    ratio to the same network in FP32, interleaved in one run: ``rounds`` rounds, each timing ``steps``
+    steps of every network in turn (rotating the order).
 
+    Per network: ``step_ms`` / ``ratio_vs_fp32`` from the median round, ``best_ms`` / ``best_ratio`` from the
+    fastest round (extra load from other processes only adds time, so on a shared machine the best round is
+    the steadier estimate), and ``cpu_ms`` / ``cpu_ratio``: the process CPU time of the fastest round (CPU time
+    barely grows when other processes take the cores; with several threads it includes OpenMP spin-waits)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if batch < 1 or steps < 1 or rounds < 1:
+        raise ValueError(f"batch, steps and rounds must be ≥ 1, got {batch}, {steps}, {rounds}")
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -876,22 +885,36 @@ def run_train_overhead_bench(quantizers=TRAIN_QUANTIZERS, batch: int = 32, steps
                 q.on_epoch(0, 10)
         step(k)
     times = {k: [] for k in nets}
+    cpu = {k: [] for k in nets}
     order = list(nets)
-    for r in range(rounds):
+    for r in tqdm(range(rounds), desc="train bench rounds", disable=not progress, leave=False):
         for k in order[r % len(order):] + order[:r % len(order)]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 step(k)
             times[k].append((time.perf_counter() - t0) / steps)
-    base = statistics.median(times["fp32"])
-    return [{"quantizers": k, "step_ms": statistics.median(v) * 1e3, "ratio_vs_fp32": statistics.median(v) / base,
-             "batch": batch, "threads": torch.get_num_threads()} for k, v in times.items()]
+            cpu[k].append((time.process_time() - c0) / steps)
+    base, best, cbase = statistics.median(times["fp32"]), min(times["fp32"]), min(cpu["fp32"])
+    rows = []
+    for k, v in times.items():
+        med, low, c = statistics.median(v), min(v), min(cpu[k])
+        rows.append({"quantizers": k, "step_ms": med * 1e3, "ratio_vs_fp32": med / base, "best_ms": low * 1e3,
+                     "best_ratio": low / best, "cpu_ms": c * 1e3, "cpu_ratio": c / cbase, "batch": batch,
+                     "threads": torch.get_num_threads(), "rounds": rounds, "steps": steps})
+    return rows
 
 
 def format_train_overhead(rows) -> str:
-    lines = [f"{'quantizers (act/weight)':28s} {'step ms':>9s} {'× FP32':>8s}"]
+    head = (f"{'quantizers (act/weight)':28s} {'median ms':>9s} {'× FP32':>7s} {'best ms':>9s} {'× FP32':>7s} "
+            f"{'CPU ms':>9s} {'× FP32':>7s}")
+    lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['quantizers']:28s} {r['step_ms']:9.1f} {r['ratio_vs_fp32']:8.2f}")
+        lines.append(f"{r['quantizers']:28s} {r['step_ms']:9.1f} {r['ratio_vs_fp32']:7.2f} {r['best_ms']:9.1f} "
+                     f"{r['best_ratio']:7.2f} {r['cpu_ms']:9.1f} {r['cpu_ratio']:7.2f}")
+    if rows:
+        r = rows[0]
+        lines.append(f"batch {r['batch']}, {r['threads']} thread(s), {r['rounds']} interleaved rounds of "
+                     f"{r['steps']} steps; median / fastest round, and process CPU time of the fastest")
     return "\n".join(lines)
 
 
@@ -983,7 +1006,7 @@ def run_from_args(args) -> int:
     import json
 
     if getattr(args, "train", False):
-        rows = run_train_overhead_bench(threads=args.threads[0], rounds=max(3, min(args.repeat, 7)))
+        rows = run_train_overhead_bench(threads=args.threads[0], rounds=max(3, min(args.repeat, 7)), progress=True)
         print(json.dumps(rows) if args.json else format_train_overhead(rows), flush=True)
         return 0
     if any(b < 1 for b in args.batch_sizes) or any(t < 1 for t in args.threads):

@@ -645,3 +645,89 @@ def test_binary_conv_with_method_quantizers(aq, wq):
         s, r, t = layer.weight_quantizer(layer.weight)
         wb = s * (1 if r is None else r.view(-1, 1, 1, 1)) + (0 if t is None else t.view(-1, 1, 1, 1))
         _close(layer(x), torch.nn.functional.conv2d(a, wb, padding=1), 1e-5)
+
+
+# ------------------------------------------------------------------------- AdaBin training path (issue #7)
+
+
+def test_sign_at_least_zero_is_where_ge_zero():
+    tiny = torch.finfo(torch.float32).smallest_normal
+    sub = torch.nextafter(torch.tensor(0.0), torch.tensor(1.0)).item()  # the smallest subnormal
+    d = torch.tensor([float("nan"), 0.0, -0.0, float("inf"), -float("inf"), sub, -sub, tiny, -tiny, 1.0, -3.5])
+    d = torch.cat([d, torch.randn(1000, generator=torch.Generator().manual_seed(3))])
+    want = torch.where(d >= 0, 1.0, -1.0)  # SignBinarize / weight_sign semantics
+    assert torch.equal(Q._sign_at_least_zero_(d.clone()), want)
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.7, 0.2), (-0.5, 0.3), (1.3, -0.0)])
+def test_adabin_activation_training_decision_next_to_the_threshold(alpha, beta):
+    """In training the ±1 decision is the deploy form's, also one ulp away from the threshold."""
+    q = Q.AdaBinActivation(alpha, beta)
+    thr = q.deploy(1).threshold[0]
+    near = [torch.nextafter(thr, torch.tensor(-math.inf)), thr, torch.nextafter(thr, torch.tensor(math.inf))]
+    x = torch.cat([torch.stack(near), _x((40,), seed=4)]).reshape(1, -1, 1, 1).requires_grad_()
+    y = q(x)
+    xn = _np(x)
+    a32, b32 = float(np.float32(alpha)), float(np.float32(beta))
+    s = np.where(xn >= b32, 1.0, -1.0) if alpha > 0 else np.where(xn <= b32, 1.0, -1.0)  # sign((x − β)/α)
+    np.testing.assert_array_equal(_np(y), (np.float32(a32) * (s.astype(np.float32) + np.float32(b32))))
+    q.eval()
+    with torch.no_grad():
+        _close(q(x), y, 1e-6)
+
+
+def _adabin_conv_reference(x, weight, alpha_a, beta_a, t, k, stride, padding, groups):
+    """AdaBin conv in float64 from the spec's formulas (§1.1–1.2), gradients by autograd through the
+    surrogates' primitives: ApproxSign F(u) = −1, 2u + u², 2u − u², 1 (F' = max(0, 2 − 2|u|)) and EDE
+    k·tanh(t·u) (derivative k·t·(1 − tanh²(t·u))), each with the exact sign as its forward value."""
+    u = (x - beta_a) / alpha_a
+    f = torch.where(u < -1, -1.0, torch.where(u < 0, 2 * u + u * u, torch.where(u < 1, 2 * u - u * u, 1.0)))
+    s_a = f + (torch.where(u >= 0, 1.0, -1.0).double() - f).detach()
+    a = alpha_a * (s_a + beta_a)
+    flat = weight.reshape(weight.shape[0], -1)
+    beta_w = flat.mean(1, keepdim=True)
+    alpha_w = ((flat - beta_w) ** 2).mean(1, keepdim=True).sqrt()
+    wh = (flat - beta_w) / alpha_w
+    e = k * torch.tanh(t * wh)
+    s_w = e + (torch.where(wh >= 0, 1.0, -1.0).double() - e).detach()
+    wb = (alpha_w * s_w + beta_w).reshape(weight.shape)
+    return torch.nn.functional.conv2d(a, wb, None, stride, padding, 1, groups)
+
+
+@pytest.mark.parametrize("stride,padding,groups", [(1, 1, 1), (2, 1, 2), (1, 0, 1)])
+def test_adabin_binary_conv_training_values_and_gradients(stride, padding, groups):
+    """The training path (one conv with W_b = α_w·s + β_w) against the float64 spec reference; without
+    gradients the layer computes the export op's arithmetic, bit for bit."""
+    from bnnc.nn import BinaryConv2d
+    from bnnc.ops import export as ops
+
+    torch.manual_seed(0)
+    layer = BinaryConv2d(4, 6, 3, stride=stride, padding=padding, groups=groups, input_quantizer="adabin",
+                         weight_quantizer="adabin")
+    with torch.no_grad():
+        layer.weight.mul_(0.5).add_(0.03)
+        layer.input_quantizer.alpha_a.fill_(0.8)
+        layer.input_quantizer.beta_a.fill_(0.15)
+    layer.weight_quantizer.on_epoch(3, 10)
+    t, k = layer.weight_quantizer.t, layer.weight_quantizer.k
+    x = _x((2, 4, 7, 7), seed=21, scale=1.2).requires_grad_()
+    y = layer(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(22))
+    params = [x, layer.weight, layer.input_quantizer.alpha_a, layer.input_quantizer.beta_a]
+    grads = torch.autograd.grad((y * g).sum(), params)
+
+    ref_in = [p.detach().double().requires_grad_() for p in params]
+    y_ref = _adabin_conv_reference(*ref_in, t, k, stride, padding, groups)
+    ref_grads = torch.autograd.grad((y_ref * g.double()).sum(), ref_in)
+    _close(y, y_ref, 1e-5)
+    for got, want in zip(grads, ref_grads):
+        scale = float(want.abs().max())
+        np.testing.assert_allclose(_np(got), _np(want), rtol=1e-4, atol=1e-5 * scale)
+
+    with torch.no_grad():
+        y_eval = layer(x)
+        a = layer.input_quantizer(x)
+        ws, r, tt = layer.weight_quantizer.deploy(layer.weight)
+        want = ops.binary_conv2d(a, ws, r, tt, [stride] * 2, [padding] * 2, [1, 1], groups)
+    assert torch.equal(y_eval, want)
+    _close(y_eval, y, 1e-5)
