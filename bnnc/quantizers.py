@@ -637,12 +637,7 @@ class LibraPBWeight(_TKSchedule, WeightQuantizer):
         return _binary(wh, ede_grad(self.t, self.k)).reshape(w.shape), r, None
 
 
-def _sign_at_least_zero_(d: torch.Tensor) -> torch.Tensor:
-    """In place: +1 where d ≥ 0 (±0 included), −1 where d < 0 or NaN, i.e. ``torch.where(d >= 0, 1, −1)``
-    (``SignBinarize`` / ``weight_sign``), without boolean tensors, which are several times slower than
-    float arithmetic on CPU (issue #7): sign(sign(d) + ½), NaN first mapped to −1. With d = x − T, d is ±0
-    only when x = T (IEEE subtraction is exact near zero, with subnormals), so x ≥ T ⇔ d ≥ 0 for finite T."""
-    return d.nan_to_num_(nan=-1.0).sign_().add_(0.5).sign_()
+_sign_at_least_zero_ = ops.sign_at_least_zero_  # one definition, with the ops (bnnc/ops/export.py)
 
 
 def _adabin_equalize(flat: torch.Tensor):
