@@ -134,6 +134,8 @@ def bench_model(path: str, batch: int, repeat: int, block_s: float, tvm_threads=
     t0 = time.perf_counter()
     tvm_m = bnnc.compile(deploy, runtime="tvm", batch_size=batch, num_threads=max(tvm_threads))
     res["tvm_compile_s_in_process"] = time.perf_counter() - t0
+    # element-wise chains (residual add, bias, PReLU, Clip) fused with the PackSign after float binary convs
+    res["tvm_fused_chains"] = getattr(tvm_m._executor, "info", {}).get("fused_chains")
     y = tvm_m.run(x)
     res["checks"]["bnnc-tvm"] = dict(same_top1=bool(np.array_equal(y.argmax(1), ref.argmax(1))),
                                      max_abs_diff=float(np.abs(y - ref).max()))

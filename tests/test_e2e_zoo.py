@@ -129,6 +129,24 @@ def test_tvm_float_layers_scheduled_and_shared():
     assert n_bconv_calls == 16 and n_bconv_kernels < 10
 
 
+@pytest.mark.parametrize("name", ["bireal18", "reactnet18"])
+def test_tvm_chains_fused_and_kernels_parallel(name):
+    """Every float binary conv's element-wise tail (residual Add, bias Adds, PReLU) is fused with the next
+    PackSign into one kernel, no standalone add/where ops remain in the Relax graph, and every bnnc kernel
+    has a parallel outer loop (multi-threading)."""
+    from bnnc.runtimes.tvm import translate
+
+    deploy = bnnc.fold(exported(name, 32)[0])
+    mod, info = translate(deploy, batch_size=1)
+    assert info["fused_chains"] == 16  # one per binary conv (the last one without PackSign)
+    main = mod["main"].script()
+    assert "R.add(" not in main and "R.where(" not in main
+    assert main.count("bnnc_chain_pack_") == 15  # one call per binary conv followed by a binary layer
+    for gv, f in mod.functions.items():
+        if gv.name_hint.startswith("bnnc_"):
+            assert "T.parallel" in f.script(), gv.name_hint
+
+
 # ------------------------------------------------------------------------------------------- scheduled kernels
 
 

@@ -327,3 +327,179 @@ def test_unsupported_op_names_node():
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)], ir_version=10)
     with pytest.raises(ValueError, match="my_erf.*Erf"):
         compile_model(model)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused epilogue chain: float conv → residual Add → bias Add → PRelu → bias Add → Clip → PackSign
+
+
+def _residual_block(rng, n=2, c=64, h=7, w=9, stride=1):
+    """x → PackSign(T0) → bconv1(float) → Add(x residual) → Add(b1) → PRelu → Add(b2) → Clip(-1, 1) = v →
+    PackSign(T1) = pk1 → bconv2(float, stride) → Add(b3) = y. Values on a 1/4 grid so that the float sums
+    are exact and many elements land exactly on their thresholds (ties: ``v >= T`` must give 1)."""
+    inits = {}
+
+    def init(name, arr):
+        inits[name] = arr
+        return name
+
+    q = lambda shape, lo, hi: (rng.integers(lo, hi + 1, shape) / 4).astype(np.float32)  # noqa: E731
+    init("t0", q(c, -2, 2))
+    a1, at1 = _conv_inputs(rng, 1, c, h, w, c, 3, 1, 1, "float")
+    a2, at2 = _conv_inputs(rng, 1, c, h, w, c, 3, stride, 1, "float")
+    for pre, a in (("1", a1), ("2", a2)):
+        for nm, arr in zip(["w", "e", "rc", "cc"], a[1:5]):
+            init(nm + pre, arr)
+        init("p0" + pre, rng.choice(np.float32([0.25, -0.25, 0.5]), c).astype(np.float32))
+        init("p1" + pre, q(c, -4, 4))
+    init("b1", q((1, c, 1, 1), -2, 2))
+    init("slope", q((c, 1, 1), 0, 2))
+    init("b2", q((1, c, 1, 1), -2, 2))
+    init("b3", q((1, c, 1, 1), -2, 2))
+    init("lo", np.float32(-1.0))
+    init("hi", np.float32(1.0))
+    init("t1", rng.choice(np.float32([-1.0, -0.5, 0.0, 0.25, 1.0]), c).astype(np.float32))
+
+    def battrs(at):
+        return dict(in_channels=c, out_channels=c, kernel_shape=list(at["kernel_shape"]),
+                    strides=list(at["strides"]), pads=list(at["pads"]), dilations=[1, 1], output="float")
+
+    nodes = [
+        oh.make_node("PackSign", ["x", "t0"], ["pk0"], name="pack0", domain=DOMAIN),
+        oh.make_node("BinaryConv2dPacked", ["pk0", "w1", "e1", "rc1", "cc1", "p01", "p11"], ["c1"], name="bconv1",
+                     domain=DOMAIN, **battrs(at1)),
+        oh.make_node("Add", ["c1", "x"], ["a1"], name="residual"),
+        oh.make_node("Add", ["b1", "a1"], ["a2"], name="move1"),
+        oh.make_node("PRelu", ["a2", "slope"], ["pr"], name="prelu"),
+        oh.make_node("Add", ["pr", "b2"], ["a3"], name="move2"),
+        oh.make_node("Clip", ["a3", "lo", "hi"], ["v"], name="clip"),
+        oh.make_node("PackSign", ["v", "t1"], ["pk1"], name="pack1", domain=DOMAIN),
+        oh.make_node("BinaryConv2dPacked", ["pk1", "w2", "e2", "rc2", "cc2", "p02", "p12"], ["c2"], name="bconv2",
+                     domain=DOMAIN, **battrs(at2)),
+        oh.make_node("Add", ["c2", "b3"], ["y"], name="move3"),
+    ]
+    graph = oh.make_graph(nodes, "residual_block", [oh.make_tensor_value_info("x", TP.FLOAT, ["N", c, h, w])],
+                          [oh.make_tensor_value_info("y", TP.FLOAT, None)],
+                          [nh.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18), oh.make_opsetid(DOMAIN, 1)],
+                          ir_version=10)
+    x = q((n, c, h, w), -6, 6)
+    # NumPy reference, op by op in float32
+    g = lambda *names: [inits[k] for k in names]  # noqa: E731
+    c1 = ref.binary_conv2d_packed(ref.pack_sign(x, inits["t0"]), *g("w1", "e1", "rc1", "cc1", "p01", "p11"), **at1)
+    v = c1 + x
+    v = inits["b1"] + v
+    v = np.where(v < 0, v * inits["slope"], v).astype(np.float32)
+    v = np.minimum(np.maximum(v + inits["b2"], np.float32(-1)), np.float32(1))
+    pk1 = ref.pack_sign(v, inits["t1"])
+    c2 = ref.binary_conv2d_packed(pk1, *g("w2", "e2", "rc2", "cc2", "p02", "p12"), **at2)
+    want = dict(v=v, pk1=pk1, y=(c2 + inits["b3"]).astype(np.float32))
+    return model, x, want
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_fused_chain_pack_matches_reference(stride):
+    """The chain after a float binary conv is one kernel (float value + packed bits), and the bits, the
+    float value the residual path reads, and the network output equal the NumPy reference, ties included."""
+    from bnnc.runtimes.tvm.graph import compile_model, translate
+
+    rng = np.random.default_rng(5 + stride)
+    model, x, want = _residual_block(rng, stride=stride)
+    ties = int((want["v"] == model_init(model, "t1").reshape(1, -1, 1, 1)).sum())
+    assert ties > 50  # the test exercises v == T (bit 1) on many elements
+
+    mod, info = translate(model, batch_size=2)
+    assert info["fused_chains"] == 2  # bconv1's chain (+ PackSign) and bconv2's bias add
+    script = mod.script()
+    assert script.count("bnnc_chain_pack_") >= 1 and "bnnc_pack_sign_" in script  # pack0 stays
+    # no separate add / PRelu / clip kernels left
+    assert not any(gv.name_hint.startswith(("add", "fused_", "maximum", "where")) for gv in mod.functions)
+
+    for out, elem in (("pk1", TP.UINT32), ("v", TP.FLOAT), ("y", TP.FLOAT)):
+        m = _with_output(model, out, elem)
+        got = compile_model(m, batch_size=2).run(x)
+        assert got.dtype == want[out].dtype and np.array_equal(got, want[out]), out
+    # the unfused translation computes the same
+    un = compile_model(_with_output(model, "pk1", TP.UINT32), batch_size=2, fuse=False)
+    assert un.info["fused_chains"] == 0 and np.array_equal(un.run(x), want["pk1"])
+
+
+def model_init(model, name):
+    return next(nh.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 5, 19), (2, 16, 6, 10)])
+def test_chain_pack_kernel_partial_word(shape):
+    """C not a multiple of 32 (tail bits 0), broadcast operands of every rank, every step kind."""
+    rng = np.random.default_rng(3)
+    c = shape[1]
+    steps = [("add", 0), ("sub", 1), ("rsub", 2), ("mul", 3), ("max", 4), ("min", 5), ("prelu", 6), ("relu",),
+             ("neg",)]
+    ex_shapes = [shape, (1, c, 1, 1), (c, 1, 1), (1,), (shape[2], 1), (1,) + tuple(shape[1:]), (c, 1, 1)]
+    y = rng.standard_normal(shape).astype(np.float32)
+    ex = [rng.standard_normal(s).astype(np.float32) for s in ex_shapes]
+    t = rng.standard_normal(c).astype(np.float32)
+    v = y + ex[0]
+    v = v - ex[1]
+    v = ex[2] - v
+    v = v * ex[3]
+    v = np.maximum(v, ex[4])
+    v = np.minimum(v, ex[5])
+    v = np.where(v < 0, v * ex[6], v)
+    v = -np.maximum(v, np.float32(0))
+    v = v.astype(np.float32)
+    t[:5] = v[0, :5, 0, 0]  # exact ties
+    for want_float in (True, False):
+        f = K.chain_pack_primfunc(shape, ex_shapes, steps, want_float=want_float)
+        lib = K.build_kernel(f).lib
+        dev = tvm.cpu()
+        args = [tvm.runtime.tensor(a, dev) for a in [y] + ex + [t]]
+        outs = ([tvm.runtime.tensor(np.empty(shape, np.float32), dev)] if want_float else []) + \
+            [tvm.runtime.tensor(np.zeros((2,) + tuple(shape[2:]) + (K.num_words(c),), np.uint32), dev)]
+        lib(*args, *outs)
+        if want_float:
+            assert np.array_equal(outs[0].numpy(), v)
+        assert np.array_equal(outs[-1].numpy(), ref.pack_sign(v, t))
+
+
+def test_set_num_threads_resizes_pool():
+    """set_num_threads picks the workers of TVM's pool, up to every available core (TVM itself would size
+    the pool at half the logical cores on x86 and never grow it)."""
+    import os
+
+    from bnnc.runtimes.tvm import set_num_threads
+
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        pytest.skip("one core")
+    num = tvm.get_global_func("runtime.NumThreads")
+    try:
+        for n in (1, 2, cores, 1):
+            set_num_threads(n)
+            assert int(num()) == n
+    finally:
+        set_num_threads(cores)
+
+
+def test_chain_pack_kernel_aarch64_under_qemu(tmp_path):
+    """The NEON schedule of the fused chain (packed bits only, and float only) under qemu-aarch64."""
+    from bnnc.runtimes.tvm import cross
+
+    if cross.missing_aarch64_tools():
+        pytest.skip(f"missing {cross.missing_aarch64_tools()}")
+    rng = np.random.default_rng(8)
+    shape = (1, 64, 6, 7)
+    steps = [("add", 0), ("add", 1), ("prelu", 2), ("max", 3), ("min", 4)]
+    ex_shapes = [shape, (1, 64, 1, 1), (64, 1, 1), (1,), (1,)]
+    y = (rng.integers(-8, 9, shape) / 4).astype(np.float32)
+    ex = [(rng.integers(-4, 5, s) / 4).astype(np.float32) for s in ex_shapes[:3]]
+    ex += [np.float32([-1.0]), np.float32([1.0])]
+    t = rng.choice(np.float32([-1.0, 0.0, 0.5, 1.0]), 64).astype(np.float32)
+    v = np.minimum(np.maximum(np.where(y + ex[0] + ex[1] < 0, (y + ex[0] + ex[1]) * ex[2], y + ex[0] + ex[1]),
+                              ex[3]), ex[4]).astype(np.float32)
+    bits = cross.QemuKernel(K.chain_pack_primfunc(shape, ex_shapes, steps, want_float=False, target="arm"),
+                            workdir=str(tmp_path / "bits"))(y, *ex, t)
+    assert np.array_equal(bits, ref.pack_sign(v, t))
+    val = cross.QemuKernel(K.chain_pack_primfunc(shape, ex_shapes, steps, pack=False, target="arm"),
+                           workdir=str(tmp_path / "float"))(y, *ex)
+    assert np.array_equal(val, v)

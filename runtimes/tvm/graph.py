@@ -58,18 +58,40 @@ def _quiet_scope_logs():
                     print(line, file=sys.stderr)
 
 
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+# TVM sizes its thread pool once, when it is first used, from TVM_NUM_THREADS (else OMP_NUM_THREADS, else
+# *half* the logical cores on x86, assuming hyper-threading); config_threadpool can later use fewer workers
+# but never more. So the pool is created with every core this process may use, and set_num_threads()
+# picks how many of them run. An explicit TVM_NUM_THREADS is respected.
+if "TVM_NUM_THREADS" not in os.environ:
+    os.environ["TVM_NUM_THREADS"] = str(_available_cores())
+
+
 def set_num_threads(num_threads: int | None) -> None:
-    """Set the TVM runtime thread pool size (also exported as TVM_NUM_THREADS for fresh pools)."""
+    """Use ``num_threads`` workers of the TVM runtime thread pool for the following runs (parallel loops of
+    every kernel). More threads than the pool was created with (TVM_NUM_THREADS, default: all available
+    cores) cannot be had: a warning says so."""
     if not num_threads:
         return
     n = int(num_threads)
-    os.environ["TVM_NUM_THREADS"] = str(n)
     f = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
-    if f is not None:
-        try:
-            f(1, n)  # mode 1 = big cores (all cores on homogeneous machines), n threads
-        except Exception:  # pragma: no cover - keep the env fallback
-            pass
+    if f is None:  # pragma: no cover - very old runtimes: a fresh pool reads the environment
+        os.environ["TVM_NUM_THREADS"] = str(n)
+        return
+    f(1, n)  # mode 1 = big cores (all cores on homogeneous machines), n threads
+    got = tvm.get_global_func("runtime.NumThreads", allow_missing=True)
+    if got is not None and int(got()) < n:
+        import warnings
+
+        warnings.warn(f"TVM thread pool has {int(got())} workers, {n} requested (the pool is sized once, by "
+                      f"TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS')} when first used)", RuntimeWarning,
+                      stacklevel=2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,8 +306,14 @@ def float_maxpool2d_primfunc(x_shape, kernel_shape, strides, pads, vec: int = 16
 
 
 class _Translator:
-    def __init__(self, model: onnx.ModelProto, batch_size: int, family: str = "x86"):
+    def __init__(self, model: onnx.ModelProto, batch_size: int, family: str = "x86", fuse: bool = True):
         self.model = model
+        # fuse the element-wise chain after a float-output binary conv (+ its PackSign) into one kernel
+        self.fuse = bool(fuse)
+        self.skip: set[int] = set()  # node indices translated as part of a fused chain
+        self.deferred: dict[int, dict] = {}  # node index → fused chain emitted in its place
+        self.cur = -1
+        self.fused_chains: list[dict] = []  # what was fused (for tests and inspection)
         self.family = family  # schedule family of the ai.bnnc kernels: "x86", "arm" or "cuda"
         self.graph = model.graph
         self.batch_size = int(batch_size)
@@ -325,6 +353,7 @@ class _Translator:
         return self.bb.emit(expr)
 
     def call_kernel(self, func, base: str, args, out_shape, out_dtype):
+        """``call_tir`` of a (shared) kernel; ``out_shape``/``out_dtype`` may be lists (several outputs)."""
         # one PrimFunc per distinct kernel: layers of the same shape (a ResNet stage) share their code,
         # which divides the LLVM work of compile time (weights are arguments, not part of the kernel)
         key = (base, tvm_ffi.structural_hash(func))
@@ -338,6 +367,12 @@ class _Translator:
             gv = self.bb.add_func(func.with_attr("global_symbol", name), name)
             self.kernels.setdefault(key, []).append((gv, func))
             self.nfunc += 1
+        if isinstance(out_dtype, (list, tuple)):
+            sinfo = [relax.TensorType(s, d) for s, d in zip(out_shape, out_dtype)]
+            if len(sinfo) == 1:
+                return [self.emit(relax.call_tir(gv, list(args), sinfo[0]))]
+            res = self.emit(relax.call_tir(gv, list(args), sinfo))
+            return [self.emit(relax.TupleGetItem(res, k)) for k in range(len(sinfo))]
         return self.emit(relax.call_tir(gv, list(args), relax.TensorType(out_shape, out_dtype)))
 
     # -- driver --------------------------------------------------------------------------------
@@ -371,7 +406,19 @@ class _Translator:
         with self.bb.function("main", [x]):
             with self.bb.dataflow():
                 self.values[inp.name] = x
-                for node in g.node:
+                self.consumers: dict[str, list[int]] = {}
+                for k, node in enumerate(g.node):
+                    for name in node.input:
+                        if name:
+                            self.consumers.setdefault(name, []).append(k)
+                self.graph_outputs = set(self.output_names)
+                for k, node in enumerate(g.node):
+                    self.cur = k
+                    if k in self.skip:
+                        continue
+                    if k in self.deferred:
+                        self._emit_chain(self.deferred.pop(k))
+                        continue
                     self.node(node)
                 outs = [self.get(o) for o in self.output_names]
                 out = outs[0] if len(outs) == 1 else relax.Tuple(outs)
@@ -508,7 +555,152 @@ class _Translator:
         f = K.binary_conv2d_packed_primfunc(xs, ws, es, out_channels=o, kernel_shape=ks, strides=st, pads=pads,
                                             dilations=dil, output=output, target=self.family)
         oshape, odtype = K.output_spec(f)
-        return self.call_kernel(f, "bconv", args, oshape, odtype)
+        y = self.call_kernel(f, "bconv", args, oshape, odtype)
+        if output == "float" and self.fuse and len(oshape) == 4:
+            self._plan_chain(self.cur, node.output[0])
+        return y
+
+    # -- fused element-wise chain after a float-output binary conv --------------------------------
+    def _chain_steps(self, nd, v: str, extras: list):
+        """The chain steps of node ``nd`` applied to value ``v`` (its only producer-side input), or None
+        when the node cannot join the chain. Operands are appended to ``extras`` as names / arrays."""
+        if (nd.domain or "") not in _ONNX_DOMAINS or len(nd.output) != 1:
+            return None
+        ins = [n for n in nd.input]
+        op = nd.op_type
+
+        def operand(name):
+            if name in self.consts and name not in self.values:
+                arr = np.asarray(self.consts[name])
+                if arr.dtype != np.float32 or arr.ndim > 4:
+                    return None
+                extras.append(arr.reshape(1) if arr.ndim == 0 else arr)
+            else:
+                extras.append(name)  # a value: shape and dtype are checked when the chain is emitted
+            return len(extras) - 1
+
+        if op in ("Add", "Sub", "Mul", "Max", "Min") and len(ins) == 2 and ins.count(v) == 1:
+            other = ins[1] if ins[0] == v else ins[0]
+            k = operand(other)
+            if k is None:
+                return None
+            kind = {"Add": "add", "Mul": "mul", "Max": "max", "Min": "min"}.get(op)
+            if op == "Sub":
+                kind = "sub" if ins[0] == v else "rsub"
+            return [(kind, k)]
+        if op == "PRelu" and len(ins) == 2 and ins[0] == v and ins[1] != v:
+            k = operand(ins[1])
+            return None if k is None else [("prelu", k)]
+        if op == "Relu" and ins == [v]:
+            return [("relu",)]
+        if op == "Neg" and ins == [v]:
+            return [("neg",)]
+        if op == "Clip" and ins and ins[0] == v and v not in ins[1:]:
+            a = _attrs(nd)
+            lo, hi = a.get("min"), a.get("max")
+            for i, nm in ((1, "min"), (2, "max")):
+                if len(ins) > i and ins[i]:
+                    if ins[i] not in self.consts or ins[i] in self.values:
+                        return None
+                    if nm == "min":
+                        lo = self.consts[ins[i]]
+                    else:
+                        hi = self.consts[ins[i]]
+            steps = []
+            for kind, bound in (("max", lo), ("min", hi)):
+                if bound is not None:
+                    b = np.asarray(bound)
+                    if b.size != 1 or b.dtype != np.float32:
+                        return None
+                    extras.append(b.reshape(1))
+                    steps.append((kind, len(extras) - 1))
+            return steps
+        return None
+
+    def _plan_chain(self, conv_idx: int, v: str):
+        """After a float-output conv: find the single-consumer element-wise chain that follows it and the
+        PackSign of its result; translate them later as one kernel in place of the chain's last node."""
+        g = self.graph
+        steps, nodes, extras = [], [], []
+        while v not in self.graph_outputs:
+            cons = self.consumers.get(v, [])
+            if len(cons) != 1 or cons[0] <= conv_idx:
+                break
+            j = cons[0]
+            n0 = len(extras)
+            st = self._chain_steps(g.node[j], v, extras)
+            if st is None:
+                del extras[n0:]
+                break
+            steps += st
+            nodes.append(j)
+            v = g.node[j].output[0]
+        if not nodes:
+            return
+        pack = None
+        for j in self.consumers.get(v, []):
+            nd = g.node[j]
+            tname = nd.input[1] if len(nd.input) > 1 and nd.input[1] else None
+            if nd.domain == BNNC_DOMAIN and nd.op_type == "PackSign" and nd.input[0] == v and \
+                    (tname is None or (tname in self.consts and tname not in self.values)):
+                pack = j
+                break
+        want_float = pack is None or v in self.graph_outputs or any(j != pack for j in self.consumers.get(v, []))
+        plan = dict(conv=conv_idx, nodes=nodes, steps=steps, extras=extras, pack=pack, value=v,
+                    want_float=want_float)
+        self.skip.update(nodes[:-1])
+        if pack is not None:
+            self.skip.add(pack)
+        self.deferred[nodes[-1]] = plan
+
+    def _emit_chain(self, plan: dict):
+        g = self.graph
+        conv_out = g.node[plan["conv"]].output[0]
+        y = self.get(conv_out)
+        shape = _shape(y)
+        args, shapes = [y], []
+        ok = _dtype(y) == "float32"
+        for e in plan["extras"]:
+            if isinstance(e, str):
+                val = self.get(e)
+                es = _shape(val)
+                ok = ok and _dtype(val) == "float32" and len(es) <= len(shape) and all(
+                    a in (1, b) for a, b in zip(es, shape[len(shape) - len(es):]))
+                args.append(val)
+                shapes.append(es)
+            else:
+                args.append(self.const(e))
+                shapes.append(list(e.shape))
+        if not ok:  # a value operand that does not broadcast (or is not float32): translate op by op
+            for j in plan["nodes"] + ([plan["pack"]] if plan["pack"] is not None else []):
+                self.node(g.node[j])
+            return
+        pack = plan["pack"]
+        with_t = False
+        if pack is not None:
+            pn = g.node[pack]
+            if len(pn.input) > 1 and pn.input[1]:
+                with_t = True
+                args.append(self.const(pn.input[1], "float32"))
+        f = K.chain_pack_primfunc(shape, shapes, plan["steps"], want_float=plan["want_float"],
+                                  pack=pack is not None, with_threshold=with_t, target=self.family)
+        oshapes, odtypes = [], []
+        if plan["want_float"]:
+            oshapes.append(shape)
+            odtypes.append("float32")
+        if pack is not None:
+            oshapes.append([shape[0], shape[2], shape[3], K.num_words(shape[1])])
+            odtypes.append("uint32")
+        outs = self.call_kernel(f, "chain_pack" if pack is not None else "chain", args, oshapes, odtypes)
+        k = 0
+        if plan["want_float"]:
+            self.values[plan["value"]] = outs[0]
+            k = 1
+        if pack is not None:
+            self.values[g.node[pack].output[0]] = outs[k]
+        self.fused_chains.append(dict(conv=g.node[plan["conv"]].name, ops=[g.node[j].op_type for j in plan["nodes"]],
+                                      steps=[s[0] for s in plan["steps"]], pack=pack is not None,
+                                      float_out=plan["want_float"]))
 
     # -- standard ONNX ops ------------------------------------------------------------------------
     def op_Identity(self, node, a):
@@ -846,15 +1038,18 @@ class _Translator:
         return self.emit(relax.op.astype(x, dt))
 
 
-def translate(model: onnx.ModelProto, batch_size: int = 1, target=None):
+def translate(model: onnx.ModelProto, batch_size: int = 1, target=None, fuse: bool = True):
     """ONNX deploy graph → (Relax IRModule, info dict with input/output names, shapes and dtypes).
 
-    ``target`` picks the schedules of the ai.bnnc kernels (host CPU by default, "arm", "cuda", dict)."""
-    t = _Translator(model, batch_size, target_family(target))
+    ``target`` picks the schedules of the ai.bnnc kernels (host CPU by default, "arm", "cuda", dict).
+    ``fuse`` (default on): the element-wise chain after each float-output ``BinaryConv2dPacked`` (residual
+    adds, bias adds, PReLU, Clip, ...) and the ``PackSign`` of its result become one kernel that writes the
+    float value (where something else reads it) and the packed bits; ``fuse=False`` translates op by op."""
+    t = _Translator(model, batch_size, target_family(target), fuse=fuse)
     mod = t.run()
     info = dict(input_name=t.input_name, input_shape=list(t.input_shape), input_dtype=t.input_dtype,
                 output_name=t.output_names[0], output_shape=list(t.output_shape), output_dtype=t.output_dtype,
-                batch_size=int(batch_size))
+                batch_size=int(batch_size), fused_chains=len(t.fused_chains))
     return mod, info
 
 
@@ -970,7 +1165,7 @@ def _resolve_target(target, num_threads):
 
 
 def compile_model(model: onnx.ModelProto | str, target="cpu", batch_size: int = 1,
-                  num_threads: int | None = None) -> "TVMModel":
+                  num_threads: int | None = None, fuse: bool = True) -> "TVMModel":
     """Compile a deploy-form ONNX model (ai.bnnc + standard ops) with TVM.
 
     ``target``: ``"cpu"`` (the host, runnable here), ``"arm"`` (AArch64 + NEON, cross-compiled: export it
@@ -985,7 +1180,7 @@ def compile_model(model: onnx.ModelProto | str, target="cpu", batch_size: int = 
     if family != "cuda":
         set_num_threads(num_threads)
     tgt = tdict if isinstance(tdict, tvm.target.Target) else tvm.target.Target(tdict)
-    mod, info = translate(model, batch_size, target=tdict)
+    mod, info = translate(model, batch_size, target=tdict, fuse=fuse)
     if family == "cuda":
         with K.nvcc_env():
             ex = tvm.compile(mod, target=tgt, relax_pipeline=_relax_pipeline(tgt))

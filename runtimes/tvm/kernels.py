@@ -30,6 +30,8 @@ __all__ = [
     "maxpool_bits_te",
     "binary_conv2d_packed_te",
     "pack_sign_primfunc",
+    "chain_value_te",
+    "chain_pack_primfunc",
     "unpack_sign_primfunc",
     "maxpool_bits_primfunc",
     "binary_conv2d_packed_primfunc",
@@ -114,6 +116,210 @@ def unpack_sign_te(X: te.Tensor, channels: int) -> te.Tensor:
     return te.compute((n, channels, h, w),
                       lambda i, ch, y, x: tirx.Select(bit(X[i, y, x, ch // WORD], ch), one, mone),
                       name="unpack_sign")
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused float chain → PackSign (the step after a float-output binary conv)
+#
+# ``steps`` is the element-wise chain that follows the conv, each step one ONNX op applied to the running
+# value ``v`` (float32, NCHW) with the arithmetic of TVM's legalization of that op (and of ONNX):
+#   ("add", k)  v + A_k        ("sub", k) v - A_k      ("rsub", k) A_k - v      ("mul", k) v * A_k
+#   ("max", k)  max(v, A_k)    ("min", k) min(v, A_k)  ("prelu", k) where(v < 0, v * A_k, v)
+#   ("relu",)   max(v, 0)      ("neg",)   -v
+# ``A_k`` is the k-th extra operand, broadcast NumPy-style (rank <= 4, right-aligned) to the output shape.
+# The fused kernel writes the final float value (when it is needed elsewhere, e.g. the residual path) and
+# the packed sign bits ``v >= T[c]`` of the next binary layer, in one pass over the data.
+
+CHAIN_OPS = ("add", "sub", "rsub", "mul", "max", "min", "prelu", "relu", "neg")
+
+
+def _bcast_index(shape, out_rank, idx):
+    """Indices into a tensor of ``shape`` broadcast (right-aligned) to ``out_rank`` dims at ``idx``."""
+    off = out_rank - len(shape)
+    return [0 if int(s) == 1 else idx[off + d] for d, s in enumerate(shape)]
+
+
+def chain_value_te(Y: te.Tensor, extras, steps, name: str = "chain") -> te.Tensor:
+    """The float chain applied to ``Y`` (any rank), one TE stage."""
+    shape = [int(s) for s in Y.shape]
+    rank = len(shape)
+    for k, a in enumerate(extras):
+        ash = [int(s) for s in a.shape]
+        if len(ash) > rank or any(s not in (1, t) for s, t in zip(ash, shape[rank - len(ash):])):
+            raise ValueError(f"fused chain: operand {k} of shape {ash} does not broadcast to {shape}")
+    zero = tirx.const(0.0, "float32")
+
+    def f(*idx):
+        v = Y[idx]
+        for st in steps:
+            kind = st[0]
+            if kind not in CHAIN_OPS:
+                raise ValueError(f"fused chain: unknown step {kind!r}")
+            if kind == "relu":
+                v = tirx.max(v, zero)
+                continue
+            if kind == "neg":
+                v = -v
+                continue
+            a = extras[st[1]]
+            av = a[tuple(_bcast_index(a.shape, rank, idx))] if len(a.shape) else a[()]
+            if kind == "add":
+                v = v + av
+            elif kind == "sub":
+                v = v - av
+            elif kind == "rsub":
+                v = av - v
+            elif kind == "mul":
+                v = v * av
+            elif kind == "max":
+                v = tirx.max(v, av)
+            elif kind == "min":
+                v = tirx.min(v, av)
+            else:  # prelu
+                v = tirx.Select(v < zero, v * av, v)
+        return v
+
+    return te.compute(tuple(shape), f, name=name)
+
+
+def _rows_lanes(h: int, w: int, vec: int) -> tuple[int, int]:
+    """(rows per parallel task, vector lanes) for an NCHW plane of ``h`` x ``w``: the most lanes (a power
+    of two <= ``vec``) that divide ``rows * w`` for some divisor ``rows`` of ``h``, then the fewest rows."""
+    best = (1, 1)
+    for rows in range(1, h + 1):
+        if h % rows:
+            continue
+        ext = rows * w
+        lanes = 1
+        while lanes * 2 <= vec and ext % (lanes * 2) == 0:
+            lanes *= 2
+        if lanes > best[1]:
+            best = (rows, lanes)
+    return best
+
+
+def chain_pack_primfunc(y_shape, extra_shapes, steps, *, want_float: bool = True, pack: bool = True,
+                        with_threshold: bool = True, target=None) -> tirx.PrimFunc:
+    """One kernel for ``v = chain(Y, extras)`` → (``v`` float32 NCHW if ``want_float``) + (``PackSign(v, T)``
+    uint32 NHWC if ``pack``). Arguments: ``(Y, *extras, [T], [v_out], [bits_out])``.
+
+    CPU schedule: parallel over (n, output row); per row the float chain of every channel is computed
+    once (vectorized along x) into the float output, then packed from there while it is in L1. Without
+    the float output the chain is computed inside the packing loop and nothing else is written."""
+    if not (want_float or pack):
+        raise ValueError("chain_pack_primfunc: nothing to produce")
+    fam = _family(target)
+    shape = [int(s) for s in y_shape]
+    if len(shape) != 4 and pack:
+        raise ValueError(f"chain_pack_primfunc: packing needs a 4-D NCHW value, got {shape}")
+    Y = te.placeholder(tuple(shape), "float32", name="Y")
+    extras = [te.placeholder(tuple(int(v) for v in s), "float32", name=f"A{k}") for k, s in enumerate(extra_shapes)]
+    V = chain_value_te(Y, extras, steps)
+    args = [Y] + extras
+    outs = []
+    T = None
+    if pack:
+        if with_threshold:
+            T = te.placeholder((shape[1],), "float32", name="T")
+            args.append(T)
+        def thr(ch):
+            return T[ch] if T is not None else tirx.const(0.0, "float32")
+
+        if shape[1] % WORD == 0:
+            # whole words: no clamped channel index (keeps the region analysis of reverse_compute_at exact)
+            def fp(i, y, x, k):
+                return _or_all([tirx.Select(V[i, k * WORD + b, y, x] >= thr(k * WORD + b), _u32(1 << b), _u32(0))
+                                for b in range(WORD)])
+
+            P = te.compute((shape[0], shape[2], shape[3], shape[1] // WORD), fp, name="pack_sign")
+        elif shape[1] < WORD:
+            # one partial word per pixel (bits >= C stay 0); channel k*C + b with k = 0 (an index the
+            # region analysis of reverse_compute_at can solve for k, unlike a constant or k*32 + b)
+            def f1(i, y, x, k):
+                return _or_all([tirx.Select(V[i, k * shape[1] + b, y, x] >= thr(k * shape[1] + b), _u32(1 << b),
+                                            _u32(0)) for b in range(shape[1])])
+
+            P = te.compute((shape[0], shape[2], shape[3], 1), f1, name="pack_sign")
+        else:
+            P = pack_sign_te(V, T)
+    if want_float:
+        outs.append(V)
+    if pack:
+        outs.append(P)
+    sch = tvm.s_tir.Schedule(te.create_prim_func(args + outs))
+    if not pack:
+        if fam == "cuda":
+            _bind_flat(sch, sch.get_sblock("chain"))
+            return _finish(sch, gpu=True)
+        _parallel_outer(sch, sch.get_sblock("chain"), 2 if len(shape) >= 3 else 1, vec_last=True,
+                        vec_max=_cpu_vec(fam))
+        return _finish(sch)
+    bp = sch.get_sblock("pack_sign")
+    bv = sch.get_sblock("chain")
+    if fam == "cuda":
+        if not want_float:
+            sch.compute_inline(bv)
+        else:
+            _bind_flat(sch, bv)
+        _bind_flat(sch, bp, order=lambda l: (l[0], l[1], l[3], l[2]))
+        return _finish(sch, gpu=True)
+    vec = _cpu_vec(fam)
+    n, c, h, w = shape
+    rows, lanes = _rows_lanes(h, w, vec)
+    if lanes < 4 and 4 <= w <= vec:  # e.g. 7x7: one row, all its columns as one (odd-width) vector
+        rows, lanes = 1, w
+
+    def flat_vec(loops):
+        """Fuse the (row-in-block, x) loops given (extent 1 ones already gone) and vectorize by ``lanes``:
+        rows are contiguous in NCHW, and ``lanes`` divides the fused extent (no predicated tail, which
+        TVM would not vectorize)."""
+        f = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        if lanes > 1:
+            _, v = sch.split(f, [None, lanes])
+            sch.vectorize(v)
+
+    def pack_inner(loops):
+        """Packing loops of one block of rows, in block-iter order (y, x, k) minus extent-1 loops:
+        the word loop outside, the positions flattened and vectorized."""
+        exts = [e for e in (rows, w, num_words(c)) if e > 1]
+        assert len(loops) == len(exts)
+        has_k = num_words(c) > 1
+        sp = loops[:-1] if has_k else loops
+        if has_k and sp:
+            sch.reorder(loops[-1], *sp)
+        if sp:
+            flat_vec(sp)
+
+    if want_float and (c % WORD == 0 or c < WORD):
+        # both blocks write outputs (an output block cannot be computed inside another): the float block
+        # owns the parallel loop over blocks of rows, and the packing of those rows follows it there
+        i, ch, y, x = sch.get_loops(bv)
+        yo, yi = sch.split(y, [None, rows])
+        sch.reorder(i, yo, ch, yi, x)
+        blk = sch.fuse(i, yo)
+        sch.parallel(blk)
+        flat_vec([yi, x] if rows > 1 else [x])
+        sch.reverse_compute_at(bp, blk)
+        pack_inner(sch.get_loops(bp)[1:])
+        return _finish(sch)
+    if want_float:  # a partial last word: the float block as its own parallel loop nest first
+        i, ch, y, x = sch.get_loops(bv)
+        sch.parallel(sch.fuse(i, ch))
+        hw_lanes = _rows_lanes(1, h * w, vec)[1]
+        f = sch.fuse(y, x)
+        if hw_lanes > 1:
+            _, v = sch.split(f, [None, hw_lanes])
+            sch.vectorize(v)
+    else:
+        sch.compute_inline(bv)
+    lp = sch.get_loops(bp)
+    i, y, x = lp[:3]
+    yo, yi = sch.split(y, [None, rows])
+    if len(lp) == 4:  # the word axis outside the positions
+        sch.reorder(i, yo, lp[3], yi, x)
+    sch.parallel(sch.fuse(i, yo))
+    flat_vec([yi, x])
+    return _finish(sch)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,9 +592,9 @@ def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, ke
         ot, vec = 4 * NEON_VEC, NEON_VEC
         xt = _best_tile(ow, 4)
     else:
-        if (sh, sw) == (1, 1):
+        if (sh, sw) == (1, 1) or _STRIDED_PIXEL_VEC:
             return _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, o=o, kh=kh, kw=kw, pads=(pt, pl, pb, pr),
-                                       dil=(dh, dw), output=output)
+                                       dil=(dh, dw), output=output, strides=(sh, sw))
         ot = min(op, 4 * VEC) if op % (4 * VEC) == 0 else 2 * VEC  # op is a multiple of 32
         vec = VEC
         xt = _best_tile(ow, max(1, 20 // (ot // VEC)))
@@ -419,20 +625,32 @@ def _pick_qv(nq: int) -> int:
     return min((3, 2, 1), key=score)
 
 
-def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output) -> tirx.PrimFunc:
+# Strided convs use the same form on the input split into stride phases (below); False = the older
+# output-channels-in-lanes schedule (_schedule_conv_cpu) for them.
+_STRIDED_PIXEL_VEC = True
+
+
+def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output, strides=(1, 1)) -> tirx.PrimFunc:
     n, h, w, cw = [int(s) for s in X.shape]
     pt, pl, pb, pr = pads
     dh, dw = dil
+    sh, sw = strides
     hp, wp = h + pt + pb, w + pl + pr
-    oh, ow = hp - dh * (kh - 1), wp - dw * (kw - 1)
+    oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    # Stride > 1: the padded input is split into sh*sw phase planes (plane (a, b) holds rows a, a+sh, ...
+    # and columns b, b+sw, ...), each flattened with row length rl; tap (rk, rw) of output q = y*rl + x
+    # then reads plane ((rk*dh) % sh, (rw*dw) % sw) at q + ((rk*dh)//sh)*rl + (rw*dw)//sw: contiguous
+    # along x again, so the stride-1 schedule applies unchanged.
+    strided = (sh, sw) != (1, 1)
+    rl = -(-wp // sw) if strided else wp
     oc = _X86_OC
     # channels per parallel block: one output word (bits), or up to 32 channels (float)
     oblk = WORD if (o > WORD or output == "bits") else -(-o // oc) * oc
     opad = -(-o // oblk) * oblk
-    nq = -(-(oh * wp) // VEC)
+    nq = -(-(oh * rl) // VEC)
     qv = _pick_qv(nq)
     qp = -(-nq // qv) * qv * VEC
-    length = -(-(qp + (kh - 1) * dh * wp + (kw - 1) * dw) // wp) * wp
+    length = -(-(qp + ((kh - 1) * dh // sh) * rl + (kw - 1) * dw // sw) // rl) * rl
 
     def xt_f(i, c, pos):
         r, x = pos // wp, pos % wp
@@ -440,7 +658,17 @@ def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output
         return tirx.if_then_else(
             inside, X[i, tirx.max(tirx.min(r - pt, h - 1), 0), tirx.max(tirx.min(x - pl, w - 1), 0), c], _u32(0))
 
-    xt = te.compute((n, cw, length), xt_f, name="xt")
+    def xt_phase(i, c, ph, pos):
+        r = (pos // rl) * sh + ph // sw
+        x = (pos % rl) * sw + ph % sw
+        inside = tirx.all(r >= pt, r < pt + h, x >= pl, x < pl + w)
+        return tirx.if_then_else(
+            inside, X[i, tirx.max(tirx.min(r - pt, h - 1), 0), tirx.max(tirx.min(x - pl, w - 1), 0), c], _u32(0))
+
+    if strided:
+        xt = te.compute((n, cw, sh * sw, length), xt_phase, name="xt")
+    else:
+        xt = te.compute((n, cw, length), xt_f, name="xt")
     rk = te.reduce_axis((0, kh), name="rk")
     rw = te.reduce_axis((0, kw), name="rw")
     rc = te.reduce_axis((0, cw), name="rc")
@@ -448,10 +676,15 @@ def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output
     def wsel(oo):
         return W[tirx.min(oo, o - 1) if opad != o else oo, rk, rw, rc]
 
+    def tap(i, q):
+        if not strided:
+            return xt[i, rc, q + rk * (dh * wp) + rw * dw]
+        return xt[i, rc, ((rk * dh) % sh) * sw + (rw * dw) % sw, q + ((rk * dh) // sh) * rl + (rw * dw) // sw]
+
     pc = te.compute(
         (n, opad, qp),
         lambda i, oo, q: te.sum(
-            tirx.popcount(xt[i, rc, q + rk * (dh * wp) + rw * dw] ^ wsel(oo)).astype("int32"),
+            tirx.popcount(tap(i, q) ^ wsel(oo)).astype("int32"),
             axis=[rk, rw, rc]),
         name="pc")
     stages = [X, W, E, RC, CC, P0, P1]
@@ -459,7 +692,7 @@ def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output
     ecol = te.compute((o, int(E.shape[1]), ow), lambda oo, r, x: E[oo, r, CC[x]], name="ecol")
     if output == "float":
         def ff(i, oo, y, x):
-            d = ecol[oo, RC[y], x] - 2 * pc[i, oo, y * wp + x]
+            d = ecol[oo, RC[y], x] - 2 * pc[i, oo, y * rl + x]
             return (d.astype("float64") * P0[oo].astype("float64")).astype("float32") + P1[oo]
 
         Y = te.compute((n, o, oh, ow), ff, name="epilogue")
@@ -471,7 +704,7 @@ def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output
             for b in range(WORD):
                 ch = k * WORD + b
                 chc = tirx.min(ch, o - 1)
-                d = ecol[chc, RC[y], x] - 2 * pc[i, ch, y * wp + x]
+                d = ecol[chc, RC[y], x] - 2 * pc[i, ch, y * rl + x]
                 bit = tirx.all(ch < o, P0[chc].astype("int64") * d.astype("int64") >= P1[chc].astype("int64"))
                 terms.append(tirx.Select(bit, _u32(1 << b), _u32(0)))
             return _or_all(terms)
@@ -502,8 +735,8 @@ def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output
     sch.vectorize(last)
 
     b_xt = sch.get_sblock("xt")
-    _, _, xpos = sch.get_loops(b_xt)
-    sch.split(xpos, [None, wp])
+    xpos = sch.get_loops(b_xt)[-1]
+    sch.split(xpos, [None, rl])
 
     b_ec = sch.get_sblock("ecol")
     el = sch.get_loops(b_ec)
