@@ -131,7 +131,7 @@ def _executor(runtime: str, model: onnx.ModelProto, target: str, batch_size: int
             return RemoteTVMModel(lib_path, tvm_meta, rpc, num_threads=num_threads)
         num_threads = num_threads or len(os.sched_getaffinity(0))
         if lib_path is not None:
-            return tvm_rt.TVMModel.load(lib_path, tvm_meta)
+            return tvm_rt.TVMModel.load(lib_path, tvm_meta, num_threads=num_threads)
         return tvm_rt.compile_model(model, target=target, batch_size=batch_size, num_threads=num_threads)
     if runtime in ("ort", "ort-portable"):
         from bnnc.runtimes.ort import OrtDeployRunner, OrtLibraryError
