@@ -13,6 +13,8 @@ import functools
 import warnings
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 from bnnc.runtimes.reference import OrtReferenceRunner
@@ -63,12 +65,32 @@ def inputs(size: int, n_random: int = 3, seed: int = 0) -> np.ndarray:
     return np.concatenate([rand, structured])
 
 
-def assert_same(got: np.ndarray, ref: np.ndarray, what: str):
+def assert_same(got: np.ndarray, ref: np.ndarray, what: str, model=None, x=None):
+    """Same top-1 and logits within float rounding; a larger difference is accepted only when it comes from a
+    float32 near-tie: the first diverging value (export vs deploy on the NumPy executor) is a SignBinarize whose
+    input lies within 1e-6 of its threshold (relative to the layer's scale), with a handful of flipped decisions.
+    Only AdaBin's affine layers compare in float (deploy.md: t ≠ 0), so only they can do that."""
     assert got.shape == ref.shape, what
     assert np.array_equal(got.argmax(1), ref.argmax(1)), f"{what}: top-1 differs from the export form"
     scale = max(1.0, float(np.abs(ref).max()))
-    err = float(np.abs(got.astype(np.float64) - ref).max())
-    assert err <= 1e-5 * scale, f"{what}: max |diff| {err:.3g} (logits up to {scale:.3g})"
+    err = np.abs(got.astype(np.float64) - ref).max(axis=1)
+    bad = np.flatnonzero(err > 1e-5 * scale)
+    if bad.size == 0:
+        return
+    assert model is not None, f"{what}: max |diff| {err.max():.3g} (logits up to {scale:.3g})"
+    from bnnc.divergence import Side, compare_sides
+    from bnnc.passes.pipeline import to_deploy
+
+    ref_side = Side("export", "reference", model)
+    r = compare_sides(ref_side, Side("deploy", "numpy", to_deploy(model), export=model), x[bad])
+    first = r["first"]
+    assert first is not None and first["kind"] == "sign" and first["sign_diff"] < 1e-3, (what, first)
+    node = next(n for n in model.graph.node if n.output and n.output[0] == first["value"])
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    v = ref_side.values[node.input[0]]
+    t = inits.get(node.input[1], ref_side.values.get(node.input[1]))
+    gap = np.abs(v - np.asarray(t, np.float32).reshape((1, -1) + (1,) * (v.ndim - 2))).min()
+    assert gap <= 1e-6 * max(1.0, float(np.abs(v).max())), (what, first["node"], float(gap))
 
 
 def check_runtimes(name: str, size: int, runtimes=RUNTIMES, batch_size: int = 2):
@@ -85,7 +107,7 @@ def check_runtimes(name: str, size: int, runtimes=RUNTIMES, batch_size: int = 2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # AdaBin layers stay in float (named warning)
             cm = bnnc.compile(model, runtime=rt, batch_size=batch_size)
-        assert_same(cm.run(x), ref, f"{name} {size}² on {rt}")
+        assert_same(cm.run(x), ref, f"{name} {size}² on {rt}", model, x)
 
 
 # ------------------------------------------------------------------------------------------------ fast suite
