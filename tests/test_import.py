@@ -3,7 +3,6 @@ protobuf wire format through google.protobuf, independently of bnnc's hand-writt
 
 from __future__ import annotations
 
-import binascii
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,8 @@ import torch.nn.functional as F
 from bnnc.checkpoints import (detect_format, import_checkpoint, read_checkpoint, read_mindspore, read_torch,
                               convert_checkpoint)
 from bnnc.errors import ModelFormatError
+
+from .conftest import write_ms_ckpt
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "adabin_resnet20_cifar10" / "model.th"
 if not FIXTURE.is_file():  # the repo may be checked out elsewhere than beside shared/
@@ -80,68 +81,6 @@ def _double(sd):
 
 
 # ------------------------------------------------------------------------------------ MindSpore writer
-
-
-def _checkpoint_class(schema: str, packed: bool):
-    """``Checkpoint`` message class from checkpoint.proto (methods.md §10.1), built from descriptors in code.
-    schema "new": Value { tag; oneof value { tensor, maptensor } }; "old": Value { required tag; required tensor }."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    L = descriptor_pb2.FieldDescriptorProto
-    pkg = f"ms_{schema}_{int(packed)}"
-    fdp = descriptor_pb2.FileDescriptorProto(name=f"{pkg}.proto", package=pkg, syntax="proto2")
-    t = fdp.message_type.add(name="TensorProto")
-    dims = t.field.add(name="dims", number=1, type=L.TYPE_INT64, label=L.LABEL_REPEATED)
-    if packed:
-        dims.options.packed = True
-    t.field.add(name="tensor_type", number=2, type=L.TYPE_STRING, label=L.LABEL_REQUIRED)
-    t.field.add(name="tensor_content", number=3, type=L.TYPE_BYTES, label=L.LABEL_REQUIRED)
-    c = fdp.message_type.add(name="Checkpoint")
-    v = c.nested_type.add(name="Value")
-    v.field.add(name="tag", number=1, type=L.TYPE_STRING, label=L.LABEL_REQUIRED)
-    if schema == "new":
-        m = fdp.message_type.add(name="MapTensorProto")
-        m.field.add(name="tensor", number=1, type=L.TYPE_MESSAGE, type_name=f".{pkg}.TensorProto",
-                    label=L.LABEL_REPEATED)
-        v.oneof_decl.add(name="value")
-        v.field.add(name="tensor", number=2, type=L.TYPE_MESSAGE, type_name=f".{pkg}.TensorProto",
-                    label=L.LABEL_OPTIONAL, oneof_index=0)
-        v.field.add(name="maptensor", number=3, type=L.TYPE_MESSAGE, type_name=f".{pkg}.MapTensorProto",
-                    label=L.LABEL_OPTIONAL, oneof_index=0)
-    else:
-        v.field.add(name="tensor", number=2, type=L.TYPE_MESSAGE, type_name=f".{pkg}.TensorProto",
-                    label=L.LABEL_REQUIRED)
-    c.field.add(name="value", number=1, type=L.TYPE_MESSAGE, type_name=f".{pkg}.Checkpoint.Value",
-                label=L.LABEL_REPEATED)
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{pkg}.Checkpoint"))
-
-
-def write_ms_ckpt(path, entries, *, schema="new", packed=False, crc=True, slices=None):
-    """Write ``entries`` [(tag, bytes-or-array, tensor_type, dims)] as MindSpore's ``_exec_save`` does: one
-    serialized ``Checkpoint`` per entry (per slice), concatenated; ``slices[tag]`` = byte chunk size for
-    sliced tensors; trailer b"crc_num" + 10-byte big-endian running CRC-32 when ``crc``."""
-    cls = _checkpoint_class(schema, packed)
-    slices = slices or {}
-    crc_num = 0
-    with open(path, "wb") as f:
-        for tag, data, ttype, dims in entries:
-            content = data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes()
-            step = slices.get(tag, max(len(content), 1))
-            for i in range(0, max(len(content), 1), step):
-                msg = cls()
-                value = msg.value.add()
-                value.tag = tag
-                value.tensor.dims.extend(dims)
-                value.tensor.tensor_type = ttype
-                value.tensor.tensor_content = content[i:i + step]
-                out = msg.SerializeToString()
-                crc_num = binascii.crc32(out, crc_num)
-                f.write(out)
-        if crc:
-            f.write(b"crc_num" + crc_num.to_bytes(10, byteorder="big"))
-    return Path(path)
 
 
 MS_BN = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
