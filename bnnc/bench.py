@@ -210,13 +210,16 @@ def bnnc_layer_kernels(case: dict, target=None) -> dict:
     xshape = [1, s.cin, s.h, s.w]
     pshape = [1, s.h, s.w, K.num_words(s.cin)]
     out = {"pack": K.build_kernel(K.pack_sign_primfunc(xshape, False, target=target), target)}
+    # the weight layout the compiled graph uses (blocked once at compile time for small output planes)
+    layout = K.conv_weight_layout(pshape, case["wp"].shape, target=target, **attrs)
+    wp = K.block_conv_weights(case["wp"]) if layout == "blocked" else case["wp"]
     for mode in ("bits", "float"):
         f = K.binary_conv2d_packed_primfunc(pshape, case["wp"].shape, case["e"].shape, output=mode, target=target,
-                                            **attrs)
+                                            weight_layout=layout, **attrs)
         out[f"conv_{mode}"] = K.build_kernel(f, target)
     out["args"] = {
-        "bits": [case["wp"], case["e"], case["rc"], case["cc"], case["direction"], case["thr"]],
-        "float": [case["wp"], case["e"], case["rc"], case["cc"], case["scale"], case["bias"]],
+        "bits": [wp, case["e"], case["rc"], case["cc"], case["direction"], case["thr"]],
+        "float": [wp, case["e"], case["rc"], case["cc"], case["scale"], case["bias"]],
     }
     return out
 

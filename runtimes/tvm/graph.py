@@ -540,6 +540,8 @@ class _Translator:
         dil = [int(v) for v in a.get("dilations", [1, 1])]
         pdtype = "float32" if output == "float" else "int32"
         dtypes = ["uint32", "uint32", "int32", "int32", "int32", pdtype, pdtype]
+        wname = node.input[1]
+        w_const = wname in self.consts and wname not in self.values
         args = []
         for i, (name, dt) in enumerate(zip(node.input, dtypes)):
             if i >= 2 and name in self.consts:
@@ -552,8 +554,15 @@ class _Translator:
         xs = _shape(args[0])
         ws = _shape(args[1])
         es = _shape(args[2])
+        layout = "OHWC"
+        if (w_const and
+                K.conv_weight_layout(xs, ws, strides=st, pads=pads, dilations=dil, target=self.family) != "OHWC"):
+            # constant weights: blocked for the channels-in-lanes schedule once here, not per call
+            layout = "blocked"
+            args[1] = self.const(K.block_conv_weights(np.asarray(self.consts[wname]).astype(np.uint32)))
         f = K.binary_conv2d_packed_primfunc(xs, ws, es, out_channels=o, kernel_shape=ks, strides=st, pads=pads,
-                                            dilations=dil, output=output, target=self.family)
+                                            dilations=dil, output=output, target=self.family,
+                                            weight_layout=layout)
         oshape, odtype = K.output_spec(f)
         y = self.call_kernel(f, "bconv", args, oshape, odtype)
         if output == "float" and self.fuse and len(oshape) == 4:

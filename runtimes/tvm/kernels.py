@@ -35,6 +35,8 @@ __all__ = [
     "unpack_sign_primfunc",
     "maxpool_bits_primfunc",
     "binary_conv2d_packed_primfunc",
+    "conv_weight_layout",
+    "block_conv_weights",
     "build_kernel",
     "compile_kernel",
     "output_spec",
@@ -561,9 +563,45 @@ def _best_tile(ext: int, limit: int) -> int:
     return 1
 
 
+def conv_weight_layout(x_shape, w_shape, *, strides, pads, dilations, target=None, **_ignored) -> str:
+    """The weight layout the x86 schedule of this conv wants: ``"blocked"`` (channels in the vector lanes,
+    weights ``[O/32, KH, KW, Cw, 32]``, see :func:`block_conv_weights`) or ``"OHWC"`` (as given).
+
+    Rule: channels in the lanes for stride-1, dilation-1 convs whose output plane is small (< 400
+    positions, e.g. 14x14 and 7x7), where the pixel-vectorized tile would leave lanes empty."""
+    if _family(target) != "x86":
+        return "OHWC"
+    _, h, w, _ = [int(s) for s in x_shape]
+    _, kh, kw, _ = [int(s) for s in w_shape]
+    pt, pl, pb, pr = [int(v) for v in pads]
+    if [int(v) for v in strides] != [1, 1] or [int(v) for v in dilations] != [1, 1]:
+        return "OHWC"
+    oh, ow = _out_size(h, kh, 1, pt, pb), _out_size(w, kw, 1, pl, pr)
+    return "blocked" if oh * ow < _X86_CHAN_VEC_MAX_POSITIONS else "OHWC"
+
+
+def block_conv_weights(w: np.ndarray, ot: int | None = None) -> np.ndarray:
+    """``W[O, KH, KW, Cw]`` (packed uint32) → ``[ceil(O/ot), KH, KW, Cw, ot]`` (zero filters appended), the
+    layout of the channels-in-lanes x86 schedule; done once at compile time for constant weights."""
+    ot = _X86_CV_OT if ot is None else int(ot)
+    w = np.asarray(w, np.uint32)
+    if w.ndim != 4:
+        raise ValueError(f"block_conv_weights: expected W of shape [O, KH, KW, Cw], got {w.shape}")
+    o = w.shape[0]
+    nob = -(-o // ot)
+    wp = np.zeros((nob * ot,) + w.shape[1:], np.uint32)
+    wp[:o] = w
+    return np.ascontiguousarray(wp.reshape(nob, ot, *w.shape[1:]).transpose(0, 2, 3, 4, 1))
+
+
 def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, kernel_shape, strides, pads,
-                                  dilations, output, target=None, **_ignored) -> tirx.PrimFunc:
-    """Scheduled PrimFunc with arguments (X, W, E, RowClass, ColClass, P0, P1, Y)."""
+                                  dilations, output, target=None, weight_layout: str = "OHWC",
+                                  **_ignored) -> tirx.PrimFunc:
+    """Scheduled PrimFunc with arguments (X, W, E, RowClass, ColClass, P0, P1, Y).
+
+    ``weight_layout="blocked"``: W is passed as :func:`block_conv_weights` of the ``[O, KH, KW, Cw]``
+    weights (``w_shape`` stays the unblocked shape); allowed only where :func:`conv_weight_layout` says
+    so. With ``"OHWC"`` a conv that gets the channels-in-lanes schedule transposes W in the kernel."""
     fam = _family(target)
     n, h, w, cw = [int(s) for s in x_shape]
     o, kh, kw, _ = [int(s) for s in w_shape]
@@ -571,6 +609,17 @@ def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, ke
     pt, pl, pb, pr = [int(v) for v in pads]
     dh, dw = [int(v) for v in dilations]
     oh, ow = _out_size(h, kh, sh, pt, pb, dh), _out_size(w, kw, sw, pl, pr, dw)
+    want = conv_weight_layout(x_shape, w_shape, strides=strides, pads=pads, dilations=dilations, target=target)
+    if weight_layout not in ("OHWC", "blocked"):
+        raise ValueError(f"BinaryConv2dPacked: weight_layout must be 'OHWC' or 'blocked', got {weight_layout!r}")
+    if weight_layout == "blocked" and want != "blocked":
+        raise ValueError("BinaryConv2dPacked: blocked weights are only used by the x86 channels-in-lanes "
+                         "schedule (stride 1, dilation 1, small output plane); see conv_weight_layout()")
+    if output not in ("float", "bits"):
+        raise ValueError(f"BinaryConv2dPacked: output must be 'float' or 'bits', got {output!r}")
+    if want == "blocked":
+        return _conv_x86_chan_vec(n, h, w, cw, o, kh, kw, (pt, pl, pb, pr), tuple(int(s) for s in e_shape),
+                                  output, pre_blocked=weight_layout == "blocked")
     pdtype = "float32" if output == "float" else "int32"
     X = te.placeholder((n, h, w, cw), "uint32", name="X")
     W = te.placeholder((o, kh, kw, cw), "uint32", name="W")
@@ -615,6 +664,104 @@ def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, ke
 # per position and block of 32 channels.
 
 _X86_OC = 8  # output channels per register tile
+
+
+# x86, small output planes: output channels in the vector lanes ---------------------------------------
+#
+# ``pc[n, ob, y, x, ol]`` for blocks of ``_X86_CV_OT`` (32) output channels: the register tile is up to 8
+# output columns x 2 vectors of 16 channels (<= 16 zmm accumulators); per (tap, word) the two weight
+# vectors are loaded once from the blocked layout ``[O/32, KH, KW, Cw, 32]`` (made once at compile time,
+# see block_conv_weights) and every input word is a broadcast operand. All lanes work whatever the plane
+# size (7x7 uses 64 of 64 lanes, the pixel-vectorized tile 49). The zero-padded input is a small per-call
+# copy; the epilogue runs per channel block in its own parallel loop (scalar: at 7x7, 7-lane vectors
+# measured slower).
+
+_X86_CV_OT = 32
+_X86_CHAN_VEC_MAX_POSITIONS = 400
+
+
+def _conv_x86_chan_vec(n, h, w, cw, o, kh, kw, pads, e_shape, output, *, pre_blocked: bool) -> tirx.PrimFunc:
+    pt, pl, pb, pr = pads
+    hp, wp = h + pt + pb, w + pl + pr
+    oh, ow = hp - kh + 1, wp - kw + 1
+    ot = _X86_CV_OT
+    nob = -(-o // ot)
+    xt = _best_tile(ow, 8)
+    X = te.placeholder((n, h, w, cw), "uint32", name="X")
+    E = te.placeholder(e_shape, "int32", name="E")
+    RC = te.placeholder((oh,), "int32", name="RowClass")
+    CC = te.placeholder((ow,), "int32", name="ColClass")
+    pd = "float32" if output == "float" else "int32"
+    P0 = te.placeholder((o,), pd, name="P0")
+    P1 = te.placeholder((o,), pd, name="P1")
+    if pre_blocked:
+        W = te.placeholder((nob, kh, kw, cw, ot), "uint32", name="W")
+        wb = W
+    else:
+        W = te.placeholder((o, kh, kw, cw), "uint32", name="W")
+
+        def wb_f(b, a, c, k, ol):
+            oo = b * ot + ol
+            return tirx.if_then_else(oo < o, W[tirx.min(oo, o - 1), a, c, k], _u32(0))
+
+        wb = te.compute((nob, kh, kw, cw, ot), wb_f, name="wb")
+    xpad = te.compute(
+        (n, hp, wp, cw),
+        lambda i, y, x, c: tirx.if_then_else(
+            tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w),
+            X[i, tirx.max(tirx.min(y - pt, h - 1), 0), tirx.max(tirx.min(x - pl, w - 1), 0), c], _u32(0)),
+        name="xpad")
+    rk = te.reduce_axis((0, kh), name="rk")
+    rw = te.reduce_axis((0, kw), name="rw")
+    rc = te.reduce_axis((0, cw), name="rc")
+    pc = te.compute(
+        (n, nob, oh, ow, ot),
+        lambda i, b, y, x, ol: te.sum(
+            tirx.popcount(xpad[i, y + rk, x + rw, rc] ^ wb[b, rk, rw, rc, ol]).astype("int32"), axis=[rk, rw, rc]),
+        name="pc")
+    if output == "float":
+        def ff(i, oo, y, x):
+            d = E[oo, RC[y], CC[x]] - 2 * pc[i, oo // ot, y, x, oo % ot]
+            return (d.astype("float64") * P0[oo].astype("float64")).astype("float32") + P1[oo]
+
+        Y = te.compute((n, o, oh, ow), ff, name="epilogue")
+    else:
+        def fb(i, y, x, k):
+            terms = []
+            for bb in range(WORD):
+                ch = k * WORD + bb
+                chc = tirx.min(ch, o - 1)
+                d = E[chc, RC[y], CC[x]] - 2 * pc[i, ch // ot, y, x, ch % ot]
+                bit = tirx.all(ch < o, P0[chc].astype("int64") * d.astype("int64") >= P1[chc].astype("int64"))
+                terms.append(tirx.Select(bit, _u32(1 << bb), _u32(0)))
+            return _or_all(terms)
+
+        Y = te.compute((n, oh, ow, num_words(o)), fb, name="epilogue")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([X, W, E, RC, CC, P0, P1, Y]))
+    if not pre_blocked:
+        lw = sch.get_loops(sch.get_sblock("wb"))
+        sch.parallel(sch.fuse(lw[0], lw[1]))
+        sch.vectorize(lw[-1])
+    lx = sch.get_loops(sch.get_sblock("xpad"))
+    sch.parallel(sch.fuse(lx[0], lx[1]))
+    b_pc = sch.get_sblock("pc")
+    i, b, y, x, ol, r_k, r_w, r_c = sch.get_loops(b_pc)
+    xo, xi = sch.split(x, [None, xt])
+    ov, ol_ = sch.split(ol, [None, VEC])
+    sch.reorder(i, b, y, xo, r_k, r_w, r_c, xi, ov, ol_)
+    sch.parallel(sch.fuse(i, b))
+    acc = sch.cache_write(b_pc, 0, "local")
+    sch.reverse_compute_at(acc, xo)
+    sch.vectorize(ol_)
+    sch.unroll(ov)
+    sch.unroll(xi)
+    sch.decompose_reduction(b_pc, r_k)
+    wl = sch.get_loops(acc)
+    _, last = sch.split(wl[-1], [None, VEC])
+    sch.vectorize(last)
+    el = sch.get_loops(sch.get_sblock("epilogue"))
+    sch.parallel(sch.fuse(el[0], el[1]))
+    return _finish(sch)
 
 
 def _pick_qv(nq: int) -> int:
