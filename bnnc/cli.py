@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="the whole path on Fashion-MNIST, offline, in a few minutes",
                        description="Train fmnist_bnn, export it, fold and compile it with TVM, evaluate the "
                                    "test split on PyTorch, reference ONNX Runtime and TVM, and print one table.")
-    p.add_argument("--epochs", type=int, default=4, help="training epochs (default 4, ≈2 min on 2 cores)")
+    p.add_argument("--epochs", type=int, default=4, help="training epochs (default 4, ≈3–5 min on 2 cores)")
     p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
     p.add_argument("--limit", type=int, help="use only the first N images (smoke test)")
     _add_data(p)
