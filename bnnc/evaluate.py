@@ -7,6 +7,7 @@ rank 0 gathers the logits (gloo), so the metrics equal those of one process exac
 
 from __future__ import annotations
 
+import atexit
 import os
 import time
 
@@ -123,7 +124,20 @@ def _init_distributed():
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
+        atexit.register(_close_distributed)
     return dist
+
+
+def _close_distributed():
+    """At exit: wait for every rank, then tear the group down (a rank leaving gloo while a peer is still in a
+    collective aborts the process)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def shard_range(n: int, batch_size: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -702,7 +702,12 @@ def fit(recipe: TrainRecipe, *, out=None, data_path=None, epochs: int | None = N
                 "stages": results}
     finally:
         if dist.owns_group:
-            torch.distributed.destroy_process_group()
+            # every rank waits for the others (rank 0 still writes files and evaluates) before the group goes:
+            # a rank tearing down gloo while a peer is mid-collective aborts the process
+            try:
+                torch.distributed.barrier()
+            finally:
+                torch.distributed.destroy_process_group()
 
 
 def train(model: torch.nn.Module, dataset: str | None = None, *, epochs: int | None = None, out=None,
