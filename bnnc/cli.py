@@ -348,9 +348,13 @@ def cmd_inspect(a):
 def cmd_models(a):
     from . import models
 
-    for name in models.names():
+    names = models.names()
+    width = max(map(len, names))
+    for name in names:
         r = models.get_recipe(name)
-        print(f"{name:16s} dataset {r.dataset}, input {r.input_shape}, {r.epochs} epochs ({r.optimizer}, lr {r.lr})")
+        recipe = (f"{r.epochs} epochs ({r.optimizer}, lr {r.lr:g})" if r.epochs > 0
+                  else "no published training recipe")
+        print(f"{name:{width}s}  {r.dataset}, input {'×'.join(map(str, r.input_shape[1:]))}, {recipe}")
 
 
 def cmd_ops(a):
