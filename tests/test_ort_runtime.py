@@ -267,6 +267,177 @@ def test_multi_op_graph(mode, lib):
 
 
 # ----------------------------------------------------------------------------------------------------
+# fused element-wise chains (bnnc.runtimes.ort.fuse → ai.bnnc.ort::BinaryConv2dPackedChain)
+
+
+def chain_case(rng, c, o, k, s, p, n=2, h=19, w=35, order=("res", "add", "prelu", "mul"), pack=None):
+    """Float conv → the element-wise ops in `order` (res: Add of a full-shape graph input R, add / mul:
+    per-channel [1, O, 1, 1] initializers, prelu: [O, 1, 1] slopes with zeros and negatives, clip: scalar
+    bounds), with the
+    float32 NumPy reference of the same ops applied one after another. pack="T" / "0": a PackSign of the
+    result (thresholds T, some equal to outputs / no threshold) as a second graph output; the reference is
+    then (float, bits)."""
+    model, feeds, y = conv_case(rng, c, o, k, s, p, "float", n=n, h=h, w=w)
+    g = model.graph
+    conv_out = g.node[0].output[0]
+    cur, v = conv_out, y
+    del g.output[:]
+    r = (rng.standard_normal(y.shape) * 2).astype(np.float32)
+    r.reshape(-1)[::11] = -v.reshape(-1)[::11]  # exact cancellations: v + r == 0
+    for i, kind in enumerate(order):
+        out = f"t{i}"
+        if kind == "res":
+            g.input.append(helper.make_tensor_value_info("R", TensorProto.FLOAT, list(y.shape)))
+            g.node.append(helper.make_node("Add", ["R", cur] if i % 2 else [cur, "R"], [out]))
+            feeds["R"] = r
+            v = (v + r).astype(np.float32)
+        elif kind in ("clip", "clip_hi"):  # Hardtanh-like bounds; clip_hi: no lower bound ("" input)
+            lo, hi = np.float32(-0.5), np.float32(0.75)
+            g.initializer.extend([numpy_helper.from_array(lo, f"lo{i}"), numpy_helper.from_array(hi, f"hi{i}")])
+            g.node.append(helper.make_node("Clip", [cur, "" if kind == "clip_hi" else f"lo{i}", f"hi{i}"], [out]))
+            v = np.minimum(v if kind == "clip_hi" else np.maximum(v, lo), hi).astype(np.float32)
+        else:
+            shape = (o, 1, 1) if kind == "prelu" else (1, o, 1, 1)
+            cst = rng.standard_normal(shape).astype(np.float32)
+            cst.reshape(-1)[::4] = 0.0
+            g.initializer.append(numpy_helper.from_array(cst, f"c{i}"))
+            op = {"add": "Add", "mul": "Mul", "prelu": "PRelu"}[kind]
+            g.node.append(helper.make_node(op, [cur, f"c{i}"], [out]))
+            c4 = cst.reshape(1, o, 1, 1)
+            if kind == "add":
+                v = v + c4
+            elif kind == "mul":
+                v = v * c4
+            else:
+                v = np.where(v < 0, v * c4, v)
+            v = v.astype(np.float32)
+        cur = out
+    g.value_info.append(helper.make_tensor_value_info(conv_out, TensorProto.FLOAT, list(y.shape)))
+    g.output.append(helper.make_tensor_value_info(cur, TensorProto.FLOAT, list(y.shape)))
+    if pack is None:
+        return model, feeds, v
+    t = None
+    if pack == "T":
+        t = rng.standard_normal(o).astype(np.float32)
+        t[::2] = v[0, ::2, 0, 0]  # exact ties
+        g.initializer.append(numpy_helper.from_array(t, "T"))
+    g.node.append(helper.make_node("PackSign", [cur, "T"] if t is not None else [cur], ["bits"], domain="ai.bnnc"))
+    g.output.append(helper.make_tensor_value_info("bits", TensorProto.UINT32, None))
+    return model, feeds, (v, K.pack_sign(v, t))
+
+
+def _chain_cases(seed):
+    rng = np.random.default_rng(seed)
+    yield "bi-real (res)", chain_case(rng, 64, 40, 3, 1, 1, order=("res",)), 1
+    yield "reactnet (res add prelu add)", chain_case(rng, 70, 64, 3, 1, 1, order=("res", "add", "prelu", "add")), 4
+    yield "all kinds, stride 2", chain_case(rng, 33, 70, 3, 2, 1, order=("mul", "res", "prelu", "add")), 4
+    yield "1x1, narrow rows", chain_case(rng, 31, 17, 1, 1, 0, h=5, w=7, order=("add", "prelu")), 2
+    yield "ir-net (res clip), clip without min", chain_case(rng, 16, 16, 3, 1, 1, order=("res", "clip", "clip_hi")), 3
+
+
+def test_fused_chain_each_isa(isa, lib):
+    for what, (model, feeds, ref), nfused in _chain_cases(11):
+        fused, removed = ort_rt.fuse_chains(model)
+        assert removed == nfused, what
+        assert [(n.domain, n.op_type) for n in fused.graph.node] == [("ai.bnnc.ort", "BinaryConv2dPackedChain")]
+        r = ort_rt.OrtDeployRunner(model, num_threads=1, mode="library", lib=lib)
+        assert r.fused_nodes == nfused
+        _same(r.run_feeds(feeds)[0], ref, f"[{isa}] {what}")
+        plain = ort_rt.OrtDeployRunner(model, num_threads=1, mode="library", lib=lib, fuse=False)
+        assert plain.fused_nodes == 0
+        _same(plain.run_feeds(feeds)[0], ref, f"[{isa}] {what} unfused")
+
+
+def test_fused_chain_with_packsign_each_isa(isa, lib):
+    rng = np.random.default_rng(15)
+    cases = [("res + PackSign(T)", chain_case(rng, 64, 40, 3, 1, 1, order=("res",), pack="T"), 2),
+             ("reactnet-like + PackSign", chain_case(rng, 33, 70, 3, 2, 1, order=("res", "add", "prelu"), pack="0"), 4),
+             ("PackSign only", chain_case(rng, 31, 17, 1, 1, 0, h=5, w=7, order=(), pack="T"), 1)]
+    for what, (model, feeds, (ref, ref_bits)), nfused in cases:
+        r = ort_rt.OrtDeployRunner(model, num_threads=1, mode="library", lib=lib)
+        assert r.fused_nodes == nfused, what
+        got, bits = r.run_feeds(feeds)
+        _same(got, ref, f"[{isa}] {what}")
+        assert np.array_equal(bits, ref_bits), f"[{isa}] {what}: PackSign bits differ"
+
+
+def test_fused_chain_threads(lib):
+    # large enough (≥ 16 M bit-MACs per image) for the automatic choice to take AMX where the CPU has it
+    model, feeds, ref = chain_case(np.random.default_rng(12), 64, 64, 3, 1, 1, n=3, h=32, w=30)
+    _same(_run(model, feeds, "library", lib, threads=2), ref, "2 threads")
+
+
+def test_fuse_chains_stops_where_it_must():
+    rng = np.random.default_rng(13)
+    model, _, _ = chain_case(rng, 33, 16, 3, 1, 1, order=("add", "res", "mul"))
+    g = model.graph
+    # t0 also a graph output: the chain stops after the first Add
+    m1 = onnx.ModelProto()
+    m1.CopyFrom(model)
+    m1.graph.output.append(helper.make_tensor_value_info("t0", TensorProto.FLOAT, None))
+    f1, k1 = ort_rt.fuse_chains(m1)
+    assert k1 == 1 and [n.op_type for n in f1.graph.node] == ["BinaryConv2dPackedChain", "Add", "Mul"]
+    # a residual that broadcasts (R of shape [N, O, 1, W]) is not fused, nor is anything after it
+    m2 = onnx.ModelProto()
+    m2.CopyFrom(model)
+    r_in = next(i for i in m2.graph.input if i.name == "R")
+    r_in.type.tensor_type.shape.dim[2].dim_value = 1
+    f2, k2 = ort_rt.fuse_chains(m2)
+    assert k2 == 1 and [n.op_type for n in f2.graph.node] == ["BinaryConv2dPackedChain", "Add", "Mul"]
+    # a per-channel operand that is not an initializer, or not per channel, ends the chain
+    m3 = onnx.ModelProto()
+    m3.CopyFrom(model)
+    c0 = next(i for i in m3.graph.initializer if i.name == "c0")
+    c0.CopyFrom(numpy_helper.from_array(np.ones((1, 16, 1, 35), np.float32), "c0"))
+    f3, k3 = ort_rt.fuse_chains(m3)
+    assert k3 == 0 and [n.op_type for n in f3.graph.node] == [n.op_type for n in g.node]
+
+
+def test_chain_errors_are_clear(lib):
+    model, feeds, _ = chain_case(np.random.default_rng(14), 33, 16, 3, 1, 1, order=("res", "add"))
+    fused, _ = ort_rt.fuse_chains(model)
+    node = fused.graph.node[0]
+    for a in node.attribute:
+        if a.name == "chain":
+            a.ints[:] = [1, 9]
+    with pytest.raises(Exception, match="unknown chain step 9"):
+        ort_rt.OrtDeployRunner(fused, num_threads=1, lib=lib, fuse=False).run_feeds(feeds)
+    fused, _ = ort_rt.fuse_chains(model)
+    next(i for i in fused.graph.input if i.name == "R").type.tensor_type.ClearField("shape")  # ORT won't check it
+    bad = dict(feeds, R=feeds["R"][:, :, :-1])
+    with pytest.raises(Exception, match="residual R must have the output's shape"):
+        ort_rt.OrtDeployRunner(fused, num_threads=1, lib=lib, fuse=False).run_feeds(bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,removed", [("bireal18", 16 + 15), ("reactnet18", 64 + 15), ("irnet_resnet20", 18 + 18 + 17)])
+def test_fused_chains_zoo_models(name, removed, lib, tmp_path):
+    """Bi-Real-18 / ReActNet-18 / IR-Net ResNet-20 (random weights, randomized BatchNorm) at 32×32: every
+    residual Add (and ReActNet's LearnableBias Adds and PRelus, IR-Net's Hardtanh Clips) folds into the convs,
+    and so do the PackSigns of the next blocks (not the last); outputs bit-identical to the unfused graph."""
+    import torch
+
+    import bnnc
+    from bnnc.compile import read_onnx
+
+    torch.manual_seed(0)
+    net = bnnc.models.create(name).eval()
+    with torch.no_grad():
+        for pname, t in net.named_buffers():
+            if pname.endswith("running_var"):
+                t.uniform_(0.5, 1.5)
+            elif pname.endswith("running_mean"):
+                t.uniform_(-0.1, 0.1)
+    path = bnnc.export(net, tmp_path / f"{name}.onnx", input_shape=(1, 3, 32, 32))
+    deploy = bnnc.fold(read_onnx(str(path))[0])
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    fused = ort_rt.OrtDeployRunner(deploy, num_threads=1, mode="library", lib=lib)
+    plain = ort_rt.OrtDeployRunner(deploy, num_threads=1, mode="library", lib=lib, fuse=False)
+    assert fused.fused_nodes == removed
+    _same(fused.run(x), plain.run(x), name)
+
+
+# ----------------------------------------------------------------------------------------------------
 # errors
 
 

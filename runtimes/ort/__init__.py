@@ -2,10 +2,12 @@
 
 Two ways to run a deploy-form model:
 
-* **library** (default): ``libbnnc_ort.so``, a custom-op library with bit-packed XOR-popcount kernels
-  (AVX-512 VPOPCNTDQ, AVX2 or portable C++, picked at run time; ``BNNC_ORT_ISA`` forces one), loaded
-  with ``SessionOptions.register_custom_ops_library``. Built from ``src/`` on first use
-  (:func:`library_path`; ``python -m bnnc.runtimes.ort.build`` does it ahead of time).
+* **library** (default): ``libbnnc_ort.so``, a custom-op library with bit-packed kernels (AMX-INT8 on ±1
+  bytes, AVX-512 VPOPCNTDQ, AVX2, NEON or portable C++ XOR-popcount, picked at run time; ``BNNC_ORT_ISA``
+  forces one), loaded with ``SessionOptions.register_custom_ops_library``. Built from ``src/`` on first use
+  (:func:`library_path`; ``python -m bnnc.runtimes.ort.build`` does it ahead of time). Before creating the
+  session, :func:`fuse_chains` folds the element-wise ops after each float binary conv (residual Add,
+  per-channel Add/Mul, PRelu) and the next PackSign into one library node (bit-identical outputs).
 * **portable**: :func:`to_portable` rewrites the deploy ops into standard ONNX ops, for ONNX Runtime
   builds (or other engines) that cannot load a library. Same outputs; slower.
 
@@ -21,12 +23,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .fuse import fuse_chains
 from .portable import PortableError, to_portable
 
 __all__ = [
     "OrtDeployRunner",
     "OrtLibraryError",
     "PortableError",
+    "fuse_chains",
     "library_path",
     "resolve_isa",
     "to_portable",
@@ -70,7 +74,7 @@ def library_path(build: bool = True) -> str:
 
 def resolve_isa(request: str | None = None, lib: str | None = None) -> str:
     """The kernel family the library picks for ``request`` (None: ``$BNNC_ORT_ISA``, else the best the CPU
-    has): 'avx512', 'avx2', 'neon' or 'portable'. Raises ValueError for an unknown/unsupported request."""
+    has): 'amx', 'avx512', 'avx2', 'neon' or 'portable'. Raises ValueError for an unknown/unsupported request."""
     if request is None:
         request = os.environ.get("BNNC_ORT_ISA", "auto")
     handle = ctypes.CDLL(lib or library_path())
@@ -123,11 +127,16 @@ class OrtDeployRunner:
     :func:`to_portable` of the model with no library; ``mode="auto"`` tries the library and falls back to
     portable with a warning. ``mode=None`` reads ``$BNNC_ORT_MODE`` (default ``library``).
     ``num_threads`` sets ORT's intra-op threads (None: ORT's default). ``run(x)`` returns the first output;
-    ``self.mode`` is the mode actually used.
+    ``self.mode`` is the mode actually used. In library mode the session runs :func:`fuse_chains` of the
+    model (element-wise chains after float binary convs folded into the conv; bit-identical outputs;
+    ``fuse=False`` or ``BNNC_ORT_FUSE=0`` turns it off); ``self.model`` stays the deploy form as given.
     """
 
     def __init__(self, model: onnx.ModelProto, num_threads: int | None = None, *, mode: str | None = None,
-                 lib: str | None = None):
+                 lib: str | None = None, fuse: bool | None = None):
+        if fuse is None:
+            fuse = os.environ.get("BNNC_ORT_FUSE", "1") not in ("0", "false", "no", "off")
+        self.fuse = bool(fuse)
         if mode is None:
             mode = os.environ.get("BNNC_ORT_MODE", "library")
         if mode not in ("library", "portable", "auto"):
@@ -167,8 +176,11 @@ class OrtDeployRunner:
                                       f"{self.library}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}; "
                                       "rebuild it (`python -m bnnc.runtimes.ort.build --force`) or use "
                                       "mode='portable'") from None
+        run_model, self.fused_nodes = self.model, 0
+        if mode == "library" and self.fuse:
+            run_model, self.fused_nodes = fuse_chains(self.model)
         try:
-            self.session = ort.InferenceSession(self.model.SerializeToString(), opts,
+            self.session = ort.InferenceSession(run_model.SerializeToString(), opts,
                                                 providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001
             raise RuntimeError(f"ONNX Runtime cannot create a session for this model ({mode} mode): {e}") from None

@@ -2,6 +2,7 @@
 // direct-loop reference of BinaryConv2dPacked (bnnc/ops/deploy.py), on random shapes. Built by
 // `python -m bnnc.runtimes.ort.build --selftest [--cross aarch64]`; the aarch64 binary is static and
 // runs under qemu-aarch64-static. Prints one line per ISA; exit status 0 iff all agree bit for bit.
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -87,11 +88,58 @@ bool run_case(const Case& c, std::mt19937& rng, ConvRowPcFn conv, EpilogueRowFn 
   std::vector<uint32_t> rb(static_cast<size_t>(c.N * OH * OW * Ow), 0u), gb(rb.size(), 0xdeadbeefu);
   std::vector<float> rf(static_cast<size_t>(c.N * c.O * OH * OW), 0.f), gf(rf.size(), -7.f);
   reference(c, x, w, e, NR, NC, rc, cc, p0i, p1i, p0f, p1f, OH, OW, rb, rf);
+  // float output: every other case runs a fused element-wise chain (residual Add, per-channel Add, PRelu,
+  // per-channel Mul, Clip), applied here to the reference as separate float32 passes
+  const bool chained = !c.bits && (rng() & 1u);
+  const int32_t chain[5] = {kChainAddResidual, kChainAddChannel, kChainPRelu, kChainMulChannel, kChainClip};
+  std::vector<float> res(rf.size()), cst(static_cast<size_t>(5 * c.O));
+  if (chained) {
+    for (auto& v : res) v = 2.f * nd(rng);
+    for (auto& v : cst) v = nd(rng);
+    for (int64_t i = 0; i < 3 * c.O; i += 5) cst[i] = 0.f;  // zero slopes/offsets now and then
+    for (int64_t o = 0; o < c.O; ++o) {  // clip bounds lo <= hi, sometimes equal
+      cst[3 * c.O + o] = -std::fabs(cst[3 * c.O + o]);
+      cst[4 * c.O + o] = o % 7 == 0 ? cst[3 * c.O + o] : std::fabs(cst[4 * c.O + o]);
+    }
+    const int64_t plane = OH * OW;
+    for (size_t i = 0; i < rf.size(); ++i) {
+      const int64_t o = static_cast<int64_t>(i / plane) % c.O;
+      float v = rf[i] + res[i];
+      v = v + cst[o];
+      v = v < 0.f ? v * cst[c.O + o] : v;
+      v = v * cst[2 * c.O + o];
+      v = v < cst[3 * c.O + o] ? cst[3 * c.O + o] : v;
+      v = v > cst[4 * c.O + o] ? cst[4 * c.O + o] : v;
+      rf[i] = v;
+    }
+  }
   ConvPlan p{};
   p.x = x.data(); p.N = c.N; p.H = c.H; p.W = c.W; p.Cw = Cw;
   p.O = c.O; p.KH = c.k; p.KW = c.k; p.sh = c.s; p.sw = c.s; p.pt = c.p; p.pl = c.p; p.dh = c.d; p.dw = c.d;
   p.OH = OH; p.OW = OW; p.w = w.data(); p.rc = rc.data(); p.cc = cc.data(); p.bits = c.bits;
   p.y = c.bits ? static_cast<void*>(gb.data()) : static_cast<void*>(gf.data());
+  // float output: a fused PackSign of the final rows, with thresholds (some hit exactly) or without
+  const bool packed = !c.bits && (rng() & 1u);
+  std::vector<float> tp(static_cast<size_t>(c.O));
+  const bool with_t = rng() & 1u;
+  std::vector<uint32_t> pb(static_cast<size_t>(c.N * OH * OW * Ow), 0u), gpb(pb.size(), 0xdeadbeefu);
+  if (packed) {
+    const int64_t plane = OH * OW;
+    for (int64_t o = 0; o < c.O; ++o)  // every other threshold an exact output value: ties
+      tp[o] = (o & 1) && plane ? rf[o * plane + o % plane] : nd(rng);
+    for (int64_t n = 0; n < c.N; ++n)
+      for (int64_t o = 0; o < c.O; ++o)
+        for (int64_t q = 0; q < plane; ++q)
+          if (rf[(n * c.O + o) * plane + q] >= (with_t ? tp[o] : 0.f)) pb[(n * plane + q) * Ow + o / 32] |= 1u << (o % 32);
+    p.ybits = gpb.data();
+    p.tpack = with_t ? tp.data() : nullptr;
+  }
+  if (chained) {
+    p.nchain = 5;
+    p.chain = chain;
+    p.chainc = cst.data();
+    p.res = res.data();
+  }
   ConvStorage st;
   prepare_plan(p, st, e.data(), NR, NC, c.bits ? static_cast<const void*>(p0i.data()) : p0f.data(),
                c.bits ? static_cast<const void*>(p1i.data()) : p1f.data(), conv == nullptr);
@@ -100,6 +148,7 @@ bool run_case(const Case& c, std::mt19937& rng, ConvRowPcFn conv, EpilogueRowFn 
   else
 #endif
     run_conv_serial(p, conv, epi);
+  if (packed && gpb != pb) return false;
   return c.bits ? gb == rb : std::memcmp(gf.data(), rf.data(), rf.size() * sizeof(float)) == 0;
 }
 

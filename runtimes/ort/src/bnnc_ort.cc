@@ -5,6 +5,12 @@
 // session creation from the CPU's features (AMX-INT8 > AVX-512 VPOPCNTDQ > AVX2 > portable on x86-64,
 // NEON on aarch64); the environment variable BNNC_ORT_ISA=auto|amx|avx512|avx2|neon|portable forces one.
 // Weights, border tables and epilogue constants that are initializers are prepared once per session.
+//
+// Domain `ai.bnnc.ort` (this library only, written by bnnc.runtimes.ort.fuse): BinaryConv2dPackedChain =
+// BinaryConv2dPacked(output="float") followed by an element-wise chain (residual Add, per-channel Add / Mul,
+// PRelu, Clip) and optionally a PackSign of the result (second output), applied to each output row while it is
+// in cache, instead of one full pass per ONNX node. Inputs: X W E RC CC P0 P1 [R] [C] [T]; attribute
+// `chain` (ints, ChainStep codes); outputs: Y (float) [, Ybits = PackSign(Y, T)].
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -30,6 +36,7 @@ namespace bnnc {
 namespace {
 
 constexpr const char* kDomain = "ai.bnnc";
+constexpr const char* kPrivateDomain = "ai.bnnc.ort";
 
 struct OpError : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -68,8 +75,15 @@ struct IsaImpl {
   ConvRowPcFn conv;
   EpilogueRowFn epi;
   PackSignFn pack;
-  bool amx;  // whole-image AMX conv (conv/epi unused for BinaryConv2dPacked)
+  bool amx;  // whole-image AMX conv for large layers (conv/epi: the AVX-512 row kernels, used for the others)
+  bool forced = false;  // requested by name (BNNC_ORT_ISA): AMX then runs every layer
 };
+
+// AMX pays a per-image cost (unpacking the image to bytes, expanding the weight tiles) and wastes half of
+// every 64-byte chunk when 32·Cw is odd: below ~16 M bit-MACs per image (CIFAR ResNet-20: 32×32×16 → 16,
+// 8×8×64 → 64, measured 1.3-2.4× slower than AVX-512), with ≤ 32 input channels or < 32 outputs the
+// AVX-512 row kernels win. ResNet-18 layers at 224×224 input are ≥ 115 M. (BNNC_ORT_ISA=amx: AMX always.)
+constexpr int64_t kAmxMinBitMacs = int64_t{16} << 20;
 
 bool cpu_has(Isa isa) {
   switch (isa) {
@@ -135,7 +149,9 @@ IsaImpl resolve_isa(const char* request) {
   else fail("BNNC_ORT_ISA", "unknown value '", req, "' (use auto, amx, avx512, avx2, neon or portable)");
   if (!cpu_has(isa))
     fail("BNNC_ORT_ISA", "'", req, "' requested, but this CPU or this build does not support it");
-  return impl_of(isa);
+  IsaImpl impl = impl_of(isa);
+  impl.forced = true;
+  return impl;
 }
 
 IsaImpl isa_from_env() { return resolve_isa(std::getenv("BNNC_ORT_ISA")); }
@@ -433,7 +449,28 @@ struct ConvKernel {
   std::vector<int8_t> amx_img;  // unpacked input images (AMX), reused between calls
   std::mutex amx_mutex;
 
-  ConvKernel(const OrtKernelInfo* info, bool bits) : bits_type(bits) {
+  // BinaryConv2dPackedChain: the chain steps (attribute `chain`), inputs 7 (R) and 8 (C) optional
+  bool chain_op = false;
+  std::vector<int32_t> chain;
+  int64_t chain_consts = 0;
+  bool chain_res = false;
+
+  ConvKernel(const OrtKernelInfo* info, bool bits, bool is_chain = false) : bits_type(bits), chain_op(is_chain) {
+    if (chain_op) {
+      op = "BinaryConv2dPackedChain";
+      for (int64_t c : attr_ints(info, "chain", op, nullptr)) {
+        if (c < kChainAddResidual || c > kChainClip)
+          fail(op, "unknown chain step ", c,
+               " (1 = add residual, 2 = add per-channel, 3 = mul per-channel, 4 = PRelu, 5 = Clip)");
+        if (c == kChainAddResidual) {
+          if (chain_res) fail(op, "chain has more than one residual Add");
+          chain_res = true;
+        } else {
+          chain_consts += c == kChainClip ? 2 : 1;
+        }
+        chain.push_back(static_cast<int32_t>(c));
+      }
+    }
     in_channels = attr_int(info, "in_channels", op);
     out_channels = attr_int(info, "out_channels", op);
     const std::vector<int64_t> ones{1, 1}, zeros{0, 0, 0, 0}, none{};
@@ -443,6 +480,7 @@ struct ConvKernel {
     dilations = attr_ints(info, "dilations", op, &ones);
     const std::string mode = attr_str(info, "output", op);
     if (mode != "float" && mode != "bits") fail(op, "output must be 'float' or 'bits', got '", mode, "'");
+    if (chain_op && mode != "float") fail(op, "a chain needs output='float', got '", mode, "'");
     if ((mode == "bits") != bits)
       fail(op, "output='", mode, "' needs P0/P1 of type ", mode == "bits" ? "int32" : "float32", ", got ",
            bits ? "int32" : "float32");
@@ -542,6 +580,35 @@ struct ConvKernel {
       p1 = b.data;
       p.y = ctx.GetOutput(0, std::vector<int64_t>{p.N, O, p.OH, p.OW}).GetTensorMutableData<float>();
     }
+    if (chain_op && !chain.empty()) {
+      const std::vector<int64_t> yshape{p.N, O, p.OH, p.OW};
+      if (chain_res) {
+        if (ctx.GetInputCount() < 8 || ctx.GetInput(7) == nullptr) fail(op, "the chain adds a residual but R is missing");
+        auto r = input<float>(ctx, 7);
+        if (r.shape != yshape) fail(op, "residual R must have the output's shape ", shape_str(yshape), ", got ", shape_str(r.shape));
+        p.res = r.data;
+      }
+      if (chain_consts) {
+        if (ctx.GetInputCount() < 9 || ctx.GetInput(8) == nullptr) fail(op, "the chain needs per-channel constants C");
+        auto c = input<float>(ctx, 8);
+        if (c.shape != std::vector<int64_t>{chain_consts, O})
+          fail(op, "C must be [", chain_consts, ", ", O, "] (one row per constant step), got ", shape_str(c.shape));
+        p.chainc = c.data;
+      }
+      p.nchain = static_cast<int64_t>(chain.size());
+      p.chain = chain.data();
+    }
+    if (chain_op && ctx.GetOutputCount() > 1) {  // fused PackSign of the final rows
+      auto yb = ctx.GetOutput(1, std::vector<int64_t>{p.N, p.OH, p.OW, num_words(O)});
+      if (yb != nullptr) {
+        p.ybits = yb.GetTensorMutableData<uint32_t>();
+        if (ctx.GetInputCount() > 9 && ctx.GetInput(9) != nullptr) {
+          auto t = input<float>(ctx, 9);
+          if (t.size != O) fail(op, "PackSign threshold T has ", t.size, " elements, the output has ", O, " channels");
+          p.tpack = t.data;
+        }
+      }
+    }
     if (cached && prepared.O == p.O && prepared.KH == p.KH && prepared.KW == p.KW && prepared.Cw == p.Cw &&
         prepared.NC == NC) {
       attach_plan(p, prepared);
@@ -551,7 +618,9 @@ struct ConvKernel {
     if (p.N == 0 || p.OH == 0 || p.OW == 0 || O == 0) return;
     ConvTask task{&p, impl, nullptr, 0, 0};
 #if defined(__x86_64__)
-    if (impl.amx) {
+    const bool amx =
+        impl.amx && (impl.forced || (p.Cw >= 2 && p.O >= 32 && p.OH * p.OW * p.O * p.K * 32 >= kAmxMinBitMacs));
+    if (amx) {
       std::lock_guard<std::mutex> lock(amx_mutex);  // amx_img is per kernel: one call at a time
       task.amx_img_bytes = (amx_image_bytes(p) + 63) / 64 * 64;
       task.amx_nblk = amx_blocks(p);
@@ -564,6 +633,29 @@ struct ConvKernel {
     }
 #endif
     parallel_for(ctx, static_cast<size_t>(p.N * p.OH), conv_row_task, &task);
+  }
+};
+
+struct ConvChainOp : Ort::CustomOpBase<ConvChainOp, ConvKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** k) const {
+    return guarded([&] { *k = new ConvKernel(info, false, true); });
+  }
+  const char* GetName() const { return "BinaryConv2dPackedChain"; }
+  size_t GetInputTypeCount() const { return 10; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    if (i <= 1) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32;
+    if (i <= 4) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+    return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i <= 6 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t i) const {
+    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
+    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   }
 };
 
@@ -593,6 +685,7 @@ const UnpackSignOp c_unpack;
 const MaxPoolBitsOp c_pool;
 const ConvOp<false> c_conv_float;
 const ConvOp<true> c_conv_bits;
+const ConvChainOp c_conv_chain;
 
 std::mutex g_domains_mutex;
 std::vector<Ort::CustomOpDomain>& domains() {
@@ -619,9 +712,13 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
     domain.Add(&bnnc::c_pool);
     domain.Add(&bnnc::c_conv_float);
     domain.Add(&bnnc::c_conv_bits);
+    Ort::CustomOpDomain priv{bnnc::kPrivateDomain};
+    priv.Add(&bnnc::c_conv_chain);
     Ort::UnownedSessionOptions(options).Add(domain);
+    Ort::UnownedSessionOptions(options).Add(priv);
     std::lock_guard<std::mutex> lock(bnnc::g_domains_mutex);
     bnnc::domains().push_back(std::move(domain));
+    bnnc::domains().push_back(std::move(priv));
   });
 }
 

@@ -22,10 +22,12 @@ struct ConvPlan {
   // weights, transposed: wt[k * Opad + o] (o >= O: 0); original layout w[o * K + k]
   const uint32_t* wt;
   const uint32_t* w;
-  // AMX only: weights as ±1 int8 in the B-tile layout (kernels_amx.cc), else null
-  const int8_t* wamx;
+  // AMX only: weights as bit masks of the B-tile layout (kernels_amx.cc), else null
+  const uint64_t* wamx;
   // border table, transposed: et[(r * NC + c) * Opad + o]; classes per output row / column
   const int32_t* et;
+  // AMX only: et - KH·KW·32·Cw - amx_pad_dot (D = that + the ±1 dot product), else null
+  const int32_t* etamx;
   int64_t NC;
   const int32_t* rc;
   const int32_t* cc;
@@ -39,7 +41,36 @@ struct ConvPlan {
   // output: bits [N, OH, OW, Ow] uint32 or float [N, O, OH, OW]
   void* y;
   int64_t Ow;
+  // float output only: an element-wise chain applied to every output row right after the epilogue
+  // (BinaryConv2dPackedChain, fused by bnnc.runtimes.ort.fuse): nchain steps `chain[i]` (ChainStep),
+  // the per-channel constants of the steps that take one as consecutive rows of `chainc` (O floats each),
+  // the residual `res` laid out as y. nchain = 0: none.
+  int64_t nchain;
+  const int32_t* chain;
+  const float* chainc;
+  const float* res;
+  // float output only: also PackSign the final float rows (after the chain) into ybits [N, OH, OW, Ow]
+  // with per-channel thresholds tpack (null: 0); ybits null: not asked for
+  uint32_t* ybits;
+  const float* tpack;
 };
+
+// Element-wise steps of a fused chain; every step rounds to float32 as the separate ONNX op would.
+enum ChainStep : int32_t {
+  kChainAddResidual = 1,  // v = v + R[n, o, y, x]
+  kChainAddChannel = 2,   // v = v + c[o]
+  kChainMulChannel = 3,   // v = v * c[o]
+  kChainPRelu = 4,        // v = v < 0 ? v * c[o] : v   (ONNX PRelu, as ONNX Runtime computes it)
+  kChainClip = 5,         // v = v < lo[o] ? lo[o] : v; v = v > hi[o] ? hi[o] : v   (two rows: lo, hi; ONNX Clip,
+                          // as ONNX Runtime's std::max / std::min order computes it)
+};
+
+// Apply p's chain in place to output row y of image n (float output; no-op when p.nchain == 0). Every
+// float epilogue applies the chain itself (the AVX-512 one in registers, the others through this).
+void apply_chain_row(const ConvPlan& p, int64_t n, int64_t y);
+// The chain, then the fused PackSign of the row (when p.ybits): what float epilogues call after storing
+// row y (portable packing; the AVX-512 epilogue uses pack_row_avx512).
+void finish_float_row(const ConvPlan& p, int64_t n, int64_t y);
 
 // The input words of one output row, as `nrows` runs of `row_len` words: the word of patch index
 // k = r * row_len + t for output column x is base[r * row_stride + x * x_step + t]. For dilation 1 the
@@ -63,6 +94,8 @@ void conv_row_pc_avx2(const ConvPlan& p, const RowSrc& src, int32_t* pc);
 void epilogue_row_avx2(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, float* fbuf);
 void conv_row_pc_avx512(const ConvPlan& p, const RowSrc& src, int32_t* pc);
 void epilogue_row_avx512(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, float* fbuf);
+// The same from AMX dot products (D = etamx + dot); bits output needs p.small_dir.
+void epilogue_dot_row_avx512(const ConvPlan& p, int64_t n, int64_t y, const int32_t* dot);
 #endif
 #if defined(__aarch64__)
 void conv_row_pc_neon(const ConvPlan& p, const RowSrc& src, int32_t* pc);
@@ -73,7 +106,8 @@ void epilogue_row_neon(const ConvPlan& p, int64_t n, int64_t y, const int32_t* p
 // AMX-INT8 (kernels_amx.cc): whole-image int8 GEMM on ±1 values, in blocks of output rows.
 bool amx_available();  // CPU has AMX-TILE/INT8 + AVX-512BW and the OS granted the tile state
 int64_t amx_weight_bytes(const ConvPlan& p);
-void amx_pack_weights(const ConvPlan& p, int8_t* dst);  // needs p.{w, O, Opad, K, KH, KW, Cw}
+void amx_pack_weights(const ConvPlan& p, uint64_t* dst);  // needs p.{w, O, Opad, K, KH, KW, Cw}
+int64_t amx_pad_dot(const ConvPlan& p);                   // constant the missing input bits add to every dot
 int64_t amx_image_bytes(const ConvPlan& p);               // unpacked image, per image
 void amx_unpack_image(const ConvPlan& p, int64_t n, int8_t* dst);
 int64_t amx_blocks(const ConvPlan& p);                    // row blocks per image
@@ -84,8 +118,11 @@ void amx_conv_block(const ConvPlan& p, const int8_t* img, int64_t n, int64_t blk
 // PackSign: X [N, C, S] float → Y [N, S, Cw] words (bit c%32 of word c/32: x >= t[c], t = null: 0).
 using PackSignFn = void (*)(const float* x, const float* t, int64_t N, int64_t C, int64_t S, uint32_t* y);
 void pack_sign_portable(const float* x, const float* t, int64_t N, int64_t C, int64_t S, uint32_t* y);
+// The same for C channels of S positions each, channel c at x + c * cstride (one image).
+void pack_sign_strided_portable(const float* x, int64_t cstride, const float* t, int64_t C, int64_t S, uint32_t* y);
 #if defined(__x86_64__) || defined(__i386__)
 void pack_sign_avx512(const float* x, const float* t, int64_t N, int64_t C, int64_t S, uint32_t* y);
+void pack_sign_strided_avx512(const float* x, int64_t cstride, const float* t, int64_t C, int64_t S, uint32_t* y);
 #endif
 
 // Scalar epilogue of one output pixel range [x0, x1) of row y (shared by all ISAs for tails and

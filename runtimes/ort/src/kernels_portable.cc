@@ -64,22 +64,86 @@ void epilogue_scalar(const ConvPlan& p, int64_t n, int64_t y, int64_t x0, int64_
 
 void epilogue_row_portable(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, float* /*fbuf*/) {
   epilogue_scalar(p, n, y, 0, p.OW, pc);
+  if (!p.bits) finish_float_row(p, n, y);
+}
+
+// Plain loops over one contiguous output row per channel: the compiler vectorizes them for the baseline
+// ISA; -ffp-contract=off keeps every step a separately rounded float operation, as in ONNX Runtime.
+void apply_chain_row(const ConvPlan& p, int64_t n, int64_t y) {
+  if (p.nchain == 0) return;
+  const int64_t plane = p.OH * p.OW, OW = p.OW;
+  float* out = static_cast<float*>(p.y);
+  for (int64_t o = 0; o < p.O; ++o) {
+    float* __restrict v = out + (n * p.O + o) * plane + y * OW;
+    const float* c = p.chainc;
+    for (int64_t i = 0; i < p.nchain; ++i) {
+      switch (p.chain[i]) {
+        case kChainAddResidual: {
+          const float* __restrict r = p.res + (n * p.O + o) * plane + y * OW;
+          for (int64_t x = 0; x < OW; ++x) v[x] = v[x] + r[x];
+          break;
+        }
+        case kChainAddChannel: {
+          const float k = c[o];
+          c += p.O;
+          for (int64_t x = 0; x < OW; ++x) v[x] = v[x] + k;
+          break;
+        }
+        case kChainMulChannel: {
+          const float k = c[o];
+          c += p.O;
+          for (int64_t x = 0; x < OW; ++x) v[x] = v[x] * k;
+          break;
+        }
+        case kChainPRelu: {
+          const float k = c[o];
+          c += p.O;
+          for (int64_t x = 0; x < OW; ++x) v[x] = v[x] < 0.0f ? v[x] * k : v[x];
+          break;
+        }
+        case kChainClip: {
+          const float lo = c[o], hi = c[p.O + o];
+          c += 2 * p.O;
+          for (int64_t x = 0; x < OW; ++x) {
+            const float a = v[x] < lo ? lo : v[x];
+            v[x] = a > hi ? hi : a;
+          }
+          break;
+        }
+        default:
+          break;  // validated when the kernel is created
+      }
+    }
+  }
+}
+
+void pack_sign_strided_portable(const float* x, int64_t cstride, const float* t, int64_t C, int64_t S, uint32_t* y) {
+  const int64_t Cw = (C + 31) / 32;
+  for (int64_t wd = 0; wd < Cw; ++wd) {
+    uint32_t* yo = y + wd;
+    for (int64_t s = 0; s < S; ++s) yo[s * Cw] = 0u;
+    const int64_t cend = C < (wd + 1) * 32 ? C : (wd + 1) * 32;
+    for (int64_t c = wd * 32; c < cend; ++c) {
+      const float* xs = x + c * cstride;
+      const float th = t ? t[c] : 0.0f;
+      const unsigned b = static_cast<unsigned>(c & 31);
+      for (int64_t s = 0; s < S; ++s) yo[s * Cw] |= static_cast<uint32_t>(xs[s] >= th) << b;
+    }
+  }
 }
 
 void pack_sign_portable(const float* x, const float* t, int64_t N, int64_t C, int64_t S, uint32_t* y) {
   const int64_t Cw = (C + 31) / 32;
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t wd = 0; wd < Cw; ++wd) {
-      uint32_t* yo = y + n * S * Cw + wd;
-      for (int64_t s = 0; s < S; ++s) yo[s * Cw] = 0u;
-      const int64_t cend = C < (wd + 1) * 32 ? C : (wd + 1) * 32;
-      for (int64_t c = wd * 32; c < cend; ++c) {
-        const float* xs = x + (n * C + c) * S;
-        const float th = t ? t[c] : 0.0f;
-        const unsigned b = static_cast<unsigned>(c & 31);
-        for (int64_t s = 0; s < S; ++s) yo[s * Cw] |= static_cast<uint32_t>(xs[s] >= th) << b;
-      }
-    }
+  for (int64_t n = 0; n < N; ++n) pack_sign_strided_portable(x + n * C * S, S, t, C, S, y + n * S * Cw);
+}
+
+void finish_float_row(const ConvPlan& p, int64_t n, int64_t y) {
+  apply_chain_row(p, n, y);
+  if (p.ybits) {
+    const int64_t plane = p.OH * p.OW;
+    pack_sign_strided_portable(static_cast<const float*>(p.y) + n * p.O * plane + y * p.OW, plane, p.tpack, p.O,
+                               p.OW, p.ybits + (n * p.OH + y) * p.OW * ((p.O + 31) / 32));
+  }
 }
 
 static int64_t padded_span(const ConvPlan& p) { return (p.OW - 1) * p.sw + (p.KW - 1) * p.dw + 1; }
@@ -137,6 +201,7 @@ void store_float_row(const ConvPlan& p, int64_t n, int64_t y, const float* fbuf)
     const float* src = fbuf + o;
     for (int64_t x = 0; x < p.OW; ++x) dst[x] = src[x * p.Opad];
   }
+  finish_float_row(p, n, y);
 }
 
 }  // namespace bnnc
@@ -161,12 +226,16 @@ void prepare_plan(ConvPlan& p, ConvStorage& st, const int32_t* e, int64_t NR, in
   p.wt = st.wt.data();
   p.et = st.et.data();
   p.wamx = nullptr;
+  p.etamx = nullptr;
 #if defined(__x86_64__)
   if (amx) {
-    st.wamx.assign(static_cast<size_t>(amx_weight_bytes(p)) + 64, 0);
-    int8_t* a = st.wamx.data() + (64 - reinterpret_cast<uintptr_t>(st.wamx.data()) % 64) % 64;
-    amx_pack_weights(p, a);
-    p.wamx = a;
+    st.wamx.assign(static_cast<size_t>(amx_weight_bytes(p)) / 8, 0);
+    amx_pack_weights(p, st.wamx.data());
+    p.wamx = st.wamx.data();
+    const int32_t kbits = static_cast<int32_t>(p.KH * p.KW * 32 * p.Cw + amx_pad_dot(p));
+    st.etamx.resize(st.et.size());
+    for (size_t i = 0; i < st.et.size(); ++i) st.etamx[i] = st.et[i] - kbits;
+    p.etamx = st.etamx.data();
   }
 #else
   (void)amx;
@@ -206,6 +275,7 @@ void attach_plan(ConvPlan& p, const ConvPlan& q) {
   p.wt = q.wt;
   p.wamx = q.wamx;
   p.et = q.et;
+  p.etamx = q.etamx;
   p.small_dir = q.small_dir;
   p.p0i = q.p0i;
   p.p1i = q.p1i;

@@ -88,23 +88,67 @@ void conv_row_pc_avx512(const ConvPlan& p, const RowSrc& src, int32_t* pc) {
   }
 }
 
-void epilogue_row_avx512(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, float* fbuf) {
-  if (p.bits && !p.small_dir) {
-    epilogue_scalar(p, n, y, 0, p.OW, pc);
-    return;
+namespace {
+
+// One channel's 16 pixels through the fused element-wise chain (same float ops, same order as
+// apply_chain_row); r = this channel's residual row at the first pixel, m = valid pixels.
+__attribute__((always_inline)) inline __m512 chain16(const ConvPlan& p, __m512 v, int64_t o, const float* r,
+                                                     __mmask16 m) {
+  const float* c = p.chainc;
+  for (int64_t i = 0; i < p.nchain; ++i) {
+    switch (p.chain[i]) {
+      case kChainAddResidual:
+        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, r));
+        break;
+      case kChainAddChannel:
+        v = _mm512_add_ps(v, _mm512_set1_ps(c[o]));
+        c += p.O;
+        break;
+      case kChainMulChannel:
+        v = _mm512_mul_ps(v, _mm512_set1_ps(c[o]));
+        c += p.O;
+        break;
+      case kChainPRelu: {
+        const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+        v = _mm512_mask_mul_ps(v, neg, v, _mm512_set1_ps(c[o]));
+        c += p.O;
+        break;
+      }
+      case kChainClip: {
+        const __m512 lo = _mm512_set1_ps(c[o]), hi = _mm512_set1_ps(c[p.O + o]);
+        v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, lo, _CMP_LT_OQ), lo);
+        v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, hi, _CMP_GT_OQ), hi);
+        c += 2 * p.O;
+        break;
+      }
+      default:
+        break;
+    }
   }
+  return v;
+}
+
+// Dot = false: pc holds popcounts, D = E - 2·pc (et = p.et). Dot = true (AMX): pc holds the ±1 dot
+// products, D = (E - Kbits) + dot (et = p.etamx), the same integer.
+template <bool Dot>
+__attribute__((always_inline)) inline __m512i d16(const int32_t* e, const int32_t* c) {
+  const __m512i ev = _mm512_loadu_si512(e), cv = _mm512_loadu_si512(c);
+  return Dot ? _mm512_add_epi32(ev, cv) : _mm512_sub_epi32(ev, _mm512_slli_epi32(cv, 1));
+}
+
+template <bool Dot>
+void epilogue512(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, const int32_t* et) {
   const int64_t nvec = p.Opad / 16, Opad = p.Opad;
   const int64_t r = p.rc[y];
   if (p.bits) {
     uint32_t* out = static_cast<uint32_t*>(p.y) + ((n * p.OH + y) * p.OW) * p.Ow;
     for (int64_t x = 0; x < p.OW; ++x) {
-      const int32_t* e = p.et + (r * p.NC + p.cc[x]) * Opad;
+      const int32_t* e = et + (r * p.NC + p.cc[x]) * Opad;
       const int32_t* c = pc + x * Opad;
       uint32_t* ow = out + x * p.Ow;
       uint32_t word = 0;
       for (int64_t v = 0; v < nvec; ++v) {
-        const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(e + 16 * v),
-                                           _mm512_slli_epi32(_mm512_loadu_si512(c + 16 * v), 1));
+        const __m512i d = d16<Dot>(e + 16 * v, c + 16 * v);
         const __m512i t = _mm512_mullo_epi32(_mm512_loadu_si512(p.p0i + 16 * v), d);
         const uint32_t m = static_cast<uint32_t>(_mm512_cmpge_epi32_mask(t, _mm512_loadu_si512(p.p1i + 16 * v)));
         if ((v & 1) == 0) {
@@ -115,93 +159,110 @@ void epilogue_row_avx512(const ConvPlan& p, int64_t n, int64_t y, const int32_t*
       }
       if (nvec & 1) ow[nvec >> 1] = word;
     }
-  } else {
-    // 16 pixels × 16 channels at a time, transposed in registers and stored straight into the NCHW planes
-    float* out = static_cast<float*>(p.y);
-    const int64_t plane = p.OH * p.OW;
-    int64_t x0 = 0;
-    for (; x0 + 16 <= p.OW; x0 += 16) {
-      for (int64_t v = 0; v < nvec; ++v) {
-        const __m512 s0 = _mm512_loadu_ps(p.p0f + 16 * v), s1 = _mm512_loadu_ps(p.p1f + 16 * v);
-        __m512 t[16];
-        for (int q = 0; q < 16; ++q) {
-          const int32_t* e = p.et + (r * p.NC + p.cc[x0 + q]) * Opad + 16 * v;
-          const int32_t* c = pc + (x0 + q) * Opad + 16 * v;
-          const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(e), _mm512_slli_epi32(_mm512_loadu_si512(c), 1));
+    return;
+  }
+  // 16 pixels × 16 channels at a time (the last pixel block masked), transposed in registers, run through
+  // the fused chain and stored straight into the NCHW planes
+  float* out = static_cast<float*>(p.y);
+  const int64_t plane = p.OH * p.OW;
+  for (int64_t x0 = 0; x0 < p.OW; x0 += 16) {
+    const int64_t cnt = p.OW - x0 < 16 ? p.OW - x0 : 16;
+    const __mmask16 m = static_cast<__mmask16>(cnt == 16 ? 0xffffu : (1u << cnt) - 1u);
+    for (int64_t v = 0; v < nvec; ++v) {
+      const __m512 s0 = _mm512_loadu_ps(p.p0f + 16 * v), s1 = _mm512_loadu_ps(p.p1f + 16 * v);
+      __m512 t[16];
+      for (int q = 0; q < 16; ++q) {
+        if (q < cnt) {
+          const int32_t* e = et + (r * p.NC + p.cc[x0 + q]) * Opad + 16 * v;
+          const __m512i d = d16<Dot>(e, pc + (x0 + q) * Opad + 16 * v);
           t[q] = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), s0), s1);
+        } else {
+          t[q] = _mm512_setzero_ps();
         }
-        transpose16(t);
-        const int64_t o0 = 16 * v, oend = p.O - o0 < 16 ? p.O - o0 : 16;
-        float* dst = out + (n * p.O + o0) * plane + y * p.OW + x0;
-        for (int64_t j = 0; j < oend; ++j) _mm512_storeu_ps(dst + j * plane, t[j]);
+      }
+      transpose16(t);
+      const int64_t o0 = 16 * v, oend = p.O - o0 < 16 ? p.O - o0 : 16;
+      const int64_t off = (n * p.O + o0) * plane + y * p.OW + x0;
+      float* dst = out + off;
+      if (p.nchain) {
+        const float* res = p.res ? p.res + off : nullptr;
+        for (int64_t j = 0; j < oend; ++j)
+          _mm512_mask_storeu_ps(dst + j * plane, m, chain16(p, t[j], o0 + j, res ? res + j * plane : nullptr, m));
+      } else {
+        for (int64_t j = 0; j < oend; ++j) _mm512_mask_storeu_ps(dst + j * plane, m, t[j]);
       }
     }
-    if (x0 < p.OW) {
-      for (int64_t x = x0; x < p.OW; ++x) {
-        const int32_t* e = p.et + (r * p.NC + p.cc[x]) * Opad;
-        const int32_t* c = pc + x * Opad;
-        float* f = fbuf + (x - x0) * Opad;
-        for (int64_t v = 0; v < nvec; ++v) {
-          const __m512i d = _mm512_sub_epi32(_mm512_loadu_si512(e + 16 * v),
-                                             _mm512_slli_epi32(_mm512_loadu_si512(c + 16 * v), 1));
-          const __m512 prod = _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(p.p0f + 16 * v));
-          _mm512_storeu_ps(f + 16 * v, _mm512_add_ps(prod, _mm512_loadu_ps(p.p1f + 16 * v)));
-        }
+  }
+  if (p.ybits)  // the fused PackSign of the finished row, while it is in L1
+    pack_sign_strided_avx512(out + n * p.O * plane + y * p.OW, plane, p.tpack, p.O, p.OW,
+                             p.ybits + (n * p.OH + y) * p.OW * ((p.O + 31) / 32));
+}
+
+}  // namespace
+
+void epilogue_row_avx512(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, float* /*fbuf*/) {
+  if (p.bits && !p.small_dir) {
+    epilogue_scalar(p, n, y, 0, p.OW, pc);
+    return;
+  }
+  epilogue512<false>(p, n, y, pc, p.et);
+}
+
+void epilogue_dot_row_avx512(const ConvPlan& p, int64_t n, int64_t y, const int32_t* dot) {
+  epilogue512<true>(p, n, y, dot, p.etamx);
+}
+
+// PackSign: 16 positions per vector; per channel one compare into a mask and one masked OR of the
+// channel's bit, 4 vectors (64 positions, whole cache lines of every channel plane) per step. Channel c
+// of the input at x + c * cstride (one image; the fused PackSign of a conv output row uses the plane stride).
+void pack_sign_strided_avx512(const float* x, int64_t cstride, const float* t, int64_t C, int64_t S, uint32_t* y) {
+  const int64_t Cw = (C + 31) / 32;
+  const __m512i lane = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int>(Cw)));
+  for (int64_t wd = 0; wd < Cw; ++wd) {
+    const int64_t c0 = wd * 32, c1 = C < c0 + 32 ? C : c0 + 32;
+    uint32_t* yo = y + wd;
+    int64_t s = 0;
+    for (; s + 64 <= S; s += 64) {
+      __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t c = c0; c < c1; ++c) {
+        const float* xs = x + c * cstride + s;
+        const __m512 th = _mm512_set1_ps(t ? t[c] : 0.0f);
+        const __m512i bit = _mm512_set1_epi32(static_cast<int>(1u << (c & 31)));
+        a0 = _mm512_mask_or_epi32(a0, _mm512_cmp_ps_mask(_mm512_loadu_ps(xs), th, _CMP_GE_OQ), a0, bit);
+        a1 = _mm512_mask_or_epi32(a1, _mm512_cmp_ps_mask(_mm512_loadu_ps(xs + 16), th, _CMP_GE_OQ), a1, bit);
+        a2 = _mm512_mask_or_epi32(a2, _mm512_cmp_ps_mask(_mm512_loadu_ps(xs + 32), th, _CMP_GE_OQ), a2, bit);
+        a3 = _mm512_mask_or_epi32(a3, _mm512_cmp_ps_mask(_mm512_loadu_ps(xs + 48), th, _CMP_GE_OQ), a3, bit);
       }
-      for (int64_t o = 0; o < p.O; ++o) {
-        float* dst = out + (n * p.O + o) * plane + y * p.OW;
-        for (int64_t x = x0; x < p.OW; ++x) dst[x] = fbuf[(x - x0) * Opad + o];
+      if (Cw == 1) {
+        _mm512_storeu_si512(yo + s, a0);
+        _mm512_storeu_si512(yo + s + 16, a1);
+        _mm512_storeu_si512(yo + s + 32, a2);
+        _mm512_storeu_si512(yo + s + 48, a3);
+      } else {
+        _mm512_i32scatter_epi32(yo + s * Cw, lane, a0, 4);
+        _mm512_i32scatter_epi32(yo + (s + 16) * Cw, lane, a1, 4);
+        _mm512_i32scatter_epi32(yo + (s + 32) * Cw, lane, a2, 4);
+        _mm512_i32scatter_epi32(yo + (s + 48) * Cw, lane, a3, 4);
       }
+    }
+    for (; s < S; s += 16) {
+      const __mmask16 m = S - s >= 16 ? static_cast<__mmask16>(0xffff)
+                                      : static_cast<__mmask16>((1u << (S - s)) - 1u);
+      __m512i a = _mm512_setzero_si512();
+      for (int64_t c = c0; c < c1; ++c) {
+        const __m512 v = _mm512_maskz_loadu_ps(m, x + c * cstride + s);
+        const __mmask16 k = _mm512_mask_cmp_ps_mask(m, v, _mm512_set1_ps(t ? t[c] : 0.0f), _CMP_GE_OQ);
+        a = _mm512_mask_or_epi32(a, k, a, _mm512_set1_epi32(static_cast<int>(1u << (c & 31))));
+      }
+      _mm512_mask_i32scatter_epi32(yo + s * Cw, m, lane, a, 4);
     }
   }
 }
 
-// PackSign: 16 positions per vector; per channel one compare into a mask and one masked OR of the
-// channel's bit, 4 vectors (64 positions, whole cache lines of every channel plane) per step.
 void pack_sign_avx512(const float* x, const float* t, int64_t N, int64_t C, int64_t S, uint32_t* y) {
   const int64_t Cw = (C + 31) / 32;
-  const __m512i lane = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                          _mm512_set1_epi32(static_cast<int>(Cw)));
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t wd = 0; wd < Cw; ++wd) {
-      const int64_t c0 = wd * 32, c1 = C < c0 + 32 ? C : c0 + 32;
-      uint32_t* yo = y + n * S * Cw + wd;
-      int64_t s = 0;
-      for (; s + 64 <= S; s += 64) {
-        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t c = c0; c < c1; ++c) {
-          const float* xs = x + (n * C + c) * S + s;
-          const __m512 th = _mm512_set1_ps(t ? t[c] : 0.0f);
-          const __m512i bit = _mm512_set1_epi32(static_cast<int>(1u << (c & 31)));
-          a0 = _mm512_mask_or_epi32(a0, _mm512_cmp_ps_mask(_mm512_loadu_ps(xs), th, _CMP_GE_OQ), a0, bit);
-          a1 = _mm512_mask_or_epi32(a1, _mm512_cmp_ps_mask(_mm512_loadu_ps(xs + 16), th, _CMP_GE_OQ), a1, bit);
-          a2 = _mm512_mask_or_epi32(a2, _mm512_cmp_ps_mask(_mm512_loadu_ps(xs + 32), th, _CMP_GE_OQ), a2, bit);
-          a3 = _mm512_mask_or_epi32(a3, _mm512_cmp_ps_mask(_mm512_loadu_ps(xs + 48), th, _CMP_GE_OQ), a3, bit);
-        }
-        if (Cw == 1) {
-          _mm512_storeu_si512(yo + s, a0);
-          _mm512_storeu_si512(yo + s + 16, a1);
-          _mm512_storeu_si512(yo + s + 32, a2);
-          _mm512_storeu_si512(yo + s + 48, a3);
-        } else {
-          _mm512_i32scatter_epi32(yo + s * Cw, lane, a0, 4);
-          _mm512_i32scatter_epi32(yo + (s + 16) * Cw, lane, a1, 4);
-          _mm512_i32scatter_epi32(yo + (s + 32) * Cw, lane, a2, 4);
-          _mm512_i32scatter_epi32(yo + (s + 48) * Cw, lane, a3, 4);
-        }
-      }
-      for (; s < S; s += 16) {
-        const __mmask16 m = S - s >= 16 ? static_cast<__mmask16>(0xffff)
-                                        : static_cast<__mmask16>((1u << (S - s)) - 1u);
-        __m512i a = _mm512_setzero_si512();
-        for (int64_t c = c0; c < c1; ++c) {
-          const __m512 v = _mm512_maskz_loadu_ps(m, x + (n * C + c) * S + s);
-          const __mmask16 k = _mm512_mask_cmp_ps_mask(m, v, _mm512_set1_ps(t ? t[c] : 0.0f), _CMP_GE_OQ);
-          a = _mm512_mask_or_epi32(a, k, a, _mm512_set1_epi32(static_cast<int>(1u << (c & 31))));
-        }
-        _mm512_mask_i32scatter_epi32(yo + s * Cw, m, lane, a, 4);
-      }
-    }
+  for (int64_t n = 0; n < N; ++n) pack_sign_strided_avx512(x + n * C * S, S, t, C, S, y + n * S * Cw);
 }
 
 #pragma GCC pop_options

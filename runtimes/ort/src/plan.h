@@ -9,12 +9,12 @@ namespace bnnc {
 
 struct ConvStorage {
   std::vector<uint32_t> wt;
-  std::vector<int32_t> et, p0i, p1i;
+  std::vector<int32_t> et, etamx, p0i, p1i;
   std::vector<float> p0f, p1f;
-  std::vector<int8_t> wamx;  // AMX B tiles (+ 64 bytes for alignment)
+  std::vector<uint64_t> wamx;  // AMX B tiles as bit masks
 };
 
-// Expects p.{Cw, O, KH, KW, w, bits} set (the rest of p is not read); fills K, Opad, NC, wt, et, wamx
+// Expects p.{Cw, O, KH, KW, w, bits} set (the rest of p is not read); fills K, Opad, NC, wt, et, wamx + etamx
 // (when `amx`), small_dir, p0i/p1i or p0f/p1f, Ow. `e` is [O, NR, NC]; p0/p1 are int32 (bits) or float
 // (float output), O elements each. Depends only on the weights and constants: can be done once per model.
 void prepare_plan(ConvPlan& p, ConvStorage& st, const int32_t* e, int64_t NR, int64_t NC, const void* p0,
