@@ -373,9 +373,16 @@ def test_bimlp_s_exports_with_pytorch_logits(rng):
     model = to_onnx(net, (1, 3, 64, 64))
     assert sum(n.op_type == "BinaryConv2d" for n in model.graph.node) == 2 * sum(
         isinstance(m, bnnc.nn.BinaryConv2d) for m in net.modules())
-    x = rng.standard_normal((2, 3, 64, 64)).astype(np.float32)
-    assert _assert_export_matches_pytorch(net, model, x) <= 1
+    x = rng.standard_normal((4, 3, 64, 64)).astype(np.float32)
+    assert _assert_export_matches_pytorch(net, model, x) <= 2
     deploy, warned = _deploy(model)
     assert not warned
-    _assert_same_predictions(NumpyDeployRunner(deploy).run(x), NumpyDeployRunner(model).run(x),
+    want = NumpyDeployRunner(model).run(x)
+    _assert_same_predictions(NumpyDeployRunner(deploy).run(x), want,
                              "deploy form vs export form, both on the numpy executor")
+    # The whole network on TVM too (its float parts use Greater/Where/Round/Gather/Cos/Sin/Expand/Tile; each op
+    # is checked exactly in tests/test_tvm_float_ops.py). Every sample here has quantizer inputs within float32
+    # noise of a boundary (rint(clip(u)) at ±½, sign thresholds), and TVM sums in another order, so a near-tie
+    # may flip one sample's top-1 (the documented caveat); the rest must agree.
+    got = _tvm_predictions(model, x)
+    assert (got.argmax(1) == want.argmax(1)).sum() >= x.shape[0] - 1, "TVM vs export form"

@@ -24,6 +24,11 @@ from onnx import numpy_helper
 from tvm import relax, tirx
 
 from . import kernels as K
+from .float_kernels import (
+    float_conv2d_primfunc,
+    float_dense_primfunc,
+    float_maxpool2d_primfunc,
+)
 from .target import cpu_target, host_family, resolve_target, target_family  # noqa: F401
 
 __all__ = ["compile_model", "TVMModel", "translate", "set_num_threads", "BNNC_DOMAIN"]
@@ -128,181 +133,10 @@ def _dtype(expr) -> str:
     return str(expr.ty.dtype)
 
 
-# --------------------------------------------------------------------------------------------------
-# Scheduled float kernels (CPU): the real layers of a BNN (stem conv, 1x1 downsample convs, classifier)
+def _amx_max_extras() -> int:
+    from .amx import _MAX_EXTRAS
 
-
-def _float_tile(ext: int, vec: int) -> tuple[int, int]:
-    """(vector width, padded extent): whole vectors of ``vec`` lanes (LLVM splits an odd width such as 14
-    into 8+4+2 pieces, slower than one padded vector); below ``vec``, the next power of two."""
-    t = vec if ext >= vec else 1 << (max(ext, 1) - 1).bit_length()
-    return t, -(-ext // t) * t
-
-
-def float_conv2d_primfunc(x_shape, w: np.ndarray, bias: np.ndarray | None, strides, pads, vec: int = 16,
-                          oc_tile: int = 8, row_tile: int = 2, col_vecs: int = 1):
-    """A direct float32 NCHW conv (groups 1, dilation 1) scheduled for CPUs: register tile of ``oc_tile``
-    output channels × ``row_tile`` output rows × ``col_vecs`` vectors of ``vec`` output columns, weights pre-blocked
-    to ``[O/oc_tile, C, KH, KW, oc_tile]`` (constants, broadcast into FMAs), the padded input split into
-    ``stride`` column phases so every tap reads contiguous columns. Bias added in the write-back.
-
-    Returns ``(primfunc, [weight_blocked, bias], output_shape)``: the constants to pass after the input."""
-    from tvm import s_tir, te
-
-    n, c, h, wd = [int(v) for v in x_shape]
-    o, c2, kh, kw = [int(v) for v in w.shape]
-    if c2 != c:
-        raise ValueError(f"Conv: input has {c} channels but the weights expect {c2}")
-    sh, sw = [int(v) for v in strides]
-    pt, pl, pb, pr = [int(v) for v in pads]
-    oh = (h + pt + pb - kh) // sh + 1
-    ow = (wd + pl + pr - kw) // sw + 1
-    vw, owp = _float_tile(ow, vec)
-    xv = col_vecs if col_vecs > 1 and owp % (vw * col_vecs) == 0 else 1
-    ot = oc_tile
-    while o % ot:
-        ot //= 2
-    wblk = np.ascontiguousarray(w.astype(np.float32).reshape(o // ot, ot, c, kh, kw).transpose(0, 2, 3, 4, 1))
-    b = np.zeros(o, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(o)
-    hp = (oh - 1) * sh + kh
-    wq = owp + (kw - 1) // sw  # columns per phase
-    X = te.placeholder((n, c, h, wd), "float32", name="X")
-    Wb = te.placeholder(wblk.shape, "float32", name="W")
-    B = te.placeholder((o,), "float32", name="B")
-
-    def xp_f(i, ch, y, ph, j):
-        yy = y - pt
-        xx = j * sw + ph - pl
-        ok = tirx.all(yy >= 0, yy < h, xx >= 0, xx < wd)
-        return tirx.if_then_else(ok, X[i, ch, tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xx, wd - 1), 0)],
-                                 tirx.const(0.0, "float32"))
-
-    xp = te.compute((n, c, hp, sw, wq), xp_f, name="xp")
-    rc = te.reduce_axis((0, c), name="rc")
-    rh = te.reduce_axis((0, kh), name="rh")
-    rw = te.reduce_axis((0, kw), name="rw")
-    acc = te.compute(
-        (n, o, oh, owp),
-        lambda i, oc, y, x: te.sum(xp[i, rc, y * sh + rh, rw % sw, x + rw // sw] * Wb[oc // ot, rc, rh, rw, oc % ot],
-                                   axis=[rc, rh, rw]),
-        name="acc")
-    out = te.compute((n, o, oh, ow), lambda i, oc, y, x: acc[i, oc, y, x] + B[oc], name="out")
-    f = te.create_prim_func([X, Wb, B, out])
-    sch = s_tir.Schedule(f)
-    # input padding / phase split: parallel rows, contiguous writes
-    bx = sch.get_sblock("xp")
-    lx = sch.get_loops(bx)
-    sch.parallel(sch.fuse(*lx[:3]))
-    # conv: n, oo, y, xo | rc, rh, rw | oi, xi(vector)
-    ba = sch.get_sblock("acc")
-    i, oc, y, x, r_c, r_h, r_w = sch.get_loops(ba)
-    oo, oi = sch.split(oc, [None, ot])
-    xo, xj, xi = sch.split(x, [None, xv, vw])
-    yt = row_tile if row_tile > 1 and oh % row_tile == 0 else 1
-    yo, yi = sch.split(y, [None, yt])
-    sch.reorder(i, oo, yo, xo, r_c, r_h, r_w, oi, yi, xj, xi)
-    sch.parallel(sch.fuse(i, oo, yo))
-    sch.unroll(yi)
-    sch.unroll(xj)
-    bo = sch.get_sblock("out")
-    sch.reverse_compute_at(bo, xo)
-    sch.unroll(r_w)
-    sch.unroll(oi)
-    sch.vectorize(xi)
-    init = sch.decompose_reduction(ba, r_c)
-    sch.vectorize(sch.get_loops(init)[-1])
-    if owp == ow:
-        lo = sch.get_loops(bo)
-        _, v = sch.split(lo[-1], [None, vw])
-        sch.vectorize(v)
-    func = sch.mod["main"].with_attrs({"bnnc.scheduled": True, "op_pattern": 8})
-    return func, [wblk, b], [n, o, oh, ow]
-
-
-def float_dense_primfunc(n: int, k: int, b_kn: np.ndarray, bias: np.ndarray | None, vec: int = 16, j_tile: int = 4):
-    """``Y[n, j] = sum_k A[n, k] * B[k, j] (+ bias[j])`` with constant ``B`` (padded to whole vectors),
-    vectorized over ``j``, ``j_tile`` vectors of accumulators per task. Returns ``(primfunc, [B, bias], shape)``."""
-    from tvm import s_tir, te
-
-    kk, j = [int(v) for v in b_kn.shape]
-    if kk != k:
-        raise ValueError(f"MatMul: A has {k} columns but B has {kk} rows")
-    blk = vec * j_tile
-    jp = -(-j // vec) * vec
-    bp = np.zeros((k, jp), np.float32)
-    bp[:, :j] = b_kn
-    bb = np.zeros(j, np.float32) if bias is None else np.broadcast_to(np.asarray(bias, np.float32), (j,)).copy()
-    A = te.placeholder((n, k), "float32", name="A")
-    Bp = te.placeholder((k, jp), "float32", name="Bw")
-    Bias = te.placeholder((j,), "float32", name="bias")
-    r = te.reduce_axis((0, k), name="r")
-    acc = te.compute((n, jp), lambda i, jj: te.sum(A[i, r] * Bp[r, jj], axis=r), name="acc")
-    out = te.compute((n, j), lambda i, jj: acc[i, jj] + Bias[jj], name="out")
-    sch = s_tir.Schedule(te.create_prim_func([A, Bp, Bias, out]))
-    ba = sch.get_sblock("acc")
-    i, jj, rr = sch.get_loops(ba)
-    t = blk if jp % blk == 0 else vec
-    jo, ji = sch.split(jj, [None, t])
-    ji, jv = sch.split(ji, [None, vec])
-    sch.reorder(i, jo, rr, ji, jv)
-    sch.parallel(sch.fuse(i, jo))
-    sch.reverse_compute_at(sch.get_sblock("out"), sch.get_loops(ba)[0])
-    sch.unroll(ji)
-    sch.vectorize(jv)
-    init = sch.decompose_reduction(ba, rr)
-    sch.vectorize(sch.get_loops(init)[-1])
-    lo = sch.get_loops(sch.get_sblock("out"))
-    if jp == j:
-        _, v = sch.split(lo[-1], [None, vec])
-        sch.vectorize(v)
-    func = sch.mod["main"].with_attrs({"bnnc.scheduled": True, "op_pattern": 8})
-    return func, [bp, bb], [n, j]
-
-
-def float_maxpool2d_primfunc(x_shape, kernel_shape, strides, pads, vec: int = 16):
-    """Float32 NCHW max pooling (dilation 1, floor mode): the input padded with -inf and split into
-    ``stride`` column phases, so each window row reads contiguous columns; vectorized over output columns."""
-    from tvm import s_tir, te
-
-    n, c, h, wd = [int(v) for v in x_shape]
-    kh, kw = [int(v) for v in kernel_shape]
-    sh, sw = [int(v) for v in strides]
-    pt, pl, pb, pr = [int(v) for v in pads]
-    oh = (h + pt + pb - kh) // sh + 1
-    ow = (wd + pl + pr - kw) // sw + 1
-    hp = (oh - 1) * sh + kh
-    wq = ow + (kw - 1) // sw
-    X = te.placeholder((n, c, h, wd), "float32", name="X")
-    ninf = tirx.const(-np.inf, "float32")
-
-    def xp_f(i, ch, y, ph, jj):
-        yy = y - pt
-        xx = jj * sw + ph - pl
-        ok = tirx.all(yy >= 0, yy < h, xx >= 0, xx < wd)
-        return tirx.if_then_else(ok, X[i, ch, tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xx, wd - 1), 0)], ninf)
-
-    xp = te.compute((n, c, hp, sw, wq), xp_f, name="xp")
-    rh = te.reduce_axis((0, kh), name="rh")
-    rw = te.reduce_axis((0, kw), name="rw")
-    out = te.compute((n, c, oh, ow), lambda i, ch, y, x: te.max(xp[i, ch, y * sh + rh, rw % sw, x + rw // sw],
-                                                                  axis=[rh, rw]), name="out")
-    sch = s_tir.Schedule(te.create_prim_func([X, out]))
-    bo = sch.get_sblock("out")
-    i, ch, y, x, r_h, r_w = sch.get_loops(bo)
-    vw = vec if ow % vec == 0 else (ow if ow <= vec else 1)
-    xo, xi = sch.split(x, [None, vw])
-    sch.reorder(i, ch, y, xo, r_h, r_w, xi)
-    fused = sch.fuse(i, ch)
-    sch.parallel(fused)
-    sch.compute_at(sch.get_sblock("xp"), fused)
-    sch.unroll(r_h)
-    sch.unroll(r_w)
-    if vw > 1:
-        sch.vectorize(xi)
-        init = sch.decompose_reduction(bo, r_h)
-        sch.vectorize(sch.get_loops(init)[-1])
-    func = sch.mod["main"].with_attrs({"bnnc.scheduled": True, "op_pattern": 8})
-    return func, [n, c, oh, ow]
+    return _MAX_EXTRAS
 
 
 class _Translator:
@@ -555,19 +389,30 @@ class _Translator:
         ws = _shape(args[1])
         es = _shape(args[2])
         layout = "OHWC"
-        if (w_const and
-                K.conv_weight_layout(xs, ws, strides=st, pads=pads, dilations=dil, target=self.family) != "OHWC"):
-            # constant weights: blocked for the channels-in-lanes schedule once here, not per call
-            layout = "blocked"
-            args[1] = self.const(K.block_conv_weights(np.asarray(self.consts[wname]).astype(np.uint32)))
+        if w_const:
+            # constant weights: laid out once here (not per call) for the schedule that wants them: AMX B
+            # tiles (on an AMX target, see runtimes/tvm/amx.py) or blocked for the channels-in-lanes schedule
+            layout = K.conv_weight_layout(xs, ws, strides=st, pads=pads, dilations=dil, amx=True,
+                                          target=self.target if hasattr(self, "target") else self.family)
+            wnp = np.asarray(self.consts[wname]).astype(np.uint32)
+            if layout == "amx":
+                from .amx import amx_conv_weights
+
+                args[1] = self.const(amx_conv_weights(wnp, output))
+            elif layout == "blocked":
+                args[1] = self.const(K.block_conv_weights(wnp))
         f = K.binary_conv2d_packed_primfunc(xs, ws, es, out_channels=o, kernel_shape=ks, strides=st, pads=pads,
                                             dilations=dil, output=output, target=self.family,
                                             weight_layout=layout)
         oshape, odtype = K.output_spec(f)
-        y = self.call_kernel(f, "bconv", args, oshape, odtype)
         if output == "float" and self.fuse and len(oshape) == 4:
-            self._plan_chain(self.cur, node.output[0])
-        return y
+            amx_conv = None
+            if layout == "amx":  # the chain (+ PackSign) goes into the AMX kernel's epilogue: emitted with it
+                amx_conv = dict(f=f, args=args, oshape=oshape, xs=xs, ws=ws, es=es,
+                                attrs=dict(out_channels=o, kernel_shape=ks, strides=st, pads=pads, dilations=dil))
+            if self._plan_chain(self.cur, node.output[0], amx_conv) is not None and amx_conv is not None:
+                return []
+        return self.call_kernel(f, "bconv", args, oshape, odtype)
 
     # -- fused element-wise chain after a float-output binary conv --------------------------------
     def _chain_steps(self, nd, v: str, extras: list):
@@ -626,9 +471,11 @@ class _Translator:
             return steps
         return None
 
-    def _plan_chain(self, conv_idx: int, v: str):
+    def _plan_chain(self, conv_idx: int, v: str, amx_conv: dict | None = None):
         """After a float-output conv: find the single-consumer element-wise chain that follows it and the
-        PackSign of its result; translate them later as one kernel in place of the chain's last node."""
+        PackSign of its result; translate them later as one kernel in place of the chain's last node (with
+        ``amx_conv``, the AMX conv's call, not emitted yet: conv + chain + PackSign as one kernel there).
+        Returns the plan, or None when there is no chain."""
         g = self.graph
         steps, nodes, extras = [], [], []
         while v not in self.graph_outputs:
@@ -645,7 +492,7 @@ class _Translator:
             nodes.append(j)
             v = g.node[j].output[0]
         if not nodes:
-            return
+            return None
         pack = None
         for j in self.consumers.get(v, []):
             nd = g.node[j]
@@ -656,19 +503,26 @@ class _Translator:
                 break
         want_float = pack is None or v in self.graph_outputs or any(j != pack for j in self.consumers.get(v, []))
         plan = dict(conv=conv_idx, nodes=nodes, steps=steps, extras=extras, pack=pack, value=v,
-                    want_float=want_float)
+                    want_float=want_float, amx_conv=amx_conv)
         self.skip.update(nodes[:-1])
         if pack is not None:
             self.skip.add(pack)
         self.deferred[nodes[-1]] = plan
+        return plan
 
     def _emit_chain(self, plan: dict):
         g = self.graph
         conv_out = g.node[plan["conv"]].output[0]
-        y = self.get(conv_out)
-        shape = _shape(y)
+        ac = plan.get("amx_conv")
+        if ac is not None:
+            shape = list(ac["oshape"])
+            y = None
+            ok = len(plan["extras"]) <= _amx_max_extras()
+        else:
+            y = self.get(conv_out)
+            shape = _shape(y)
+            ok = _dtype(y) == "float32"
         args, shapes = [y], []
-        ok = _dtype(y) == "float32"
         for e in plan["extras"]:
             if isinstance(e, str):
                 val = self.get(e)
@@ -681,6 +535,8 @@ class _Translator:
                 args.append(self.const(e))
                 shapes.append(list(e.shape))
         if not ok:  # a value operand that does not broadcast (or is not float32): translate op by op
+            if ac is not None:  # the deferred AMX conv alone first
+                self.values[conv_out] = self.call_kernel(ac["f"], "bconv", ac["args"], ac["oshape"], "float32")
             for j in plan["nodes"] + ([plan["pack"]] if plan["pack"] is not None else []):
                 self.node(g.node[j])
             return
@@ -691,8 +547,18 @@ class _Translator:
             if len(pn.input) > 1 and pn.input[1]:
                 with_t = True
                 args.append(self.const(pn.input[1], "float32"))
-        f = K.chain_pack_primfunc(shape, shapes, plan["steps"], want_float=plan["want_float"],
-                                  pack=pack is not None, with_threshold=with_t, target=self.family)
+        if ac is not None:
+            from .amx import binary_conv2d_amx_chain_primfunc
+
+            f = binary_conv2d_amx_chain_primfunc(ac["xs"], ac["ws"], ac["es"], extra_shapes=shapes,
+                                                 steps=plan["steps"], want_float=plan["want_float"],
+                                                 pack=pack is not None, with_threshold=with_t, **ac["attrs"])
+            args = list(ac["args"]) + args[1:]
+            base = "chain_pack_bconv" if pack is not None else "chain_bconv"  # the chain fused into the conv
+        else:
+            f = K.chain_pack_primfunc(shape, shapes, plan["steps"], want_float=plan["want_float"],
+                                      pack=pack is not None, with_threshold=with_t, target=self.family)
+            base = "chain_pack" if pack is not None else "chain"
         oshapes, odtypes = [], []
         if plan["want_float"]:
             oshapes.append(shape)
@@ -700,7 +566,7 @@ class _Translator:
         if pack is not None:
             oshapes.append([shape[0], shape[2], shape[3], K.num_words(shape[1])])
             odtypes.append("uint32")
-        outs = self.call_kernel(f, "chain_pack" if pack is not None else "chain", args, oshapes, odtypes)
+        outs = self.call_kernel(f, base, args, oshapes, odtypes)
         k = 0
         if plan["want_float"]:
             self.values[plan["value"]] = outs[0]
@@ -709,7 +575,7 @@ class _Translator:
             self.values[g.node[pack].output[0]] = outs[k]
         self.fused_chains.append(dict(conv=g.node[plan["conv"]].name, ops=[g.node[j].op_type for j in plan["nodes"]],
                                       steps=[s[0] for s in plan["steps"]], pack=pack is not None,
-                                      float_out=plan["want_float"]))
+                                      float_out=plan["want_float"], amx=ac is not None))
 
     # -- standard ONNX ops ------------------------------------------------------------------------
     def op_Identity(self, node, a):
@@ -1046,6 +912,79 @@ class _Translator:
         dt = str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(a["to"]))))
         return self.emit(relax.op.astype(x, dt))
 
+    # element-wise and indexing ops of the float parts of BiMLP-style graphs (constant inputs fold in NumPy)
+    def op_Greater(self, node, a):
+        return self._binary(node, relax.op.greater, np.greater)
+
+    def op_Less(self, node, a):
+        return self._binary(node, relax.op.less, np.less)
+
+    def op_Equal(self, node, a):
+        return self._binary(node, relax.op.equal, np.equal)
+
+    def op_Where(self, node, a):
+        if self.all_const(node):
+            return np.where(*[self.consts[n] for n in node.input])
+        c, x, y = self.inputs(node)[:3]
+        if _dtype(c) != "bool":
+            c = self.emit(relax.op.astype(c, "bool"))
+        return self.emit(relax.op.where(c, x, y))
+
+    def _unary(self, node, fn, npfn):
+        n = node.input[0]
+        if n in self.consts and n not in self.values:
+            return npfn(self.consts[n])
+        return self.emit(fn(self.get(n)))
+
+    def op_Cos(self, node, a):
+        return self._unary(node, relax.op.cos, np.cos)
+
+    def op_Sin(self, node, a):
+        return self._unary(node, relax.op.sin, np.sin)
+
+    def op_Floor(self, node, a):
+        return self._unary(node, relax.op.floor, np.floor)
+
+    def op_Round(self, node, a):
+        # ONNX Round is round-half-to-even (np.round); TVM's round lowers to nearbyint (the same in the
+        # default rounding mode), checked by tests/test_tvm_runtime.py on exact halves
+        return self._unary(node, relax.op.round, np.round)
+
+    def op_Gather(self, node, a):
+        axis = int(a.get("axis", 0))
+        if self.all_const(node):
+            return np.take(self.consts[node.input[0]], self.consts[node.input[1]], axis=axis)
+        x = self.get(node.input[0])
+        dim = _shape(x)[axis]
+        iname = node.input[1]
+        if iname in self.consts and iname not in self.values:
+            idx = np.asarray(self.consts[iname]).astype(np.int64)
+            if idx.size and (idx.min() < -dim or idx.max() >= dim):
+                raise ValueError(f"node {node.name!r} (Gather): index out of range for axis of size {dim}")
+            idx = np.where(idx < 0, idx + dim, idx)
+            if idx.ndim == 0:  # a scalar index removes the axis
+                y = self.emit(relax.op.take(x, self.const(idx.reshape(1)), axis=axis))
+                return self.emit(relax.op.squeeze(y, [axis]))
+            return self.emit(relax.op.take(x, self.const(idx), axis=axis))
+        return self.emit(relax.op.take(x, self.get(iname), axis=axis, mode="wrap"))
+
+    def op_Expand(self, node, a):
+        shape = [int(v) for v in self.cval(node.input[1], "Expand shape", node)]
+        n = node.input[0]
+        if n in self.consts and n not in self.values:
+            c = self.consts[n]
+            return np.broadcast_to(c, np.broadcast_shapes(c.shape, tuple(shape))).copy()
+        x = self.get(n)
+        out = list(np.broadcast_shapes(tuple(_shape(x)), tuple(shape)))
+        return self.emit(relax.op.broadcast_to(x, out))
+
+    def op_Tile(self, node, a):
+        reps = [int(v) for v in self.cval(node.input[1], "Tile repeats", node)]
+        n = node.input[0]
+        if n in self.consts and n not in self.values:
+            return np.tile(self.consts[n], reps)
+        return self.emit(relax.op.tile(self.get(n), reps))
+
 
 def translate(model: onnx.ModelProto, batch_size: int = 1, target=None, fuse: bool = True):
     """ONNX deploy graph → (Relax IRModule, info dict with input/output names, shapes and dtypes).
@@ -1055,6 +994,7 @@ def translate(model: onnx.ModelProto, batch_size: int = 1, target=None, fuse: bo
     adds, bias adds, PReLU, Clip, ...) and the ``PackSign`` of its result become one kernel that writes the
     float value (where something else reads it) and the packed bits; ``fuse=False`` translates op by op."""
     t = _Translator(model, batch_size, target_family(target), fuse=fuse)
+    t.target = target  # the full target (its mcpu decides whether AMX kernels may be used)
     mod = t.run()
     info = dict(input_name=t.input_name, input_shape=list(t.input_shape), input_dtype=t.input_dtype,
                 output_name=t.output_names[0], output_shape=list(t.output_shape), output_dtype=t.output_dtype,
@@ -1324,6 +1264,9 @@ class TVMModel:
         if not ok:
             raise RuntimeError(f"cannot load {path} here: {why}")
         set_num_threads(num_threads or meta.get("num_threads"))
+        from .amx import check_can_run
+
+        check_can_run(meta.get("target"), path)  # asks Linux for the AMX tile state before any kernel runs
         with _quiet_scope_logs():
             lib = tvm.runtime.load_module(str(path))
         return cls(lib, meta)

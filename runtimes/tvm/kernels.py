@@ -563,14 +563,24 @@ def _best_tile(ext: int, limit: int) -> int:
     return 1
 
 
-def conv_weight_layout(x_shape, w_shape, *, strides, pads, dilations, target=None, **_ignored) -> str:
-    """The weight layout the x86 schedule of this conv wants: ``"blocked"`` (channels in the vector lanes,
-    weights ``[O/32, KH, KW, Cw, 32]``, see :func:`block_conv_weights`) or ``"OHWC"`` (as given).
+def conv_weight_layout(x_shape, w_shape, *, strides, pads, dilations, target=None, amx: bool = False,
+                       **_ignored) -> str:
+    """The weight layout the x86 schedule of this conv wants: ``"amx"`` (the AMX-INT8 kernel, weights
+    :func:`runtimes.tvm.amx.amx_conv_weights`), ``"blocked"`` (channels in the vector lanes, weights
+    ``[O/32, KH, KW, Cw, 32]``, see :func:`block_conv_weights`) or ``"OHWC"`` (as given).
 
-    Rule: channels in the lanes for stride-1, dilation-1 convs whose output plane is small (< 400
-    positions, e.g. 14x14 and 7x7), where the pixel-vectorized tile would leave lanes empty."""
+    Rule: with ``amx=True`` (the graph translator asks so; callers that pass the weights as given keep the
+    default), AMX where :func:`runtimes.tvm.amx.use_amx` says so (an AMX target in a process with AMX
+    enabled, shapes where it was measured faster); else channels
+    in the lanes for stride-1, dilation-1 convs whose output plane is small (< 400 positions, e.g. 14x14
+    and 7x7), where the pixel-vectorized tile would leave lanes empty."""
     if _family(target) != "x86":
         return "OHWC"
+    if amx:
+        from .amx import use_amx
+
+        if use_amx(x_shape, w_shape, strides=strides, pads=pads, dilations=dilations, target=target):
+            return "amx"
     _, h, w, _ = [int(s) for s in x_shape]
     _, kh, kw, _ = [int(s) for s in w_shape]
     pt, pl, pb, pr = [int(v) for v in pads]
@@ -609,9 +619,17 @@ def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, ke
     pt, pl, pb, pr = [int(v) for v in pads]
     dh, dw = [int(v) for v in dilations]
     oh, ow = _out_size(h, kh, sh, pt, pb, dh), _out_size(w, kw, sw, pl, pr, dw)
-    want = conv_weight_layout(x_shape, w_shape, strides=strides, pads=pads, dilations=dilations, target=target)
+    if weight_layout == "amx":  # W = amx.amx_conv_weights(W); AMX-INT8 kernel (runtimes/tvm/amx.py)
+        from .amx import binary_conv2d_amx_primfunc
+
+        return binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, out_channels=out_channels,
+                                          kernel_shape=kernel_shape, strides=strides, pads=pads,
+                                          dilations=dilations, output=output)
+    want = conv_weight_layout(x_shape, w_shape, strides=strides, pads=pads, dilations=dilations, target=target,
+                              amx=False)
     if weight_layout not in ("OHWC", "blocked"):
-        raise ValueError(f"BinaryConv2dPacked: weight_layout must be 'OHWC' or 'blocked', got {weight_layout!r}")
+        raise ValueError(f"BinaryConv2dPacked: weight_layout must be 'OHWC', 'blocked' or 'amx', "
+                         f"got {weight_layout!r}")
     if weight_layout == "blocked" and want != "blocked":
         raise ValueError("BinaryConv2dPacked: blocked weights are only used by the x86 channels-in-lanes "
                          "schedule (stride 1, dilation 1, small output plane); see conv_weight_layout()")

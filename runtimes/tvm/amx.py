@@ -1,0 +1,708 @@
+"""AMX-INT8 ``BinaryConv2dPacked`` for x86 CPUs with Intel AMX (Sapphire Rapids and later).
+
+With ±1 values (bit 1 → +1, bit 0 → −1) the int32 sums of ``TDPBSSD`` are exact:
+``Σ a·w = Kbits − 2·popcount(x XOR w)`` with ``Kbits = KH·KW·32·Cw``, so the op's
+``D = E[o, RowClass[y], ColClass[x]] − 2·pc`` is ``dot + (E − Kbits)`` with ``dot`` the int8 GEMM of the
+unpacked input and weights. One TDPBSSD is a 16×16×64 int8 product (1024 MACs per cycle), three times the
+xor+popcnt+add bound of 512-bit VPOPCNTDQ.
+
+The kernel (:func:`binary_conv2d_amx_primfunc`) is written directly in TIR (TVMScript) and takes the same
+arguments and gives the same results, bit for bit, as :func:`kernels.binary_conv2d_packed_primfunc`, except
+that ``W`` is the AMX weight layout made once at compile time by :func:`amx_conv_weights`:
+
+* **Unpack** (parallel over rows): the packed input becomes a zero-copy im2col image of int8 ±1, one plane
+  per stride phase (plane ``(a, b)`` holds padded rows ``a, a+sh, …`` and columns ``b, b+sw, …``), each
+  row ``RL = ceil(Wp / sw)`` positions of ``CB = 32·Cw`` rounded up to 64 bytes. Padding positions are −1
+  (a zero word, as in the reference); bytes past ``32·Cw`` are don't-care (their weights are 0). A 64-bit
+  word of input bits becomes 64 bytes with one mask move (``kmovq``) and a masked byte blend.
+* **GEMM**: "virtual" output pixels ``v = y·RL + x`` (x < RL; columns x ≥ OW are computed and dropped).
+  Tap (i, j) of pixel v reads plane ``((i·dh) % sh, (j·dw) % sw)`` at position
+  ``v + ((i·dh) // sh)·RL + (j·dw) // sw``: 16 consecutive pixels are one A tile with row stride CB,
+  whatever the stride or dilation. Register blocking 2 A tiles (32 pixels) × 2 B tiles (32 channels)
+  = 4 accumulator tiles; per parallel task a block of pixels × a group of output channels, channel pairs
+  outer, pixel pairs inner (the B tiles of a channel pair stay in L1/L2 across the pixel pairs).
+* **Epilogue** in the same task, on the task's int32 block while it is in L1: ``bits``:
+  ``int64(P0)·D ≥ int64(P1)`` on 32 channels at once (compare into a mask, ``kmovd`` gives the packed
+  word).
+* **Float output** (:func:`binary_conv2d_amx_chain_primfunc`, NCHW): the GEMM is transposed (output
+  channels in the tile rows, pixels in the columns), so the epilogue ``float32(float64(D)·float64(P0)) + P1``
+  runs on 16-pixel vectors (masked per output row), and can go on with the element-wise chain that follows
+  the conv in the graph (residual Add, bias, PReLU, Clip, …) and the next ``PackSign``: the graph
+  translator (``graph.py``) emits conv + chain + pack as one kernel, writing the float value only when
+  something else reads it.
+
+The tile configuration is per thread: each parallel task loads it (``ldtilecfg``) and releases the tiles.
+
+Linux keeps the AMX tile state disabled until the process asks for it (``arch_prctl(ARCH_REQ_XCOMP_PERM,
+XFEATURE_XTILEDATA)``); without it the first tile instruction raises SIGILL. :func:`enabled` makes that
+request once and is the gate for every use (kernel selection, model load). ``BNNC_TVM_AMX=0`` in the
+environment disables AMX (the popcount schedules are used instead).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+import numpy as np
+
+from bnnc.ops import WORD_BITS as WORD
+from bnnc.ops.deploy import num_words
+
+__all__ = [
+    "AMX_MCPUS",
+    "amx_conv_weights",
+    "binary_conv2d_amx_primfunc",
+    "check_can_run",
+    "enabled",
+    "request_permission",
+    "target_has_amx",
+    "use_amx",
+]
+
+# LLVM CPU names with AMX-INT8 (Intel server cores from Sapphire Rapids on).
+AMX_MCPUS = frozenset({"sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "diamondrapids"})
+
+_SYS_ARCH_PRCTL = 158
+_ARCH_REQ_XCOMP_PERM = 0x1023
+_XFEATURE_XTILEDATA = 18
+
+_STATE: dict = {}
+
+_TILE = 16        # rows (pixels) / columns (channels) of a tile
+_TILE_BYTES = 1024
+
+
+def _cpu_has_amx() -> bool:
+    from .target import cpu_info
+
+    flags, _ = cpu_info()
+    return {"amx_tile", "amx_int8"} <= flags
+
+
+def request_permission() -> bool:
+    """Ask Linux (once per process) for the AMX tile state; True when granted. False on CPUs without
+    AMX-INT8, other operating systems, or kernels that refuse (older than 5.16)."""
+    if "ok" not in _STATE:
+        ok = False
+        if platform.system() == "Linux" and platform.machine().lower() in ("x86_64", "amd64") and _cpu_has_amx():
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.syscall.restype = ctypes.c_long
+                ok = libc.syscall(ctypes.c_long(_SYS_ARCH_PRCTL), ctypes.c_long(_ARCH_REQ_XCOMP_PERM),
+                                  ctypes.c_long(_XFEATURE_XTILEDATA)) == 0
+            except (OSError, AttributeError):
+                ok = False
+        _STATE["ok"] = ok
+    return _STATE["ok"]
+
+
+def disabled_by_env() -> bool:
+    return os.environ.get("BNNC_TVM_AMX", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def enabled() -> bool:
+    """Whether AMX kernels may be selected in this process: not disabled by ``BNNC_TVM_AMX=0``, an x86-64
+    Linux CPU with AMX-INT8, and the tile state granted (:func:`request_permission`)."""
+    return not disabled_by_env() and request_permission()
+
+
+def check_can_run(target, path="this model") -> None:
+    """Before a compiled model runs: request the tile state; raise if the model was compiled for an AMX
+    CPU (it may contain AMX kernels) and this process cannot execute tile instructions (it would die of
+    SIGILL)."""
+    granted = request_permission()
+    if target is not None and not granted and target_has_amx(target):
+        raise RuntimeError(f"cannot run {path} here: it was compiled for an AMX CPU "
+                           f"({target.get('mcpu') if isinstance(target, dict) else target}) and this "
+                           f"machine/OS does not grant the AMX tile state; recompile it here")
+
+
+def target_has_amx(target) -> bool:
+    """Whether ``target`` (None/"cpu" = host, a dict or a ``tvm.target.Target``) is an x86 LLVM target whose
+    ``mcpu`` has AMX-INT8."""
+    from .target import resolve_target, target_family
+
+    if isinstance(target, str) and target not in ("cpu", "host"):
+        return False  # a family name ("x86") or another target names no CPU model
+    try:
+        if target_family(target) != "x86":
+            return False
+        t = resolve_target(target)
+    except ValueError:
+        return False
+    if isinstance(t, dict):
+        mcpu = str(t.get("mcpu", ""))
+    else:
+        mcpu = str(t.attrs["mcpu"]) if "mcpu" in t.attrs else ""
+    return mcpu in AMX_MCPUS
+
+
+def _round_up(a: int, m: int) -> int:
+    return -(-a // m) * m
+
+
+def _out_size(size, k, stride, pb, pe, dil=1):
+    return (size + pb + pe - dil * (k - 1) - 1) // stride + 1
+
+
+def use_amx(x_shape, w_shape, *, strides, pads, dilations, target=None) -> bool:
+    """The selection rule, measured on one Sapphire Rapids core (``bench/amx_layers.py``, bits output):
+    AMX for k×k convs (k > 1) with at least 64 input and 32 output channels on an AMX target in a process
+    where :func:`enabled` holds (1.4–2.7× the popcount kernels on the ResNet-18 3×3 layers), except when the
+    int8 weights do not fit in L2 (> 2 MiB) and the output plane is small (< 100 positions), where the
+    weight stream bounds the AMX kernel (7²×512: 1.0×) and the popcount schedule stays."""
+    if not (target_has_amx(target) and enabled()):
+        return False
+    _, h, w, cw = [int(s) for s in x_shape]
+    o, kh, kw, _ = [int(s) for s in w_shape]
+    if kh * kw == 1 or cw < 2 or o < 32:
+        return False
+    sh, sw = [int(v) for v in strides]
+    pt, pl, pb, pr = [int(v) for v in pads]
+    dh, dw = [int(v) for v in dilations]
+    positions = _out_size(h, kh, sh, pt, pb, dh) * _out_size(w, kw, sw, pl, pr, dw)
+    wbytes = _round_up(o, 2 * _TILE) * kh * kw * _round_up(WORD * cw, 64)
+    return not (wbytes > 2 * 1024 * 1024 and positions < 100)
+
+
+def amx_conv_weights(w: np.ndarray, output: str = "bits") -> np.ndarray:
+    """Packed weights ``[O, KH, KW, Cw]`` (uint32) → int8 tiles for the AMX kernel of that ``output``.
+
+    ``Opad`` is O rounded up to 32 (zero filters appended), ``nkc = ceil(32·Cw / 64)`` chunks of 64 input
+    bits per tap; bytes past 32·Cw are 0.
+
+    * ``output="bits"`` (pixels in tile rows): B tiles ``[Opad/16, KH·KW, nkc, 16, 16, 4]``; tile (ob, tap,
+      q) row r, column n, byte k holds weight bit ``q·64 + 4r + k`` of output channel ``16·ob + n`` as ±1
+      (the VNNI layout of a TDPBSSD B operand).
+    * ``output="float"`` (channels in tile rows, the float / fused-chain kernel): A tiles
+      ``[Opad/16, KH·KW, nkc, 16, 64]``; tile (ob, tap, q) row n, byte j holds weight bit ``q·64 + j`` of
+      output channel ``16·ob + n`` as ±1."""
+    if output not in ("bits", "float"):
+        raise ValueError(f"amx_conv_weights: output must be 'bits' or 'float', got {output!r}")
+    w = np.asarray(w)
+    if w.ndim != 4:
+        raise ValueError(f"amx_conv_weights: expected W of shape [O, KH, KW, Cw], got {w.shape}")
+    w = w.astype(np.uint32)
+    o, kh, kw, cw = w.shape
+    opad = _round_up(o, 2 * _TILE)
+    cb = _round_up(WORD * cw, 64)
+    bits = np.unpackbits(w.astype("<u4").view(np.uint8).reshape(o, kh * kw, cw * 4), axis=-1, bitorder="little")
+    vals = np.zeros((opad, kh * kw, cb), np.int8)
+    vals[:o, :, : WORD * cw] = np.where(bits.astype(bool), 1, -1).astype(np.int8)
+    nkc = cb // 64
+    if output == "float":
+        # [opad, taps, nkc, 64] → [ob, n, taps, nkc, j] → [ob, taps, nkc, n, j]
+        t = vals.reshape(opad // _TILE, _TILE, kh * kw, nkc, 64).transpose(0, 2, 3, 1, 4)
+        return np.ascontiguousarray(t)
+    # [opad, taps, nkc, 16 r, 4 k] → [ob, n, taps, nkc, r, k] → [ob, taps, nkc, r, n, k]
+    t = vals.reshape(opad // _TILE, _TILE, kh * kw, nkc, _TILE, 4).transpose(0, 2, 3, 4, 1, 5)
+    return np.ascontiguousarray(t)
+
+
+def _geometry(x_shape, w_shape, strides, pads, dilations, *, mb=None, og=None):
+    n, h, w, cw = [int(s) for s in x_shape]
+    o, kh, kw, _ = [int(s) for s in w_shape]
+    sh, sw = [int(v) for v in strides]
+    pt, pl, pb, pr = [int(v) for v in pads]
+    dh, dw = [int(v) for v in dilations]
+    oh, ow = _out_size(h, kh, sh, pt, pb, dh), _out_size(w, kw, sw, pl, pr, dw)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"BinaryConv2dPacked: empty output {oh}x{ow}")
+    wp = w + pl + pr
+    g = dict(n=n, h=h, w=w, cw=cw, o=o, kh=kh, kw=kw, sh=sh, sw=sw, pt=pt, pl=pl, dh=dh, dw=dw, oh=oh, ow=ow)
+    g["rl"] = rl = -(-wp // sw)
+    g["nph"] = sh * sw
+    g["cb"] = cb = _round_up(WORD * cw, 64)
+    g["nkc"] = cb // 64
+    g["opad"] = opad = _round_up(o, 2 * _TILE)
+    g["taps"] = kh * kw
+    nv = oh * rl  # virtual pixels of one image
+    # output-channel group per task: all channels unless the plane is small and the layer wide
+    if og is None:
+        og = opad
+        while og > 64 and og % 2 == 0 and (og // 2) % 32 == 0 and nv * og * 4 > 64 * 1024:
+            og //= 2
+    if mb is None:
+        # pixels per task: the int32 block (mb x og) in about 16 KiB, at least 64 pixels (measured)
+        mb = max(64, (16 * 1024 // (4 * og)) // 32 * 32)
+        mb = min(mb, _round_up(nv, 32))
+    g["og"], g["mb"] = og, mb
+    g["npb"] = npb = -(-nv // mb)
+    g["ncg"] = opad // og
+    maxoff = (((kh - 1) * dh) // sh) * rl + ((kw - 1) * dw) // sw
+    g["lrows"] = lrows = -(-(npb * mb + maxoff) // rl)  # rows of each phase plane
+    g["lpos"] = lrows * rl
+    return g
+
+
+def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kernel_shape, strides, pads,
+                               dilations, output, mb=None, og=None, **_ignored):
+    """The AMX kernel of ``BinaryConv2dPacked``: arguments (X, Wamx, E, RowClass, ColClass, P0, P1, Y) with
+    ``Wamx = amx_conv_weights(W)``; ``w_shape`` is the ``[O, KH, KW, Cw]`` shape of the packed weights.
+    ``mb`` (pixels per task, a multiple of 32) and ``og`` (output channels per task, a multiple of 32
+    dividing O rounded up to 32) override the blocking chosen from the shape."""
+    from tvm.script import tirx as T
+
+
+    if output not in ("float", "bits"):
+        raise ValueError(f"BinaryConv2dPacked: output must be 'float' or 'bits', got {output!r}")
+    if output == "float":  # channels in the tile rows, vectorized epilogue (weights amx_conv_weights(W, "float"))
+        return binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, out_channels=out_channels,
+                                                kernel_shape=kernel_shape, strides=strides, pads=pads,
+                                                dilations=dilations, mb=mb, og=og)
+    n, h, w, cw = [int(s) for s in x_shape]
+    o, kh, kw, cw2 = [int(s) for s in w_shape]
+    if cw2 != cw:
+        raise ValueError(f"BinaryConv2dPacked: X has {cw} words per pixel but W has {cw2}")
+    if int(out_channels) != o:
+        raise ValueError(f"BinaryConv2dPacked: out_channels={out_channels} but W has {o} filters")
+    if [int(v) for v in kernel_shape] != [kh, kw]:
+        raise ValueError("BinaryConv2dPacked: kernel_shape does not match W")
+    g = _geometry(x_shape, w_shape, strides, pads, dilations, mb=mb, og=og)
+    if g["mb"] % 32 or g["og"] % 32 or g["opad"] % g["og"]:
+        raise ValueError(f"binary_conv2d_amx_primfunc: mb={g['mb']} and og={g['og']} must be multiples of 32, "
+                         f"og dividing {g['opad']}")
+    e_shape = tuple(int(s) for s in e_shape)
+    if len(e_shape) != 3 or e_shape[0] != o:
+        raise ValueError(f"BinaryConv2dPacked: E must be [O, R, C], got {list(e_shape)}")
+    nr, nc = e_shape[1], e_shape[2]
+    oh, ow, rl, nph, cb, nkc = g["oh"], g["ow"], g["rl"], g["nph"], g["cb"], g["nkc"]
+    opad, taps, og, mb, npb, ncg, lrows, lpos = (g[k] for k in ("opad", "taps", "og", "mb", "npb", "ncg",
+                                                                "lrows", "lpos"))
+    sh, sw, pt, pl, dh, dw = (g[k] for k in ("sh", "sw", "pt", "pl", "dh", "dw"))
+    kbits = taps * WORD * cw
+    nwo = num_words(o)
+    pdt = "float32" if output == "float" else "int32"
+    wshape = (opad // _TILE, taps, nkc, _TILE, _TILE, 4)
+    yshape = (n, o, oh, ow) if output == "float" else (n, oh, ow, nwo)
+    ydt = "float32" if output == "float" else "uint32"
+    x64 = cw % 2 == 0
+    cw64 = max(1, cw // 2)
+    nimg = n * nph * lpos * cb
+    ntask = n * npb * ncg
+    nrows = n * nph * lrows
+    bits_out = output == "bits"
+    i8 = "int8x64"
+
+    @T.prim_func
+    def amx_conv(X: T.Buffer((n, h, w, cw), "uint32"), Wt: T.Buffer(wshape, "int8"),
+                 E: T.Buffer(e_shape, "int32"), RC: T.Buffer((oh,), "int32"), CC: T.Buffer((ow,), "int32"),
+                 P0: T.Buffer((o,), pdt), P1: T.Buffer((o,), pdt), Y: T.Buffer(yshape, ydt)):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        Xf = T.decl_buffer((n * h * w * cw,), "uint32", data=X.data)
+        X64 = T.decl_buffer((n * h * w * cw64,), "uint64", data=X.data)
+        Wf = T.decl_buffer((opad // _TILE * taps * nkc * _TILE_BYTES,), "int8", data=Wt.data)
+        Ef = T.decl_buffer((o * nr * nc,), "int32", data=E.data)
+        Yf = T.decl_buffer((n * yshape[1] * yshape[2] * yshape[3],), ydt, data=Y.data)
+        img = T.alloc_buffer((nimg,), "int8", align=64)
+        ek = T.alloc_buffer((nr * nc * opad,), "int32", align=64)
+        p0p = T.alloc_buffer((opad,), pdt, align=64)
+        p1p = T.alloc_buffer((opad,), pdt, align=64)
+        sg = T.alloc_buffer((opad,), "int32", align=64)
+        tq = T.alloc_buffer((opad,), "int64", align=64)
+        # float: ek = E - Kbits by (row class, column class, channel), P0/P1 padded with zeros.
+        # bits: P0·D >= P1 with D = dot + E - Kbits is, per channel, sg·dot >= thr with sg = sign(P0) and
+        # thr = ceil(P1/|P0|) - sg·(E - Kbits) (P0 = 0: thr = P1), exact in int64, then clamped into int32
+        # (|dot| <= Kbits, so clamping never changes a decision); padded channels: sg = 0, thr = 1 (bit 0).
+        for c in range(opad):
+            if bits_out:
+                p0v = T.meta_var(T.Cast("int64", T.if_then_else(c < o, P0[T.min(c, o - 1)], 0)))
+                p1v = T.meta_var(T.Cast("int64", T.if_then_else(c < o, P1[T.min(c, o - 1)], 1)))
+                sg[c] = T.if_then_else(p0v > T.int64(0), 1, T.if_then_else(p0v < T.int64(0), -1, 0))
+                tq[c] = T.if_then_else(p0v != T.int64(0),
+                                       T.floordiv(p1v + T.abs(p0v) - T.int64(1), T.max(T.abs(p0v), T.int64(1))),
+                                       p1v)
+            else:
+                p0p[c] = T.if_then_else(c < o, P0[T.min(c, o - 1)], T.float32(0))
+                p1p[c] = T.if_then_else(c < o, P1[T.min(c, o - 1)], T.float32(0))
+        for r in range(nr * nc):
+            for c in range(opad):
+                ekv = T.meta_var(T.if_then_else(c < o, Ef[T.min(c, o - 1) * (nr * nc) + r] - kbits, 0))
+                if bits_out:
+                    ek[r * opad + c] = T.Cast("int32", T.max(T.min(
+                        tq[c] - T.Cast("int64", sg[c]) * T.Cast("int64", ekv), T.int64(2**31 - 1)),
+                        T.int64(-(2**31) + 1)))
+                else:
+                    ek[r * opad + c] = ekv
+        # unpack: image i, phase ph, plane row pr → padded row pr*sh + ph//sw, columns c*sw + ph%sw
+        for row in T.parallel(nrows):
+            for c in range(rl):
+                for q in range(nkc):
+                    i = T.meta_var(row // (nph * lrows))
+                    ph = T.meta_var(row // lrows % nph)
+                    yy = T.meta_var(row % lrows * sh + ph // sw - pt)
+                    xx = T.meta_var(c * sw + ph % sw - pl)
+                    inside = T.meta_var(T.And(T.And(yy >= 0, yy < h), T.And(xx >= 0, xx < w)))
+                    pix = T.meta_var((i * h + T.max(T.min(yy, h - 1), 0)) * w + T.max(T.min(xx, w - 1), 0))
+                    if x64:
+                        m = T.meta_var(T.if_then_else(inside, X64[pix * cw64 + q], T.uint64(0)))
+                    else:
+                        m = T.meta_var(T.if_then_else(
+                            inside,
+                            T.Cast("uint64", Xf[pix * cw + 2 * q])
+                            | T.shift_left(T.Cast("uint64", T.if_then_else(2 * q + 1 < cw,
+                                                                           Xf[pix * cw + T.min(2 * q + 1, cw - 1)],
+                                                                           T.uint32(0))), T.uint64(32)),
+                            T.uint64(0)))
+                    img[T.Ramp((row * rl + c) * cb + q * 64, 1, 64)] = (
+                        T.reinterpret("uint1x64", m).astype(i8) * T.Broadcast(T.int8(2), 64)
+                        - T.Broadcast(T.int8(1), 64))
+        # GEMM + epilogue per task (image, pixel block, channel group)
+        for task in T.parallel(ntask):
+            cfg = T.alloc_buffer((64,), "uint8", align=64)
+            acc = T.alloc_buffer((mb * og,), "int32", align=64)
+            for k in range(64):
+                cfg[k] = T.uint8(0)
+            cfg[0] = T.uint8(1)
+            for k in range(8):
+                cfg[16 + 2 * k] = T.uint8(64)
+                cfg[48 + k] = T.uint8(16)
+            T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0]))
+            ti = T.meta_var(task // (npb * ncg))
+            tp = T.meta_var(task // ncg % npb)
+            tg = T.meta_var(task % ncg)
+            for cp in range(og // 32):
+                for pp in range(mb // 32):
+                    T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0))
+                    T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1))
+                    T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2))
+                    T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3))
+                    for a in range(kh):
+                        for b in range(kw):
+                            for q in range(nkc):
+                                abase = T.meta_var(((ti * nph + ((a * dh) % sh) * sw + (b * dw) % sw) * lpos
+                                          + tp * mb + pp * 32 + ((a * dh) // sh) * rl + (b * dw) // sw) * cb
+                                         + q * 64)
+                                bbase = T.meta_var(((((tg * og + cp * 32) // _TILE) * taps + a * kw + b) * nkc + q)
+                                         * _TILE_BYTES)
+                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4),
+                                                   T.address_of(img[abase]), T.int64(cb))
+                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(6),
+                                                   T.address_of(Wf[bbase]), T.int64(64))
+                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5),
+                                                   T.address_of(img[abase + 16 * cb]), T.int64(cb))
+                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(0), T.int8(4), T.int8(6))
+                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(7),
+                                                   T.address_of(Wf[bbase + taps * nkc * _TILE_BYTES]),
+                                                   T.int64(64))
+                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(1), T.int8(5), T.int8(6))
+                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(2), T.int8(4), T.int8(7))
+                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(3), T.int8(5), T.int8(7))
+                    cbase = T.meta_var(pp * 32 * og + cp * 32)
+                    T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(0), acc.access_ptr("w", offset=cbase, extent=16 * og),
+                                       T.int64(og * 4))
+                    T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(1),
+                                       acc.access_ptr("w", offset=cbase + 16 * og, extent=16 * og), T.int64(og * 4))
+                    T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(2), acc.access_ptr("w", offset=cbase + 16, extent=16 * og),
+                                       T.int64(og * 4))
+                    T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(3),
+                                       acc.access_ptr("w", offset=cbase + 16 * og + 16, extent=16 * og), T.int64(og * 4))
+            T.call_llvm_intrin("void", "llvm.x86.tilerelease")
+            # epilogue on the task's block
+            for vl in range(mb):
+                v = T.meta_var(tp * mb + vl)
+                y = T.meta_var(v // rl)
+                x = T.meta_var(v % rl)
+                if y < oh and x < ow:
+                    ebase = T.meta_var((RC[T.min(y, oh - 1)] * nc + CC[T.min(x, ow - 1)]) * opad)
+                    if bits_out:
+                        for k in range(og // 32):
+                            ch = T.meta_var(tg * og + k * 32)
+                            bit = T.meta_var(sg[T.Ramp(ch, 1, 32)] * acc[T.Ramp(vl * og + k * 32, 1, 32)]
+                                             >= ek[T.Ramp(ebase + ch, 1, 32)])
+                            Yf[((ti * oh + y) * ow + x) * nwo + tg * (og // 32) + k] = T.reinterpret(
+                                "uint32", bit.astype("uint1x32"))
+                    else:
+                        for c in range(og):
+                            ch = T.meta_var(tg * og + c)
+                            if ch < o:
+                                dd = T.meta_var(acc[vl * og + c] + ek[ebase + ch])
+                                Yf[((ti * o + ch) * oh + y) * ow + x] = (
+                                    T.Cast("float32", T.Cast("float64", dd) * T.Cast("float64", p0p[ch]))
+                                    + p1p[ch])
+
+    # op_pattern 8 = kOpaque: Relax FuseOps must not fuse (and FuseTIR re-lower) this kernel
+    return amx_conv.with_attrs({"bnnc.scheduled": True, "op_pattern": 8, "bnnc.amx": True})
+
+
+# --------------------------------------------------------------------------------------------------
+# Float output (+ the fused element-wise chain and PackSign): channels in the tile rows
+#
+# The float output is NCHW: contiguous along x. Here the GEMM is transposed (C' = W · Xᵀ): A tiles are 16
+# output channels × 64 input bytes (``amx_conv_weights(w, "float")``), B tiles 16 "k-quads" × 16 pixels ×
+# 4 bytes (the VNNI layout of the unpacked input, plane ``[image, phase, chunk q, quad r, position, 4]``:
+# 16 consecutive positions of one quad are 64 contiguous bytes, any tap offset is a plain shift), so the
+# int32 accumulator block is [channel][pixel] and the whole epilogue runs on 16-pixel vectors: one
+# masked vector per output-row piece (a 16-pixel group crosses at most ``15 // RL + 2`` rows).
+
+_MAX_EXTRAS = 8  # chain operands the fused AMX kernel takes (longer chains: unfused conv + chain_pack)
+
+
+def _chain_vec(val, steps, extras, ext_shapes, idx4, x0, mask, out_rank=4):
+    """The chain ``steps`` (``kernels.CHAIN_OPS``) applied to the 16-lane float32 vector ``val`` at
+    (image, channel, row) ``idx4[:3]`` and columns ``x0 + lane``: operands broadcast along x are scalars
+    (broadcast to the lanes), the others masked vector loads (``mask``: the lanes of this row piece)."""
+    from tvm import tirx
+
+    zero = tirx.Broadcast(tirx.const(0.0, "float32"), _TILE)
+    for st in steps:
+        kind = st[0]
+        if kind == "relu":
+            val = tirx.max(val, zero)
+            continue
+        if kind == "neg":
+            val = -val
+            continue
+        k = int(st[1])
+        buf, shp = extras[k], ext_shapes[k]
+        off = out_rank - len(shp)
+        full = tuple(idx4[:3]) + (tirx.Ramp(x0, 1, _TILE),)
+        ind = [0 if s == 1 else full[off + d] for d, s in enumerate(shp)]
+        if len(shp) and shp[-1] != 1:  # varies along x: a vector of the row
+            av = tirx.call_intrin(f"float32x{_TILE}", "tirx.masked_load", buf, *ind, mask)
+        else:
+            av = tirx.Broadcast(buf[tuple(ind)] if ind else buf[0], _TILE)
+        if kind == "add":
+            val = val + av
+        elif kind == "sub":
+            val = val - av
+        elif kind == "rsub":
+            val = av - val
+        elif kind == "mul":
+            val = val * av
+        elif kind == "max":
+            val = tirx.max(val, av)
+        elif kind == "min":
+            val = tirx.min(val, av)
+        elif kind == "prelu":
+            val = tirx.Select(val < zero, val * av, val)
+        else:
+            raise ValueError(f"fused chain: unknown step {kind!r}")
+    return val
+
+
+def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels, kernel_shape, strides, pads,
+                                     dilations, extra_shapes=(), steps=(), want_float=True, pack=False,
+                                     with_threshold=False, mb=None, og=None, **_ignored):
+    """The AMX kernel of a float-output ``BinaryConv2dPacked``, optionally followed by the element-wise
+    chain ``steps`` over ``extra_shapes`` operands (semantics of :func:`kernels.chain_value_te`) and the
+    ``PackSign`` (``v >= T[c]``, T = 0 without threshold) of the result, all in the conv's epilogue.
+
+    Arguments ``(X, Wf, E, RowClass, ColClass, P0, P1, *extras, [T], [Yfloat], [Ybits])`` with
+    ``Wf = amx_conv_weights(W, "float")``; ``Yfloat`` (NCHW float32) when ``want_float``, ``Ybits``
+    (NHWC uint32 words) when ``pack``. Bit-identical to the float conv followed by ``chain_pack_primfunc``:
+    per channel ``float32(float64(D)·float64(P0)) + P1``, then the steps in order in float32."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    from .kernels import CHAIN_OPS
+
+    if not (want_float or pack):
+        raise ValueError("binary_conv2d_amx_chain_primfunc: nothing to produce")
+    n, h, w, cw = [int(s) for s in x_shape]
+    o, kh, kw, cw2 = [int(s) for s in w_shape]
+    if cw2 != cw:
+        raise ValueError(f"BinaryConv2dPacked: X has {cw} words per pixel but W has {cw2}")
+    if int(out_channels) != o:
+        raise ValueError(f"BinaryConv2dPacked: out_channels={out_channels} but W has {o} filters")
+    if [int(v) for v in kernel_shape] != [kh, kw]:
+        raise ValueError("BinaryConv2dPacked: kernel_shape does not match W")
+    g = _geometry(x_shape, w_shape, strides, pads, dilations, mb=mb, og=og)
+    if g["mb"] % 32 or g["og"] % 32 or g["opad"] % g["og"]:
+        raise ValueError(f"binary_conv2d_amx_chain_primfunc: mb={g['mb']} and og={g['og']} must be multiples "
+                         f"of 32, og dividing {g['opad']}")
+    e_shape = tuple(int(s) for s in e_shape)
+    if len(e_shape) != 3 or e_shape[0] != o:
+        raise ValueError(f"BinaryConv2dPacked: E must be [O, R, C], got {list(e_shape)}")
+    nr, nc = e_shape[1], e_shape[2]
+    if nc > _TILE:
+        raise ValueError(f"binary_conv2d_amx_chain_primfunc: {nc} column classes (at most {_TILE})")
+    ext_shapes = [tuple(int(v) for v in s) for s in extra_shapes]
+    if len(ext_shapes) > _MAX_EXTRAS:
+        raise ValueError(f"binary_conv2d_amx_chain_primfunc: {len(ext_shapes)} chain operands "
+                         f"(at most {_MAX_EXTRAS})")
+    oh, ow, rl, nph, cb, nkc = g["oh"], g["ow"], g["rl"], g["nph"], g["cb"], g["nkc"]
+    yshape = (n, o, oh, ow)
+    for k, s in enumerate(ext_shapes):
+        if len(s) > 4 or any(a not in (1, b) for a, b in zip(s, yshape[4 - len(s):])):
+            raise ValueError(f"fused chain: operand {k} of shape {list(s)} does not broadcast to {list(yshape)}")
+    for st in steps:
+        if st[0] not in CHAIN_OPS:
+            raise ValueError(f"fused chain: unknown step {st[0]!r}")
+        if st[0] not in ("relu", "neg") and not 0 <= int(st[1]) < len(ext_shapes):
+            raise ValueError(f"fused chain: step {st} names a missing operand")
+    opad, taps, og, mb, npb, ncg, lrows = (g[k] for k in ("opad", "taps", "og", "mb", "npb", "ncg", "lrows"))
+    sh, sw, pt, pl, dh, dw = (g[k] for k in ("sh", "sw", "pt", "pl", "dh", "dw"))
+    lp = _round_up(g["lpos"], _TILE)  # positions per plane (multiple of 16 for the vector unpack)
+    kbits = taps * WORD * cw
+    nwo = num_words(o)
+    nwg = og // 32  # words per channel group
+    wshape = (opad // _TILE, taps, nkc, _TILE, 64)
+    cwq = 2 * nkc  # 32-bit words per pixel in the word plane (words >= cw are 0)
+    nrows = n * nph * lrows
+    nquads = n * nph * nkc * _TILE
+    ntask = n * npb * ncg
+    nyk = 15 // rl + 2  # output rows a 16-pixel group can touch
+    ccpad = rl + 2 * _TILE  # CC padded by 16 on each side, indexed by x + 16
+    yb_shape = (n, oh, ow, nwo) if pack else (1,)
+    yf_shape = yshape if want_float else (1,)
+    a_shapes = [ext_shapes[k] if k < len(ext_shapes) else (1,) for k in range(_MAX_EXTRAS)]
+    L = _TILE
+    f32v, i32v = f"float32x{L}", f"int32x{L}"
+
+    @T.prim_func
+    def amx_conv_chain(X: T.Buffer((n, h, w, cw), "uint32"), Wt: T.Buffer(wshape, "int8"),
+                       E: T.Buffer(e_shape, "int32"), RC: T.Buffer((oh,), "int32"), CC: T.Buffer((ow,), "int32"),
+                       P0: T.Buffer((o,), "float32"), P1: T.Buffer((o,), "float32"),
+                       A0: T.Buffer(a_shapes[0], "float32"), A1: T.Buffer(a_shapes[1], "float32"),
+                       A2: T.Buffer(a_shapes[2], "float32"), A3: T.Buffer(a_shapes[3], "float32"),
+                       A4: T.Buffer(a_shapes[4], "float32"), A5: T.Buffer(a_shapes[5], "float32"),
+                       A6: T.Buffer(a_shapes[6], "float32"), A7: T.Buffer(a_shapes[7], "float32"),
+                       TH: T.Buffer((o,), "float32"), YF: T.Buffer(yf_shape, "float32"),
+                       YB: T.Buffer(yb_shape, "uint32")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        Xf = T.decl_buffer((n * h * w * cw,), "uint32", data=X.data)
+        Wf = T.decl_buffer((opad // _TILE * taps * nkc * _TILE_BYTES,), "int8", data=Wt.data)
+        Ef = T.decl_buffer((o * nr * nc,), "int32", data=E.data)
+        wpl = T.alloc_buffer((n * nph * cwq * lp,), "uint32", align=64)
+        img = T.alloc_buffer((nquads * lp,), "uint32", align=64)
+        img8 = T.decl_buffer((nquads * lp * 4,), "int8", data=img.data)
+        # ekt[(row class, channel), column class] = E - Kbits (16 column classes: a vpermd table)
+        ekt = T.alloc_buffer((nr * opad * L,), "int32", align=64)
+        ccp = T.alloc_buffer((ccpad,), "int32", align=64)
+        for r in range(nr):
+            for c in range(opad):
+                for j in range(L):
+                    ekt[(r * opad + c) * L + j] = T.if_then_else(
+                        T.And(c < o, j < nc), Ef[(T.min(c, o - 1) * nr + r) * nc + T.min(j, nc - 1)] - kbits, 0)
+        for j in range(ccpad):
+            ccp[j] = CC[T.max(T.min(j - L, ow - 1), 0)]
+        # word planes: image i, phase ph, word wq, position (plane row pr, column c) → padded row
+        # pr*sh + ph//sw, column c*sw + ph%sw (0 outside the image and for words >= cw)
+        for row in T.parallel(nrows):
+            for c in range(rl):
+                for wq in range(cwq):
+                    i = T.meta_var(row // (nph * lrows))
+                    ph = T.meta_var(row // lrows % nph)
+                    yy = T.meta_var(row % lrows * sh + ph // sw - pt)
+                    xx = T.meta_var(c * sw + ph % sw - pl)
+                    inside = T.meta_var(T.And(T.And(T.And(yy >= 0, yy < h), T.And(xx >= 0, xx < w)), wq < cw))
+                    pix = T.meta_var((i * h + T.max(T.min(yy, h - 1), 0)) * w + T.max(T.min(xx, w - 1), 0))
+                    wpl[((i * nph + ph) * cwq + wq) * lp + row % lrows * rl + c] = T.if_then_else(
+                        inside, Xf[pix * cw + T.min(wq, cw - 1)], T.uint32(0))
+        # VNNI planes: quad r of chunk q = bits 4r..4r+3 of the chunk → 4 bytes of ±1 per position
+        # (nibble · 0x00204081 & 0x01010101 spreads the 4 bits to 4 bytes; 0xFF ^ b·0xFE maps 1 → 1, 0 → -1)
+        for t in T.parallel(nquads):
+            for pb in range(lp // L):
+                iph = T.meta_var(t // (nkc * L))
+                q = T.meta_var(t // L % nkc)
+                r = T.meta_var(t % L)
+                wv = T.meta_var(wpl[T.Ramp((iph * cwq + 2 * q + r // 8) * lp + pb * L, 1, L)])
+                nib = T.meta_var(T.shift_right(wv, T.Broadcast(T.Cast("uint32", (r % 8) * 4), L))
+                                 & T.Broadcast(T.uint32(15), L))
+                spread = T.meta_var((nib * T.Broadcast(T.uint32(0x00204081), L)) & T.Broadcast(T.uint32(0x01010101), L))
+                img[T.Ramp(t * lp + pb * L, 1, L)] = T.bitwise_xor(
+                    spread * T.Broadcast(T.uint32(0xFE), L), T.Broadcast(T.uint32(0xFFFFFFFF), L))
+        for task in T.parallel(ntask):
+            cfg = T.alloc_buffer((64,), "uint8", align=64)
+            acc = T.alloc_buffer((og * mb,), "int32", align=64)
+            wb = T.alloc_buffer((nwg * mb,), "uint32", align=64)
+            for k in range(64):
+                cfg[k] = T.uint8(0)
+            cfg[0] = T.uint8(1)
+            for k in range(8):
+                cfg[16 + 2 * k] = T.uint8(64)
+                cfg[48 + k] = T.uint8(16)
+            T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0]))
+            ti = T.meta_var(task // (npb * ncg))
+            tp = T.meta_var(task // ncg % npb)
+            tg = T.meta_var(task % ncg)
+            for cp in range(og // 32):
+                for pp in range(mb // 32):
+                    T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0))
+                    T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1))
+                    T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2))
+                    T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3))
+                    for a in range(kh):
+                        for b in range(kw):
+                            for q in range(nkc):
+                                bbase = T.meta_var((((ti * nph + ((a * dh) % sh) * sw + (b * dw) % sw) * nkc + q)
+                                                    * L * lp + tp * mb + pp * 32 + ((a * dh) // sh) * rl
+                                                    + (b * dw) // sw) * 4)
+                                abase = T.meta_var(((((tg * og + cp * 32) // L) * taps + a * kw + b) * nkc + q)
+                                                   * _TILE_BYTES)
+                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4),
+                                                   T.address_of(Wf[abase]), T.int64(64))
+                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(6),
+                                                   T.address_of(img8[bbase]), T.int64(lp * 4))
+                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5),
+                                                   T.address_of(Wf[abase + taps * nkc * _TILE_BYTES]), T.int64(64))
+                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(0), T.int8(4), T.int8(6))
+                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(7),
+                                                   T.address_of(img8[bbase + L * 4]), T.int64(lp * 4))
+                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(1), T.int8(5), T.int8(6))
+                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(2), T.int8(4), T.int8(7))
+                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(3), T.int8(5), T.int8(7))
+                    cbase = T.meta_var(cp * 32 * mb + pp * 32)
+                    T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(0),
+                                       acc.access_ptr("w", offset=cbase, extent=16 * mb), T.int64(mb * 4))
+                    T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(1),
+                                       acc.access_ptr("w", offset=cbase + 16 * mb, extent=16 * mb), T.int64(mb * 4))
+                    T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(2),
+                                       acc.access_ptr("w", offset=cbase + 16, extent=16 * mb), T.int64(mb * 4))
+                    T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(3),
+                                       acc.access_ptr("w", offset=cbase + 16 * mb + 16, extent=16 * mb),
+                                       T.int64(mb * 4))
+            T.call_llvm_intrin("void", "llvm.x86.tilerelease")
+            # epilogue: 16-pixel groups, split into output-row pieces (masked vectors)
+            if pack:
+                for k in range(nwg * mb):
+                    wb[k] = T.uint32(0)
+            for gi in range(mb // L):
+                for yk in range(nyk):
+                    v0 = T.meta_var(tp * mb + gi * L)
+                    y = T.meta_var(v0 // rl + yk)
+                    x0 = T.meta_var(v0 - (v0 // rl + yk) * rl)
+                    if y < oh and x0 < ow and x0 > -L:
+                        xs = T.meta_var(T.Ramp(x0, 1, L))
+                        m = T.meta_var(T.And(xs >= T.Broadcast(0, L), xs < T.Broadcast(ow, L)))
+                        ccv = T.meta_var(ccp[T.Ramp(x0 + L, 1, L)])
+                        for c in range(og):
+                            ch = T.meta_var(tg * og + c)
+                            if ch < o:
+                                tab = T.meta_var(ekt[T.Ramp((RC[y] * opad + ch) * L, 1, L)])
+                                dd = T.meta_var(acc[T.Ramp(c * mb + gi * L, 1, L)] + T.call_llvm_pure_intrin(
+                                    i32v, "llvm.x86.avx512.permvar.si.512", tab, ccv))
+                                val0 = T.meta_var(T.Cast(f32v, T.Cast(f"float64x{L}", dd)
+                                                         * T.Broadcast(T.Cast("float64", P0[ch]), L))
+                                                  + T.Broadcast(P1[ch], L))
+                                val = T.meta_var(_chain_vec(val0, steps,
+                                                            (A0, A1, A2, A3, A4, A5, A6, A7),
+                                                            a_shapes, (ti, ch, y), x0, m))
+                                if want_float:
+                                    T.evaluate(T.masked_store(YF, val, ti, ch, y, T.Ramp(x0, 1, L), m))
+                                if pack:
+                                    thr = T.meta_var(TH[ch] if with_threshold else T.float32(0))
+                                    wb[T.Ramp((c // 32) * mb + gi * L, 1, L)] = wb[T.Ramp((c // 32) * mb + gi * L, 1, L)] | T.Select(
+                                        T.And(m, val >= T.Broadcast(thr, L)),
+                                        T.Broadcast(T.shift_left(T.uint32(1), T.Cast("uint32", c % 32)), L),
+                                        T.Broadcast(T.uint32(0), L))
+            if pack:
+                for vl in range(mb):
+                    vv = T.meta_var(tp * mb + vl)
+                    if vv // rl < oh and vv % rl < ow:
+                        for k in range(nwg):
+                            YB[ti, vv // rl, vv % rl, tg * nwg + k] = wb[k * mb + vl]
+
+    keep = list(range(7)) + list(range(7, 7 + len(ext_shapes)))
+    if with_threshold and pack:
+        keep.append(7 + _MAX_EXTRAS)
+    if want_float:
+        keep.append(8 + _MAX_EXTRAS)
+    if pack:
+        keep.append(9 + _MAX_EXTRAS)
+    f = tirx.PrimFunc([amx_conv_chain.params[k] for k in keep], amx_conv_chain.body, attrs=amx_conv_chain.attrs)
+    # op_pattern 8 = kOpaque: Relax FuseOps must not fuse (and FuseTIR re-lower) this kernel
+    return f.with_attrs({"bnnc.scheduled": True, "op_pattern": 8, "bnnc.amx": True})

@@ -1,0 +1,279 @@
+"""AMX-INT8 BinaryConv2dPacked kernel (runtimes/tvm/amx.py): bit-exact against the NumPy reference of the op
+and the popcount kernels; selection rule; a whole deploy model compiled with AMX."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+onnx = pytest.importorskip("onnx")
+
+from bnnc.runtimes.tvm import amx
+from bnnc.runtimes.tvm import kernels as K
+from bnnc.runtimes.tvm.target import cpu_target
+
+from bnnc.ops import deploy as ref
+
+pytestmark = pytest.mark.skipif(not amx.request_permission(),
+                                reason="no AMX-INT8 here (CPU without AMX, or the OS refuses the tile state)")
+
+AMX_TARGET = {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2}
+
+
+def _case(rng, n, c, h, w, o, k, s, pads, dil, output, ties=False):
+    xp = ref.pack_bits(rng.integers(0, 2, (n, h, w, c)).astype(bool))
+    wp = ref.pack_bits(rng.integers(0, 2, (o, k, k, c)).astype(bool))
+    pt, pl, pb, pr = pads
+    rc, rv = ref.border_classes(h, k, s, pt, pb, dil)
+    cc, cv = ref.border_classes(w, k, s, pl, pr, dil)
+    kmax = k * k * c
+    e = rng.integers(-kmax, kmax + 1, (o, len(rv), len(cv))).astype(np.int32)
+    attrs = dict(in_channels=c, out_channels=o, kernel_shape=(k, k), strides=(s, s), pads=tuple(pads),
+                 dilations=(dil, dil), output=output)
+    rc, cc = rc.astype(np.int32), cc.astype(np.int32)
+    if output == "float":
+        p0 = rng.standard_normal(o).astype(np.float32)
+        p1 = rng.standard_normal(o).astype(np.float32)
+    else:
+        # any int32 direction (|P0| > 1 exercises the exact ceil division), thresholds near the int32 ends
+        p0 = rng.integers(-3, 4, o).astype(np.int32)
+        p1 = rng.integers(-kmax, kmax + 1, o).astype(np.int32)
+        p1[: max(1, o // 8)] = np.int32(2**31 - 1)
+        p1[o // 8: o // 4] = np.int32(-(2**31))
+        if ties:  # P1 = P0·D at one output position per channel: the comparison is an equality there
+            d = ref.binary_conv2d_packed(xp, wp, e, rc, cc, np.ones(o, np.float32), np.zeros(o, np.float32),
+                                         **{**attrs, "output": "float"}).astype(np.int64)
+            at = d[0, :, d.shape[2] // 2, d.shape[3] // 2]
+            p1 = (p0.astype(np.int64) * at).astype(np.int32)
+    return [xp, wp, e, rc, cc, p0, p1], attrs
+
+
+CASES = [
+    # n, c, h, w, o, k, s, pads, dil, output
+    (1, 64, 8, 8, 64, 3, 1, (1, 1, 1, 1), 1, "bits"),
+    (2, 70, 9, 7, 37, 3, 2, (1, 1, 1, 1), 1, "bits"),       # batch 2, stride 2, Cin bits % 64 != 0
+    (1, 100, 10, 9, 50, 3, 1, (0, 1, 1, 0), 2, "float"),    # dilation 2, asymmetric pads
+    (1, 33, 6, 6, 33, 1, 1, (0, 0, 0, 0), 1, "bits"),       # 1x1, odd word count
+    (1, 96, 7, 7, 40, 3, 1, (0, 0, 0, 0), 1, "float"),      # pad 0, Cout % 32 != 0
+    (2, 130, 11, 10, 70, 3, 2, (1, 1, 1, 1), 1, "float"),   # batch 2, stride 2, float
+    (1, 64, 12, 12, 96, 5, 1, (2, 2, 2, 2), 1, "bits"),     # 5x5
+    (1, 256, 7, 7, 512, 3, 1, (1, 1, 1, 1), 1, "bits"),     # channel groups split over tasks
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c).replace(" ", ""))
+def test_amx_matches_reference_and_popcount(case):
+    rng = np.random.default_rng(abs(hash(case)) % 2**32)
+    args, attrs = _case(rng, *case)
+    want = ref.binary_conv2d_packed(*args, **attrs)
+    a = {k: v for k, v in attrs.items() if k != "in_channels"}
+    f = K.binary_conv2d_packed_primfunc(args[0].shape, args[1].shape, args[2].shape, target=AMX_TARGET,
+                                        weight_layout="amx", **a)
+    got = K.build_kernel(f, AMX_TARGET)(args[0], amx.amx_conv_weights(args[1], attrs["output"]), *args[2:])
+    pop = K.build_kernel(K.binary_conv2d_packed_primfunc(args[0].shape, args[1].shape, args[2].shape,
+                                                         target=AMX_TARGET, **a), AMX_TARGET)(*args)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    # bit-identical, float outputs included (compared as bit patterns)
+    view = np.uint32 if attrs["output"] == "float" else None
+    assert np.array_equal(got.view(view) if view else got, want.view(view) if view else want)
+    assert np.array_equal(got.view(view) if view else got, pop.view(view) if view else pop)
+
+
+@pytest.mark.parametrize("blocking", [dict(mb=32, og=32), dict(mb=96, og=64), dict(mb=128, og=128)])
+def test_amx_ties_and_blockings(blocking):
+    """Thresholds exactly at P0·D (ties decide +1), for several pixel/channel blockings (block larger than
+    the plane included)."""
+    rng = np.random.default_rng(5)
+    args, attrs = _case(rng, 1, 64, 7, 7, 128, 3, 1, (1, 1, 1, 1), 1, "bits", ties=True)
+    want = ref.binary_conv2d_packed(*args, **attrs)
+    bits = ref.unpack_bits(want, 128)[0, 3, 3]  # the tie position: every channel with P0 != 0 says +1
+    assert bits[args[5] != 0].all()
+    f = amx.binary_conv2d_amx_primfunc(args[0].shape, args[1].shape, args[2].shape, **attrs, **blocking)
+    got = K.build_kernel(f, AMX_TARGET)(args[0], amx.amx_conv_weights(args[1]), *args[2:])
+    assert np.array_equal(got, want)
+
+
+def test_amx_weight_layout_is_vnni():
+    """Tile (ob, tap, q), row r, column n, byte k = ±1 of input bit q·64 + 4r + k of channel 16·ob + n;
+    the GEMM of an unpacked input row with the tile gives the ±1 dot product; padded bits and filters 0."""
+    rng = np.random.default_rng(1)
+    o, c = 20, 20  # one word per tap: bits 20..31 are -1 (bit 0), bytes 32..63 of the 64-byte chunk 0
+    bits = rng.integers(0, 2, (o, 1, 3, c)).astype(bool)
+    wa = amx.amx_conv_weights(ref.pack_bits(bits))
+    assert wa.shape == (2, 3, 1, 16, 16, 4) and wa.dtype == np.int8
+    pm = np.where(bits, 1, -1)
+    for ob in range(2):
+        for t in range(3):
+            bmat = wa[ob, t, 0].transpose(0, 2, 1).reshape(64, 16)  # [k, n]
+            for n in range(16):
+                ch = 16 * ob + n
+                col = bmat[:, n]
+                if ch < o:
+                    assert np.array_equal(col[:c], pm[ch, 0, t]) and (col[c:32] == -1).all() and (col[32:] == 0).all()
+                else:
+                    assert (col == 0).all()
+
+
+def test_selection_rule(monkeypatch):
+    sel = lambda xs, ws, s=(1, 1), target=AMX_TARGET: K.conv_weight_layout(
+        xs, ws, strides=s, pads=(1, 1, 1, 1), dilations=(1, 1), target=target, amx=True)
+    assert sel((1, 56, 56, 2), (64, 3, 3, 2)) == "amx"
+    assert sel((1, 14, 14, 8), (512, 3, 3, 8), s=(2, 2)) == "amx"
+    # 7x7x512: 2.36 MB of int8 weights (not in L2) for 49 positions: the popcount kernel stays
+    assert sel((1, 7, 7, 16), (512, 3, 3, 16)) == "blocked"
+    assert sel((1, 8, 8, 1), (64, 3, 3, 1)) != "amx"      # narrow input
+    assert sel((1, 56, 56, 2), (64, 1, 1, 2)) != "amx"    # 1x1
+    assert sel((1, 56, 56, 2), (64, 3, 3, 2), target={"kind": "llvm", "mcpu": "icelake-server"}) != "amx"
+    assert sel((1, 56, 56, 2), (64, 3, 3, 2), target="arm") == "OHWC"
+    assert K.conv_weight_layout((1, 56, 56, 2), (64, 3, 3, 2), strides=(1, 1), pads=(1, 1, 1, 1),
+                                dilations=(1, 1), target=AMX_TARGET) != "amx"  # default: popcount layouts
+    monkeypatch.setenv("BNNC_TVM_AMX", "0")
+    assert sel((1, 56, 56, 2), (64, 3, 3, 2)) != "amx"
+
+
+def test_check_can_run(monkeypatch):
+    amx.check_can_run(AMX_TARGET)  # granted here: no error
+    monkeypatch.setitem(amx._STATE, "ok", False)
+    with pytest.raises(RuntimeError, match="AMX"):
+        amx.check_can_run(AMX_TARGET, "m.so")
+    amx.check_can_run({"kind": "llvm", "mcpu": "icelake-server"})  # no AMX in such a model
+
+
+def test_whole_model_with_amx(tmp_path):
+    """The deploy model of test_tvm_runtime compiled for this (AMX) host: its first binary conv takes the
+    AMX kernel; packed intermediates and the output equal the reference; export + load runs the same."""
+    from bnnc.runtimes.tvm.graph import TVMModel, compile_model
+
+    from tests.test_tvm_runtime import _deploy_model, _reference, _with_output
+
+    if "mcpu" not in cpu_target() or not amx.target_has_amx(None) or not amx.enabled():
+        pytest.skip("host target without AMX, or BNNC_TVM_AMX=0")
+    rng = np.random.default_rng(11)
+    model, inits, attrs = _deploy_model(rng)
+    w1 = inits["w1"]
+    assert K.conv_weight_layout((2, 6, 6, 2), w1.shape, strides=(1, 1), pads=(1, 1, 1, 1),
+                                dilations=(1, 1), target=None, amx=True) == "amx"
+    x = rng.standard_normal((3, 3, 12, 12)).astype(np.float32)
+    want = _reference(model, inits, attrs, x)
+    for name in ("bc1", "mpb"):
+        got = compile_model(_with_output(model, name, onnx.TensorProto.UINT32), batch_size=2).run(x)
+        assert np.array_equal(got, want[name])
+    tm = compile_model(model, batch_size=2, num_threads=2)
+    y = tm.run(x)
+    np.testing.assert_allclose(y, want["y"], rtol=1e-5, atol=1e-5 * np.abs(want["y"]).max())
+    so = tmp_path / "m.so"
+    tm.export_library(str(so))
+    assert np.array_equal(TVMModel.load(str(so), tm.meta()).run(x), y)
+
+
+def _run(mod, ins, outs):
+    dev = tvm.cpu()
+    ts = [tvm.runtime.tensor(np.ascontiguousarray(v), dev) for v in ins]
+    os_ = [tvm.runtime.tensor(np.empty(s, d), dev) for s, d in outs]
+    mod(*ts, *os_)
+    return [o.numpy() for o in os_]
+
+
+CHAIN_CASES = [
+    # n, c, h, w, o, stride, want_float, with_threshold
+    (1, 64, 9, 11, 64, 1, True, True),
+    (2, 70, 9, 7, 40, 2, True, False),    # batch 2, stride 2, O % 32 != 0
+    (1, 128, 5, 5, 96, 1, False, True),   # packed bits only, rows shorter than a 16-pixel group
+]
+
+
+@pytest.mark.parametrize("case", CHAIN_CASES, ids=lambda c: "-".join(str(v) for v in c))
+def test_amx_fused_chain_matches_unfused(case):
+    """conv(float) → chain (every step kind, operands of every broadcast shape) → PackSign in the AMX
+    epilogue: floats and bits bit-identical to the AMX float conv followed by the chain_pack kernel and to
+    NumPy float32; values on a 1/4 grid so that many land exactly on the thresholds (v >= T gives 1)."""
+    n, c, h, w, o, s, want_float, with_t = case
+    rng = np.random.default_rng(sum(case[:6]))
+    args, attrs = _case(rng, n, c, h, w, o, 3, s, (1, 1, 1, 1), 1, "float")
+    q = lambda shape, lo, hi: (rng.integers(lo, hi + 1, shape) / 4).astype(np.float32)  # noqa: E731
+    args[5] = rng.choice(np.float32([0.25, -0.25, 0.5]), o).astype(np.float32)
+    args[6] = q(o, -4, 4)
+    args[2] = (args[2] // 8).astype(np.int32)  # small sums: the float value stays on the 1/4 grid
+    a = {k: v for k, v in attrs.items() if k != "in_channels"}
+    conv = ref.binary_conv2d_packed(*args, **attrs)
+    yshape = conv.shape
+    extras = [q(yshape, -8, 8), q((1, o, 1, 1), -2, 2), q((o, 1, 1), 0, 2), q((1, 1, 1, yshape[3]), -2, 2),
+              np.float32([-1.0]), np.float32([1.0]), q((yshape[2], 1), -1, 1)]
+    steps = [("add", 0), ("rsub", 1), ("prelu", 2), ("neg",), ("sub", 3), ("mul", 2), ("relu",), ("add", 6),
+             ("max", 4), ("min", 5)]
+    v = conv + extras[0]
+    v = extras[1] - v
+    v = np.where(v < 0, v * extras[2], v).astype(np.float32)
+    v = -v
+    v = v - extras[3]
+    v = v * extras[2]
+    v = np.maximum(v, np.float32(0))
+    v = v + extras[6]
+    v = np.minimum(np.maximum(v, np.float32(-1)), np.float32(1)).astype(np.float32)
+    thr = rng.choice(np.float32([-1.0, -0.5, 0.0, 0.25, 1.0]), o).astype(np.float32)
+    bits_ref = ref.pack_sign(v, thr if with_t else None)
+    assert int((v == (thr if with_t else np.zeros(o, np.float32)).reshape(1, -1, 1, 1)).sum()) > 20  # ties
+
+    f = amx.binary_conv2d_amx_chain_primfunc(args[0].shape, args[1].shape, args[2].shape, **a,
+                                             extra_shapes=[e.shape for e in extras], steps=steps,
+                                             want_float=want_float, pack=True, with_threshold=with_t)
+    fused = tvm.compile(tvm.IRModule({"main": f}), target=AMX_TARGET)
+    wf = amx.amx_conv_weights(args[1], "float")
+    pshape = bits_ref.shape
+    outs = ([(yshape, "float32")] if want_float else []) + [(pshape, "uint32")]
+    got = _run(fused, [args[0], wf, *args[2:], *extras] + ([thr] if with_t else []), outs)
+    # unfused: AMX float conv, then the chain_pack kernel
+    kc = K.build_kernel(amx.binary_conv2d_amx_primfunc(args[0].shape, args[1].shape, args[2].shape, **a),
+                        AMX_TARGET)
+    y = kc(args[0], wf, *args[2:])
+    assert np.array_equal(y.view(np.uint32), conv.view(np.uint32))
+    cp = tvm.compile(tvm.IRModule({"main": K.chain_pack_primfunc(yshape, [e.shape for e in extras], steps,
+                                                                 with_threshold=with_t, target=AMX_TARGET)}),
+                     target=AMX_TARGET)
+    un = _run(cp, [y, *extras] + ([thr] if with_t else []), [(yshape, "float32"), (pshape, "uint32")])
+    assert np.array_equal(un[0].view(np.uint32), v.view(np.uint32)) and np.array_equal(un[1], bits_ref)
+    if want_float:
+        assert np.array_equal(got[0].view(np.uint32), v.view(np.uint32))
+    assert np.array_equal(got[-1], bits_ref)
+
+
+def test_amx_chain_rejects_bad_operands():
+    kw = dict(out_channels=64, kernel_shape=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dilations=(1, 1))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        amx.binary_conv2d_amx_chain_primfunc((1, 8, 8, 2), (64, 3, 3, 2), (64, 3, 3), extra_shapes=[(1, 3, 1, 1)],
+                                             steps=[("add", 0)], **kw)
+    with pytest.raises(ValueError, match="unknown step"):
+        amx.binary_conv2d_amx_chain_primfunc((1, 8, 8, 2), (64, 3, 3, 2), (64, 3, 3), extra_shapes=[(1,)],
+                                             steps=[("exp", 0)], **kw)
+    with pytest.raises(ValueError, match="nothing to produce"):
+        amx.binary_conv2d_amx_chain_primfunc((1, 8, 8, 2), (64, 3, 3, 2), (64, 3, 3), want_float=False, **kw)
+    with pytest.raises(ValueError, match="output must be"):
+        amx.amx_conv_weights(np.zeros((32, 3, 3, 2), np.uint32), "int8")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_graph_fuses_chain_into_amx_conv(stride):
+    """Compiled for this AMX host, the residual block's first conv carries its chain (residual Add, bias,
+    PRelu, Clip) and the next PackSign in its epilogue (no separate chain kernel); the packed bits, the
+    chain's float value and the output equal the unfused translation and the NumPy reference bit for bit."""
+    from bnnc.runtimes.tvm.graph import compile_model, translate
+
+    from tests.test_tvm_runtime import _residual_block, _with_output
+
+    if not amx.target_has_amx(None) or not amx.enabled():
+        pytest.skip("host target without AMX, or BNNC_TVM_AMX=0")
+    rng = np.random.default_rng(21 + stride)
+    model, x, want = _residual_block(rng, stride=stride)
+    t = translate(model, batch_size=2)[0]
+    names = [gv.name_hint for gv in t.functions]
+    assert any(nm.startswith("bnnc_chain_pack_bconv") for nm in names)
+    assert not any(nm.startswith("bnnc_chain_pack_") and "bconv" not in nm for nm in names)
+    for out, elem in (("pk1", onnx.TensorProto.UINT32), ("v", onnx.TensorProto.FLOAT),
+                      ("y", onnx.TensorProto.FLOAT)):
+        m = _with_output(model, out, elem)
+        fused = compile_model(m, batch_size=2)
+        got = fused.run(x)
+        un = compile_model(m, batch_size=2, fuse=False).run(x)
+        assert np.array_equal(got.view(np.uint32), want[out].view(np.uint32)), out
+        assert np.array_equal(got.view(np.uint32), un.view(np.uint32)), out

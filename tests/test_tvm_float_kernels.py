@@ -1,0 +1,156 @@
+"""The float32 CPU kernels of the TVM backend (stem / 1×1 convs, max pool, dense) against NumPy float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from bnnc.runtimes.tvm.float_kernels import (
+    float_conv2d_maxpool_primfunc,
+    float_conv2d_primfunc,
+    float_dense_primfunc,
+    float_maxpool2d_primfunc,
+)
+from bnnc.runtimes.tvm.target import cpu_target
+
+
+def _run(func, inputs, out_shape):
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target(cpu_target(1)))
+    out = tvm.runtime.tensor(np.full(out_shape, np.nan, np.float32))
+    lib["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in inputs], out)
+    return out.numpy()
+
+
+def _conv_ref(x, w, b, stride, pads):
+    """Cross-correlation in float64, one strided slice per tap."""
+    (sh, sw), (pt, pl, pb, pr) = stride, pads
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    kh, kw = w.shape[2:]
+    oh = (xp.shape[2] - kh) // sh + 1
+    ow = (xp.shape[3] - kw) // sw + 1
+    y = np.zeros((x.shape[0], w.shape[0], oh, ow))
+    for r in range(kh):
+        for s in range(kw):
+            patch = xp[:, :, r:r + (oh - 1) * sh + 1:sh, s:s + (ow - 1) * sw + 1:sw]
+            y += np.einsum("nchw,oc->nohw", patch, w[:, :, r, s].astype(np.float64))
+    if b is not None:
+        y += b.reshape(1, -1, 1, 1)
+    return y
+
+
+def _maxpool_ref(x, k, stride, pads):
+    (kh, kw), (sh, sw), (pt, pl, pb, pr) = k, stride, pads
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=-np.inf)
+    oh = (xp.shape[2] - kh) // sh + 1
+    ow = (xp.shape[3] - kw) // sw + 1
+    y = np.full((x.shape[0], x.shape[1], oh, ow), -np.inf, np.float32)
+    for r in range(kh):
+        for s in range(kw):
+            y = np.maximum(y, xp[:, :, r:r + (oh - 1) * sh + 1:sh, s:s + (ow - 1) * sw + 1:sw])
+    return y
+
+
+CONV_CASES = [
+    # (x shape, out channels, kernel, stride, pads [t, l, b, r], extra kwargs)
+    ((1, 3, 38, 45), 16, 7, 2, [3, 3, 3, 3], {}),  # stem-like: padded phase-split input, odd sizes
+    ((2, 3, 23, 19), 12, 7, 2, [3, 3, 3, 3], {}),  # batch 2, 12 channels (tile 8 → 4), rows % 3 != 0
+    ((1, 5, 9, 40), 7, 3, 1, [1, 1, 1, 1], {}),  # 3×3 pad 1, 7 channels (tile → 1), 40 = 2 vectors + 8
+    ((1, 16, 7, 7), 24, 1, 1, [0, 0, 0, 0], {}),  # 1×1: GEMM over 49 pixels (3 vectors + 1 lane)
+    ((2, 20, 28, 28), 40, 1, 1, [0, 0, 0, 0], {}),  # 1×1: 784 pixels = 49 vectors, tiles of 3 + remainder
+    ((1, 6, 9, 11), 8, 1, 2, [0, 0, 0, 0], {}),  # 1×1 stride 2 (phase-split, no padding)
+    ((1, 4, 10, 11), 8, 3, 1, [0, 0, 0, 0], {}),  # 3×3 no padding: taps read the input directly
+    ((1, 4, 8, 8), 8, 3, 3, [0, 1, 2, 0], {}),  # stride 3, asymmetric pads
+    ((1, 3, 17, 21), 10, 5, 2, [2, 2, 2, 2], {"vec": 4}),  # the NEON width (generic path)
+    ((1, 8, 15, 30), 16, 3, 1, [1, 1, 1, 1], {"vec": 8}),  # the ARM family's tiles (vec 8: one vector per tile)
+    ((1, 3, 13, 37), 8, 3, 1, [1, 1, 1, 1], {"row_tile": 4, "col_vecs": 2}),  # explicit tile, both remainders
+]
+
+
+@pytest.mark.parametrize("shape,o,k,s,pads,kw", CONV_CASES)
+def test_float_conv_matches_numpy(shape, o, k, s, pads, kw):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((o, shape[1], k, k)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    f, consts, oshape = float_conv2d_primfunc(shape, w, b, [s, s], pads, **kw)
+    got = _run(f, [x, *consts], oshape)
+    want = _conv_ref(x, w, b, (s, s), pads)
+    assert got.shape == want.shape
+    # float32 sums in another order: relative to the output scale
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_float_conv_without_bias_and_bad_shapes():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 2, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    f, consts, oshape = float_conv2d_primfunc(x.shape, w, None, [1, 1], [1, 1, 1, 1])
+    np.testing.assert_allclose(_run(f, [x, *consts], oshape), _conv_ref(x, w, None, (1, 1), [1] * 4),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="3 channels but the weights expect 2"):
+        float_conv2d_primfunc((1, 3, 6, 6), w, None, [1, 1], [0] * 4)
+    with pytest.raises(ValueError, match="does not fit"):
+        float_conv2d_primfunc((1, 2, 2, 2), w, None, [1, 1], [0] * 4)
+
+
+MAXPOOL_CASES = [
+    ((1, 4, 112, 112), 3, 2, [1, 1, 1, 1], 16),  # the ResNet stem pool: 56 = 3 vectors + 8 lanes
+    ((2, 3, 17, 35), 3, 2, [1, 1, 1, 1], 16),  # batch 2, odd sizes
+    ((1, 3, 8, 8), 2, 2, [0, 0, 0, 0], 16),
+    ((1, 2, 5, 5), 3, 1, [1, 1, 1, 1], 16),  # stride 1
+    ((1, 3, 9, 23), 3, 3, [0, 1, 2, 2], 16),  # stride 3, asymmetric pads
+    ((1, 2, 11, 40), 3, 2, [1, 1, 1, 1], 4),  # the NEON width
+]
+
+
+@pytest.mark.parametrize("shape,k,s,pads,vec", MAXPOOL_CASES)
+def test_float_maxpool_matches_numpy(shape, k, s, pads, vec):
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    f, oshape = float_maxpool2d_primfunc(shape, [k, k], [s, s], pads, vec=vec)
+    got = _run(f, [x], oshape)
+    want = _maxpool_ref(x, (k, k), (s, s), pads)
+    assert got.shape == want.shape
+    assert np.array_equal(got, want)  # max is exact
+
+
+def test_float_maxpool_rejects_pads_as_large_as_the_window():
+    with pytest.raises(ValueError, match="must be smaller than the 2×2 window"):
+        float_maxpool2d_primfunc((1, 2, 6, 7), [2, 2], [1, 1], [2, 2, 2, 2])
+
+
+FUSED_CASES = [
+    # (x shape, out channels, conv kernel, stride, pad, pool kernel, stride, pad, extra kwargs)
+    ((1, 3, 38, 45), 16, 7, 2, 3, 3, 2, 1, {}),  # the ResNet stem, small
+    ((2, 3, 23, 19), 12, 7, 2, 3, 3, 2, 1, {}),  # batch 2, odd sizes, 12 channels
+    ((1, 4, 13, 17), 8, 3, 1, 1, 2, 2, 0, {}),  # pool 2×2/2, nothing kept between windows
+    ((1, 4, 13, 17), 8, 3, 1, 1, 3, 1, 1, {"row_chunks": 3}),  # pool stride 1, 3 bands of rows
+    ((1, 3, 30, 30), 8, 3, 1, 0, 3, 3, 1, {"vec": 4}),  # pool stride 3, the NEON width
+]
+
+
+@pytest.mark.parametrize("shape,o,k,s,p,pk,ps,pp,kw", FUSED_CASES)
+def test_float_conv_maxpool_fused_matches_numpy(shape, o, k, s, p, pk, ps, pp, kw):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((o, shape[1], k, k)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    f, consts, oshape = float_conv2d_maxpool_primfunc(shape, w, b, [s, s], [p] * 4, [pk, pk], [ps, ps], [pp] * 4,
+                                                      **kw)
+    got = _run(f, [x, *consts], oshape)
+    want = _maxpool_ref(_conv_ref(x, w, b, (s, s), [p] * 4), (pk, pk), (ps, ps), [pp] * 4)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("n,k,j,with_bias", [(1, 512, 1000, True), (3, 64, 100, True), (2, 40, 7, False)])
+def test_float_dense_matches_numpy(n, k, j, with_bias):
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((n, k)).astype(np.float32)
+    bm = rng.standard_normal((k, j)).astype(np.float32)
+    bias = rng.standard_normal(j).astype(np.float32) if with_bias else None
+    f, consts, oshape = float_dense_primfunc(n, k, bm, bias)
+    got = _run(f, [a, *consts], oshape)
+    want = a.astype(np.float64) @ bm.astype(np.float64) + (0 if bias is None else bias)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
