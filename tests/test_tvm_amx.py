@@ -123,6 +123,8 @@ def test_selection_rule(monkeypatch):
     # 7x7x512: 2.36 MB of int8 weights (not in L2) for 49 positions: the popcount kernel stays
     assert sel((1, 7, 7, 16), (512, 3, 3, 16)) == "blocked"
     assert sel((1, 8, 8, 1), (64, 3, 3, 1)) != "amx"      # narrow input
+    assert sel((1, 8, 8, 2), (64, 3, 3, 2)) != "amx"      # small plane (ResNet-20's 8x8x64)
+    assert sel((1, 10, 10, 2), (64, 3, 3, 2)) == "amx"
     assert sel((1, 56, 56, 2), (64, 1, 1, 2)) != "amx"    # 1x1
     assert sel((1, 56, 56, 2), (64, 3, 3, 2), target={"kind": "llvm", "mcpu": "icelake-server"}) != "amx"
     assert sel((1, 56, 56, 2), (64, 3, 3, 2), target="arm") == "OHWC"
@@ -140,7 +142,7 @@ def test_check_can_run(monkeypatch):
     amx.check_can_run({"kind": "llvm", "mcpu": "icelake-server"})  # no AMX in such a model
 
 
-def test_whole_model_with_amx(tmp_path):
+def test_whole_model_with_amx(tmp_path, monkeypatch):
     """The deploy model of test_tvm_runtime compiled for this (AMX) host: its first binary conv takes the
     AMX kernel; packed intermediates and the output equal the reference; export + load runs the same."""
     from bnnc.runtimes.tvm.graph import TVMModel, compile_model
@@ -149,6 +151,7 @@ def test_whole_model_with_amx(tmp_path):
 
     if "mcpu" not in cpu_target() or not amx.target_has_amx(None) or not amx.enabled():
         pytest.skip("host target without AMX, or BNNC_TVM_AMX=0")
+    monkeypatch.setattr(amx, "MIN_INPUT_POSITIONS", 0)  # the small test planes take AMX too
     rng = np.random.default_rng(11)
     model, inits, attrs = _deploy_model(rng)
     w1 = inits["w1"]
@@ -253,7 +256,7 @@ def test_amx_chain_rejects_bad_operands():
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_graph_fuses_chain_into_amx_conv(stride):
+def test_graph_fuses_chain_into_amx_conv(stride, monkeypatch):
     """Compiled for this AMX host, the residual block's first conv carries its chain (residual Add, bias,
     PRelu, Clip) and the next PackSign in its epilogue (no separate chain kernel); the packed bits, the
     chain's float value and the output equal the unfused translation and the NumPy reference bit for bit."""
@@ -263,6 +266,7 @@ def test_graph_fuses_chain_into_amx_conv(stride):
 
     if not amx.target_has_amx(None) or not amx.enabled():
         pytest.skip("host target without AMX, or BNNC_TVM_AMX=0")
+    monkeypatch.setattr(amx, "MIN_INPUT_POSITIONS", 0)  # the small test planes take AMX too
     rng = np.random.default_rng(21 + stride)
     model, x, want = _residual_block(rng, stride=stride)
     t = translate(model, batch_size=2)[0]

@@ -147,17 +147,23 @@ def _out_size(size, k, stride, pb, pe, dil=1):
     return (size + pb + pe - dil * (k - 1) - 1) // stride + 1
 
 
+MIN_INPUT_POSITIONS = 100  # smaller input planes stay on the popcount kernels (see use_amx)
+
+
 def use_amx(x_shape, w_shape, *, strides, pads, dilations, target=None) -> bool:
     """The selection rule, measured on one Sapphire Rapids core (``bench/amx_layers.py``, bits output):
     AMX for k×k convs (k > 1) with at least 64 input and 32 output channels on an AMX target in a process
     where :func:`enabled` holds (1.4–2.7× the popcount kernels on the ResNet-18 3×3 layers), except when the
     int8 weights do not fit in L2 (> 2 MiB) and the output plane is small (< 100 positions), where the
-    weight stream bounds the AMX kernel (7²×512: 1.0×) and the popcount schedule stays."""
+    weight stream bounds the AMX kernel (7²×512: 1.0×) and the popcount schedule stays, and except small
+    input planes (< 100 positions, e.g. CIFAR ResNet-20's 8×8×64 layers), where the per-image unpack and tile
+    set-up outweigh the GEMM (IR-Net ResNet-20, batch 128, whole network: 35.9 ms with AMX there vs 33.1 ms
+    without)."""
     if not (target_has_amx(target) and enabled()):
         return False
     _, h, w, cw = [int(s) for s in x_shape]
     o, kh, kw, _ = [int(s) for s in w_shape]
-    if kh * kw == 1 or cw < 2 or o < 32:
+    if kh * kw == 1 or cw < 2 or o < 32 or h * w < MIN_INPUT_POSITIONS:
         return False
     sh, sw = [int(v) for v in strides]
     pt, pl, pb, pr = [int(v) for v in pads]
