@@ -20,13 +20,16 @@ that ``W`` is the AMX weight layout made once at compile time by :func:`amx_conv
   ``v + ((i·dh) // sh)·RL + (j·dw) // sw``: 16 consecutive pixels are one A tile with row stride CB,
   whatever the stride or dilation. Register blocking 2 A tiles (32 pixels) × 2 B tiles (32 channels)
   = 4 accumulator tiles; per parallel task a block of pixels × a group of output channels, channel pairs
-  outer, pixel pairs inner (the B tiles of a channel pair stay in L1/L2 across the pixel pairs).
+  outer, pixel pairs inner (the B tiles of a channel pair stay in L1/L2 across the pixel pairs). Tasks are
+  ordered channel group outer, pixel block inner, so the runtime's contiguous split over threads gives each
+  thread whole channel groups: its share of the weights, and its share of the partial last pixel blocks.
 * **Epilogue** in the same task, on the task's int32 block while it is in L1: ``bits``:
   ``int64(P0)·D ≥ int64(P1)`` on 32 channels at once (compare into a mask, ``kmovd`` gives the packed
   word).
 * **Float output** (:func:`binary_conv2d_amx_chain_primfunc`, NCHW): the GEMM is transposed (output
-  channels in the tile rows, pixels in the columns), so the epilogue ``float32(float64(D)·float64(P0)) + P1``
-  runs on 16-pixel vectors (masked per output row), and can go on with the element-wise chain that follows
+  channels in the tile rows, pixels in the columns), so the epilogue ``float32(D)·P0 + P1`` (the product
+  rounded once to float32 by a ``vmulps`` with embedded rounding, which LLVM cannot contract into an FMA: the
+  same value as the float64 product of ``kernels.py`` rounded to float32) runs on 16-pixel vectors (masked per output row), and can go on with the element-wise chain that follows
   the conv in the graph (residual Add, bias, PReLU, Clip, …) and the next ``PackSign``: the graph
   translator (``graph.py``) emits conv + chain + pack as one kernel, writing the float value only when
   something else reads it.
@@ -367,8 +370,8 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
                 cfg[48 + k] = T.uint8(16)
             T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0]))
             ti = T.meta_var(task // (npb * ncg))
-            tp = T.meta_var(task // ncg % npb)
-            tg = T.meta_var(task % ncg)
+            tg = T.meta_var(task // npb % ncg)  # channel group outer: with 2 threads each gets whole groups
+            tp = T.meta_var(task % npb)         # (its share of the weights, the partial last pixel blocks)
             for cp in range(og // 32):
                 for pp in range(mb // 32):
                     T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0))
@@ -444,6 +447,7 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
 # masked vector per output-row piece (a 16-pixel group crosses at most ``15 // RL + 2`` rows).
 
 _MAX_EXTRAS = 8  # chain operands the fused AMX kernel takes (longer chains: unfused conv + chain_pack)
+_ROUND_NEAREST_SAE = 8  # _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC: the embedded-rounding form of vmulps
 
 
 def _chain_vec(val, steps, extras, ext_shapes, idx4, x0, mask, out_rank=4):
@@ -499,7 +503,7 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     Arguments ``(X, Wf, E, RowClass, ColClass, P0, P1, *extras, [T], [Yfloat], [Ybits])`` with
     ``Wf = amx_conv_weights(W, "float")``; ``Yfloat`` (NCHW float32) when ``want_float``, ``Ybits``
     (NHWC uint32 words) when ``pack``. Bit-identical to the float conv followed by ``chain_pack_primfunc``:
-    per channel ``float32(float64(D)·float64(P0)) + P1``, then the steps in order in float32."""
+    per channel ``float32(D)·P0 + P1`` (product rounded once, no FMA), then the steps in order in float32."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -623,8 +627,8 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
                 cfg[48 + k] = T.uint8(16)
             T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0]))
             ti = T.meta_var(task // (npb * ncg))
-            tp = T.meta_var(task // ncg % npb)
-            tg = T.meta_var(task % ncg)
+            tg = T.meta_var(task // npb % ncg)  # channel group outer: with 2 threads each gets whole groups
+            tp = T.meta_var(task % npb)         # (its share of the weights, the partial last pixel blocks)
             for cp in range(og // 32):
                 for pp in range(mb // 32):
                     T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0))
@@ -681,8 +685,11 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
                                 tab = T.meta_var(ekt[T.Ramp((RC[y] * opad + ch) * L, 1, L)])
                                 dd = T.meta_var(acc[T.Ramp(c * mb + gi * L, 1, L)] + T.call_llvm_pure_intrin(
                                     i32v, "llvm.x86.avx512.permvar.si.512", tab, ccv))
-                                val0 = T.meta_var(T.Cast(f32v, T.Cast(f"float64x{L}", dd)
-                                                         * T.Broadcast(T.Cast("float64", P0[ch]), L))
+                                # float32(D)·P0 rounded once (vmulps with embedded round-to-nearest: LLVM
+                                # keeps the intrinsic, so it is never contracted with + P1 into an FMA)
+                                val0 = T.meta_var(T.call_llvm_pure_intrin(
+                                    f32v, "llvm.x86.avx512.mul.ps.512", T.Cast(f32v, dd),
+                                    T.Broadcast(P0[ch], L), T.int32(_ROUND_NEAREST_SAE))
                                                   + T.Broadcast(P1[ch], L))
                                 val = T.meta_var(_chain_vec(val0, steps,
                                                             (A0, A1, A2, A3, A4, A5, A6, A7),
