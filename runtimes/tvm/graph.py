@@ -133,6 +133,11 @@ def _dtype(expr) -> str:
     return str(expr.ty.dtype)
 
 
+# x86: the chain after a float-output popcount conv runs in the conv's epilogue (one kernel); False: the
+# conv, then a chain_pack kernel (kept for comparisons)
+_POPFUSE = True
+
+
 def _amx_max_extras() -> int:
     from .amx import _MAX_EXTRAS
 
@@ -406,11 +411,13 @@ class _Translator:
                                             weight_layout=layout)
         oshape, odtype = K.output_spec(f)
         if output == "float" and self.fuse and len(oshape) == 4:
-            amx_conv = None
-            if layout == "amx":  # the chain (+ PackSign) goes into the AMX kernel's epilogue: emitted with it
-                amx_conv = dict(f=f, args=args, oshape=oshape, xs=xs, ws=ws, es=es,
-                                attrs=dict(out_channels=o, kernel_shape=ks, strides=st, pads=pads, dilations=dil))
-            if self._plan_chain(self.cur, node.output[0], amx_conv) is not None and amx_conv is not None:
+            conv = None
+            if layout == "amx" or (_POPFUSE and self.family == "x86"):
+                # the chain (+ PackSign) goes into the conv's epilogue (AMX or popcount kernel): emitted with it
+                conv = dict(f=f, args=args, oshape=oshape, xs=xs, ws=ws, es=es, layout=layout,
+                            attrs=dict(out_channels=o, kernel_shape=ks, strides=st, pads=pads, dilations=dil))
+            plan = self._plan_chain(self.cur, node.output[0], conv)
+            if plan is not None and plan["fused_conv"] is not None:
                 return []
         return self.call_kernel(f, "bconv", args, oshape, odtype)
 
@@ -471,10 +478,10 @@ class _Translator:
             return steps
         return None
 
-    def _plan_chain(self, conv_idx: int, v: str, amx_conv: dict | None = None):
+    def _plan_chain(self, conv_idx: int, v: str, conv: dict | None = None):
         """After a float-output conv: find the single-consumer element-wise chain that follows it and the
         PackSign of its result; translate them later as one kernel in place of the chain's last node (with
-        ``amx_conv``, the AMX conv's call, not emitted yet: conv + chain + PackSign as one kernel there).
+        ``conv``, the conv's call, not emitted yet: conv + chain + PackSign as one kernel there).
         Returns the plan, or None when there is no chain."""
         g = self.graph
         steps, nodes, extras = [], [], []
@@ -502,8 +509,12 @@ class _Translator:
                 pack = j
                 break
         want_float = pack is None or v in self.graph_outputs or any(j != pack for j in self.consumers.get(v, []))
+        if conv is not None and any(isinstance(e, str) and e not in self.values for e in extras):
+            # an operand made after the conv (e.g. another deferred conv's value, AdaBin's S_a term): the conv
+            # cannot wait for it, so it is emitted now and only the chain is fused
+            conv = None
         plan = dict(conv=conv_idx, nodes=nodes, steps=steps, extras=extras, pack=pack, value=v,
-                    want_float=want_float, amx_conv=amx_conv)
+                    want_float=want_float, fused_conv=conv)
         self.skip.update(nodes[:-1])
         if pack is not None:
             self.skip.add(pack)
@@ -513,11 +524,11 @@ class _Translator:
     def _emit_chain(self, plan: dict):
         g = self.graph
         conv_out = g.node[plan["conv"]].output[0]
-        ac = plan.get("amx_conv")
+        ac = plan.get("fused_conv")  # the conv, fused with the chain (AMX or x86 popcount kernel)
         if ac is not None:
             shape = list(ac["oshape"])
             y = None
-            ok = len(plan["extras"]) <= _amx_max_extras()
+            ok = ac["layout"] != "amx" or len(plan["extras"]) <= _amx_max_extras()
         else:
             y = self.get(conv_out)
             shape = _shape(y)
@@ -535,7 +546,7 @@ class _Translator:
                 args.append(self.const(e))
                 shapes.append(list(e.shape))
         if not ok:  # a value operand that does not broadcast (or is not float32): translate op by op
-            if ac is not None:  # the deferred AMX conv alone first
+            if ac is not None:  # the deferred conv alone first
                 self.values[conv_out] = self.call_kernel(ac["f"], "bconv", ac["args"], ac["oshape"], "float32")
             for j in plan["nodes"] + ([plan["pack"]] if plan["pack"] is not None else []):
                 self.node(g.node[j])
@@ -548,11 +559,10 @@ class _Translator:
                 with_t = True
                 args.append(self.const(pn.input[1], "float32"))
         if ac is not None:
-            from .amx import binary_conv2d_amx_chain_primfunc
-
-            f = binary_conv2d_amx_chain_primfunc(ac["xs"], ac["ws"], ac["es"], extra_shapes=shapes,
-                                                 steps=plan["steps"], want_float=plan["want_float"],
-                                                 pack=pack is not None, with_threshold=with_t, **ac["attrs"])
+            f = K.binary_conv2d_packed_chain_primfunc(ac["xs"], ac["ws"], ac["es"], extra_shapes=shapes,
+                                                      steps=plan["steps"], want_float=plan["want_float"],
+                                                      pack=pack is not None, with_threshold=with_t,
+                                                      weight_layout=ac["layout"], target=self.family, **ac["attrs"])
             args = list(ac["args"]) + args[1:]
             base = "chain_pack_bconv" if pack is not None else "chain_bconv"  # the chain fused into the conv
         else:
@@ -575,7 +585,8 @@ class _Translator:
             self.values[g.node[pack].output[0]] = outs[k]
         self.fused_chains.append(dict(conv=g.node[plan["conv"]].name, ops=[g.node[j].op_type for j in plan["nodes"]],
                                       steps=[s[0] for s in plan["steps"]], pack=pack is not None,
-                                      float_out=plan["want_float"], amx=ac is not None))
+                                      float_out=plan["want_float"], amx=ac is not None and ac["layout"] == "amx",
+                                      in_conv=ac is not None))
 
     # -- standard ONNX ops ------------------------------------------------------------------------
     def op_Identity(self, node, a):
@@ -963,9 +974,10 @@ class _Translator:
                 raise ValueError(f"node {node.name!r} (Gather): index out of range for axis of size {dim}")
             idx = np.where(idx < 0, idx + dim, idx)
             if idx.ndim == 0:  # a scalar index removes the axis
-                y = self.emit(relax.op.take(x, self.const(idx.reshape(1)), axis=axis))
+                y = self.emit(relax.op.take(x, self.const(idx.reshape(1)), axis=axis, mode="clip"))
                 return self.emit(relax.op.squeeze(y, [axis]))
-            return self.emit(relax.op.take(x, self.const(idx), axis=axis))
+            # indices checked above: "clip" is the identity here (and avoids the fast mode's warning)
+            return self.emit(relax.op.take(x, self.const(idx), axis=axis, mode="clip"))
         return self.emit(relax.op.take(x, self.get(iname), axis=axis, mode="wrap"))
 
     def op_Expand(self, node, a):

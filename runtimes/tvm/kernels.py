@@ -35,6 +35,7 @@ __all__ = [
     "unpack_sign_primfunc",
     "maxpool_bits_primfunc",
     "binary_conv2d_packed_primfunc",
+    "binary_conv2d_packed_chain_primfunc",
     "conv_weight_layout",
     "block_conv_weights",
     "build_kernel",
@@ -141,47 +142,71 @@ def _bcast_index(shape, out_rank, idx):
     return [0 if int(s) == 1 else idx[off + d] for d, s in enumerate(shape)]
 
 
-def chain_value_te(Y: te.Tensor, extras, steps, name: str = "chain") -> te.Tensor:
-    """The float chain applied to ``Y`` (any rank), one TE stage."""
+def chain_value_te(Y: te.Tensor, extras, steps, name: str = "chain", fence: bool = False) -> te.Tensor:
+    """The float chain applied to ``Y`` (any rank), one TE stage (``fence``: see :func:`chain_step`)."""
     shape = [int(s) for s in Y.shape]
     rank = len(shape)
     for k, a in enumerate(extras):
         ash = [int(s) for s in a.shape]
         if len(ash) > rank or any(s not in (1, t) for s, t in zip(ash, shape[rank - len(ash):])):
             raise ValueError(f"fused chain: operand {k} of shape {ash} does not broadcast to {shape}")
+    return te.compute(tuple(shape), lambda *idx: _chain_apply(Y[idx], extras, steps, idx, rank, fence), name=name)
+
+
+def no_contract(p, lanes: int = 1):
+    """``p`` (a float32 product; ``lanes`` > 1: a float32xN vector) rounded on its own: LLVM may not fuse it
+    with a following add into an FMA.
+
+    TVM's LLVM backend contracts ``a*b + c`` by default (one rounding instead of two), which changes about a
+    quarter of such results by an ulp against ONNX's op-by-op semantics (NumPy, ONNX Runtime) and can move a
+    value across a sign threshold; ``llvm.arithmetic.fence`` keeps the two roundings. x86 only (the AArch64 and
+    CUDA paths still contract: a documented ulp-level difference)."""
+    return tirx.call_llvm_pure_intrin("float32" if lanes == 1 else f"float32x{lanes}", "llvm.arithmetic.fence", p)
+
+
+def chain_step(kind: str, v, av=None, fence: bool = False, lanes: int = 1):
+    """One step of a fused element-wise chain (:data:`CHAIN_OPS`) on ``v`` with operand ``av``: the single
+    definition every chain kernel uses (scalar expressions, or ``lanes``-wide vectors). ``fence``: products
+    are rounded before any following add (:func:`no_contract`)."""
     zero = tirx.const(0.0, "float32")
+    if lanes > 1:
+        zero = tirx.Broadcast(zero, lanes)
+    if kind not in CHAIN_OPS:
+        raise ValueError(f"fused chain: unknown step {kind!r}")
+    if kind == "relu":
+        return tirx.max(v, zero)
+    if kind == "neg":
+        return -v
+    if kind == "add":
+        return v + av
+    if kind == "sub":
+        return v - av
+    if kind == "rsub":
+        return av - v
+    if kind == "max":
+        return tirx.max(v, av)
+    if kind == "min":
+        return tirx.min(v, av)
+    prod = v * av
+    if fence:
+        prod = no_contract(prod, lanes)
+    if kind == "mul":
+        return prod
+    return tirx.Select(v < zero, prod, v)  # prelu
 
-    def f(*idx):
-        v = Y[idx]
-        for st in steps:
-            kind = st[0]
-            if kind not in CHAIN_OPS:
-                raise ValueError(f"fused chain: unknown step {kind!r}")
-            if kind == "relu":
-                v = tirx.max(v, zero)
-                continue
-            if kind == "neg":
-                v = -v
-                continue
-            a = extras[st[1]]
-            av = a[tuple(_bcast_index(a.shape, rank, idx))] if len(a.shape) else a[()]
-            if kind == "add":
-                v = v + av
-            elif kind == "sub":
-                v = v - av
-            elif kind == "rsub":
-                v = av - v
-            elif kind == "mul":
-                v = v * av
-            elif kind == "max":
-                v = tirx.max(v, av)
-            elif kind == "min":
-                v = tirx.min(v, av)
-            else:  # prelu
-                v = tirx.Select(v < zero, v * av, v)
-        return v
 
-    return te.compute(tuple(shape), f, name=name)
+def _chain_apply(v, extras, steps, idx, rank: int, fence: bool = False):
+    """The chain ``steps`` applied to the float32 scalar expression ``v`` at output index ``idx``."""
+    for st in steps:
+        if st[0] in ("relu", "neg"):
+            v = chain_step(st[0], v, fence=fence)
+            continue
+        if st[0] not in CHAIN_OPS:
+            raise ValueError(f"fused chain: unknown step {st[0]!r}")
+        a = extras[st[1]]
+        av = a[tuple(_bcast_index(a.shape, rank, idx))] if len(a.shape) else a[()]
+        v = chain_step(st[0], v, av, fence=fence)
+    return v
 
 
 def _rows_lanes(h: int, w: int, vec: int) -> tuple[int, int]:
@@ -216,7 +241,7 @@ def chain_pack_primfunc(y_shape, extra_shapes, steps, *, want_float: bool = True
         raise ValueError(f"chain_pack_primfunc: packing needs a 4-D NCHW value, got {shape}")
     Y = te.placeholder(tuple(shape), "float32", name="Y")
     extras = [te.placeholder(tuple(int(v) for v in s), "float32", name=f"A{k}") for k, s in enumerate(extra_shapes)]
-    V = chain_value_te(Y, extras, steps)
+    V = chain_value_te(Y, extras, steps, fence=fam == "x86")
     args = [Y] + extras
     outs = []
     T = None
@@ -668,6 +693,209 @@ def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, ke
     return _schedule_conv_cpu(sch, op, output, ot=ot, vec=vec, xt=xt)
 
 
+# x86: the float-output conv with its element-wise chain (and the next PackSign) in the epilogue --------
+#
+# Without it a float conv writes Y (NCHW float32) and a separate chain_pack kernel reads it back with the
+# chain's operands: at batch 128 both are memory-bound. Here the chain runs in the conv's epilogue, inside
+# the conv's parallel loop over (image, block of <= 32 output channels), right after that block's popcount
+# accumulators are complete (they are still in cache): the conv's float value exactly as the float
+# epilogue computes it, then each step in order (chain_value_te), then the final float value is written
+# (only when something else reads it) and/or the packed bits ``v >= T[c]`` of the block's word.
+
+
+# With a fused chain the channels-in-lanes schedule is kept only for planes below this many output positions
+# (7x7): its accumulators are [position, channel], so the NCHW chain epilogue gathers them (and E) across
+# lanes; from 8x8 up the pixel-vectorized kernel with the chain was faster (CIFAR ResNet-20, batch 128, one
+# core: 16x16x32 1.07 vs 1.60 ms, 8x8x64 0.70 vs 0.95 ms), though the plain conv may prefer channels in lanes.
+_X86_CHAIN_CHAN_VEC_MAX_POSITIONS = 64
+
+
+def _chain_outputs(value, n: int, o: int, oh: int, ow: int, chain: dict, materialize: bool = False) -> list:
+    """TE stages ``chain`` (float32 NCHW, when ``chain["want_float"]``) and ``chain_bits`` (uint32 NHWC words,
+    when ``chain["pack"]``) of the conv value ``value(i, c, cc, y, x)`` (``c``: the accumulator channel,
+    an exact index; ``cc``: the channel for parameter reads, clamped where needed) followed by the chain.
+    ``materialize``: the bits read a ``chain`` stage (an intermediate when the float value is not wanted)
+    wherever the channel indices are exact."""
+    extras, steps, T = chain["extras"], chain["steps"], chain["T"]
+    exact = o % WORD == 0 or o < WORD
+
+    def val(i, c, cc, y, x):
+        return _chain_apply(value(i, c, cc, y, x), extras, steps, (i, cc, y, x), 4, fence=True)  # x86 only
+
+    outs = []
+    V = None
+    if chain["want_float"] or (materialize and exact and chain["pack"]):
+        V = te.compute((n, o, oh, ow), lambda i, c, y, x: val(i, c, c, y, x), name="chain")
+        if chain["want_float"]:
+            outs.append(V)
+    if chain["pack"]:
+        def thr(ch):
+            return T[ch] if T is not None else tirx.const(0.0, "float32")
+
+        # channel indices the region analysis of reverse_compute_at solves exactly (see chain_pack_primfunc)
+        if exact:
+            nb = WORD if o % WORD == 0 else o
+
+            def fp(i, y, x, k):
+                terms = []
+                for b in range(nb):
+                    ch = k * nb + b
+                    v = V[i, ch, y, x] if V is not None else val(i, ch, ch, y, x)
+                    terms.append(tirx.Select(v >= thr(ch), _u32(1 << b), _u32(0)))
+                return _or_all(terms)
+        else:  # a partial last word: recompute the value (accumulator index exact, parameter reads clamped)
+            def fp(i, y, x, k):
+                terms = []
+                for b in range(WORD):
+                    ch = k * WORD + b
+                    cc = tirx.min(ch, o - 1)
+                    bit = tirx.all(ch < o, val(i, ch, cc, y, x) >= thr(cc))
+                    terms.append(tirx.Select(bit, _u32(1 << b), _u32(0)))
+                return _or_all(terms)
+
+        outs.append(te.compute((n, oh, ow, num_words(o)), fp, name="chain_bits"))
+    return outs
+
+
+def _schedule_chain_epilogue(sch, blk, chain: dict, ow: int, o: int) -> None:
+    """Schedule the chain stages: under ``blk`` (the conv's parallel loop over image x channel block), or
+    with ``blk=None`` as their own parallel loop over (image, block of 32 channels) after the conv; both
+    vectorized along the output columns."""
+    def vec_x(loop):
+        ext = _extent(sch, loop)
+        if ext and ext >= 4:
+            if ext > VEC:
+                _, loop = sch.split(loop, [None, _best_tile(ext, VEC)])
+            sch.vectorize(loop)
+
+    exact = o % WORD == 0 or o < WORD
+    if blk is not None:
+        # reverse_compute_at leaves out loops of extent 1: "chain" gets (c, y, x) under blk, "chain_bits"
+        # (y, x) (the block's word is one); the bits of a partial last word (recomputed from the
+        # accumulators, clamped parameter reads) in their own parallel loop after the conv
+        has_v = _has_block(sch, "chain")
+        for name, want in (("chain", has_v), ("chain_bits", chain["pack"] and exact)):
+            if want:
+                b = sch.get_sblock(name)
+                sch.reverse_compute_at(b, blk)
+                if ow > 1:
+                    vec_x(sch.get_loops(b)[-1])
+        if chain["pack"] and not exact:
+            b = sch.get_sblock("chain_bits")
+            i, y, x, k = sch.get_loops(b)
+            sch.reorder(i, k, y, x)
+            sch.parallel(sch.fuse(i, k))
+        return
+    outer = None
+    if chain["want_float"]:
+        b = sch.get_sblock("chain")
+        i, c, y, x = sch.get_loops(b)
+        if o > WORD:
+            cb, ci = sch.split(c, [None, WORD])
+            sch.reorder(i, cb, ci, y, x)
+            outer = sch.fuse(i, cb)
+        else:
+            outer = i
+        sch.parallel(outer)
+        vec_x(x)
+    if chain["pack"]:
+        b = sch.get_sblock("chain_bits")
+        if outer is not None and exact:  # the word of the block's channels, packed while they are in cache
+            sch.reverse_compute_at(b, outer)
+            if ow > 1:
+                vec_x(sch.get_loops(b)[-1])
+        else:
+            i, y, x, k = sch.get_loops(b)
+            sch.reorder(i, k, y, x)
+            sch.parallel(sch.fuse(i, k))
+            vec_x(x)
+
+
+def _has_block(sch, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+        return True
+    except Exception:  # noqa: BLE001 - tvm raises its own error types for a missing block
+        return False
+
+
+def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels, kernel_shape, strides, pads,
+                                        dilations, extra_shapes=(), steps=(), want_float=True, pack=False,
+                                        with_threshold=False, weight_layout: str = "OHWC", target=None,
+                                        **_ignored) -> tirx.PrimFunc:
+    """A float-output ``BinaryConv2dPacked`` followed by the element-wise chain ``steps`` over operands of
+    ``extra_shapes`` (:data:`CHAIN_OPS`, semantics of :func:`chain_value_te`) and the ``PackSign``
+    (``v >= T[c]``, T = 0 without threshold) of the result, as one x86 kernel.
+
+    Arguments ``(X, W, E, RowClass, ColClass, P0, P1, *extras, [T], [Yfloat], [Ybits])``: ``Yfloat`` (NCHW
+    float32, the chain's value) when ``want_float``, ``Ybits`` (NHWC uint32 words) when ``pack``. W as
+    ``weight_layout`` says (:func:`conv_weight_layout`; ``"amx"``: the AMX kernel with the chain fused,
+    :func:`runtimes.tvm.amx.binary_conv2d_amx_chain_primfunc`). Bit-identical to the float conv followed by
+    :func:`chain_pack_primfunc`."""
+    attrs = {"out_channels": out_channels, "kernel_shape": kernel_shape, "strides": strides, "pads": pads,
+             "dilations": dilations}
+    if not (want_float or pack):
+        raise ValueError("binary_conv2d_packed_chain_primfunc: nothing to produce")
+    if weight_layout == "amx":
+        from .amx import binary_conv2d_amx_chain_primfunc
+
+        return binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, extra_shapes=extra_shapes, steps=steps,
+                                                want_float=want_float, pack=pack, with_threshold=with_threshold,
+                                                **attrs)
+    fam = _family(target)
+    if fam != "x86":
+        raise ValueError(f"binary_conv2d_packed_chain_primfunc: x86 schedules only (target family {fam!r}); "
+                         f"use the float conv and chain_pack_primfunc")
+    if weight_layout not in ("OHWC", "blocked"):
+        raise ValueError(f"BinaryConv2dPacked: weight_layout must be 'OHWC', 'blocked' or 'amx', "
+                         f"got {weight_layout!r}")
+    n, h, w, cw = [int(s) for s in x_shape]
+    o, kh, kw, cw2 = [int(s) for s in w_shape]
+    if cw2 != cw:
+        raise ValueError(f"BinaryConv2dPacked: X has {cw} words per pixel but W has {cw2}")
+    if int(out_channels) != o:
+        raise ValueError(f"BinaryConv2dPacked: out_channels={out_channels} but W has {o} filters")
+    if [int(v) for v in kernel_shape] != [kh, kw]:
+        raise ValueError("BinaryConv2dPacked: kernel_shape does not match W")
+    sh, sw = [int(v) for v in strides]
+    pt, pl, pb, pr = [int(v) for v in pads]
+    dh, dw = [int(v) for v in dilations]
+    oh, ow = _out_size(h, kh, sh, pt, pb, dh), _out_size(w, kw, sw, pl, pr, dw)
+    yshape = (n, o, oh, ow)
+    ext_shapes = [tuple(int(v) for v in sh_) for sh_ in extra_shapes]
+    for k, s in enumerate(ext_shapes):
+        if len(s) > 4 or any(a not in (1, b) for a, b in zip(s, yshape[4 - len(s):])):
+            raise ValueError(f"fused chain: operand {k} of shape {list(s)} does not broadcast to {list(yshape)}")
+    for st in steps:
+        if st[0] not in CHAIN_OPS:
+            raise ValueError(f"fused chain: unknown step {st[0]!r}")
+        if st[0] not in ("relu", "neg") and not 0 <= int(st[1]) < len(ext_shapes):
+            raise ValueError(f"fused chain: step {st} names a missing operand")
+    extras = [te.placeholder(s, "float32", name=f"A{k}") for k, s in enumerate(ext_shapes)]
+    T = te.placeholder((o,), "float32", name="T") if (pack and with_threshold) else None
+    chain = {"extras": extras, "steps": [tuple(st) for st in steps], "T": T, "want_float": bool(want_float),
+             "pack": bool(pack), "args": extras + ([T] if T is not None else [])}
+    want = conv_weight_layout(x_shape, w_shape, strides=strides, pads=pads, dilations=dilations, target=target)
+    if weight_layout == "blocked" and want != "blocked":
+        raise ValueError("BinaryConv2dPacked: blocked weights are only used by the x86 channels-in-lanes "
+                         "schedule (stride 1, dilation 1, small output plane); see conv_weight_layout()")
+    if want == "blocked" and oh * ow < _X86_CHAIN_CHAN_VEC_MAX_POSITIONS:
+        return _conv_x86_chan_vec(n, h, w, cw, o, kh, kw, (pt, pl, pb, pr), tuple(int(s) for s in e_shape),
+                                  "float", pre_blocked=weight_layout == "blocked", chain=chain)
+    X = te.placeholder((n, h, w, cw), "uint32", name="X")
+    if weight_layout == "blocked":
+        W = te.placeholder((-(-o // _X86_CV_OT), kh, kw, cw, _X86_CV_OT), "uint32", name="W")
+    else:
+        W = te.placeholder((o, kh, kw, cw), "uint32", name="W")
+    E = te.placeholder(tuple(int(s) for s in e_shape), "int32", name="E")
+    RC = te.placeholder((oh,), "int32", name="RowClass")
+    CC = te.placeholder((ow,), "int32", name="ColClass")
+    P0 = te.placeholder((o,), "float32", name="P0")
+    P1 = te.placeholder((o,), "float32", name="P1")
+    return _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, o=o, kh=kh, kw=kw, pads=(pt, pl, pb, pr), dil=(dh, dw),
+                               output="float", strides=(sh, sw), chain=chain)
+
+
 # x86, stride 1: output positions in the vector lanes ------------------------------------------------
 #
 # The input is relaid once per call into one zero-padded plane per packed word, flattened row-major
@@ -698,7 +926,8 @@ _X86_CV_OT = 32
 _X86_CHAN_VEC_MAX_POSITIONS = 400
 
 
-def _conv_x86_chan_vec(n, h, w, cw, o, kh, kw, pads, e_shape, output, *, pre_blocked: bool) -> tirx.PrimFunc:
+def _conv_x86_chan_vec(n, h, w, cw, o, kh, kw, pads, e_shape, output, *, pre_blocked: bool,
+                       chain=None) -> tirx.PrimFunc:
     pt, pl, pb, pr = pads
     hp, wp = h + pt + pb, w + pl + pr
     oh, ow = hp - kh + 1, wp - kw + 1
@@ -737,7 +966,13 @@ def _conv_x86_chan_vec(n, h, w, cw, o, kh, kw, pads, e_shape, output, *, pre_blo
         lambda i, b, y, x, ol: te.sum(
             tirx.popcount(xpad[i, y + rk, x + rw, rc] ^ wb[b, rk, rw, rc, ol]).astype("int32"), axis=[rk, rw, rc]),
         name="pc")
-    if output == "float":
+    if chain is not None:
+        def value(i, c, cc, y, x):
+            d = E[cc, RC[y], CC[x]] - 2 * pc[i, c // ot, y, x, c % ot]
+            return (d.astype("float64") * P0[cc].astype("float64")).astype("float32") + P1[cc]
+
+        outs = _chain_outputs(value, n, o, oh, ow, chain, materialize=True)
+    elif output == "float":
         def ff(i, oo, y, x):
             d = E[oo, RC[y], CC[x]] - 2 * pc[i, oo // ot, y, x, oo % ot]
             return (d.astype("float64") * P0[oo].astype("float64")).astype("float32") + P1[oo]
@@ -755,7 +990,10 @@ def _conv_x86_chan_vec(n, h, w, cw, o, kh, kw, pads, e_shape, output, *, pre_blo
             return _or_all(terms)
 
         Y = te.compute((n, oh, ow, num_words(o)), fb, name="epilogue")
-    sch = tvm.s_tir.Schedule(te.create_prim_func([X, W, E, RC, CC, P0, P1, Y]))
+    if chain is not None:
+        sch = tvm.s_tir.Schedule(te.create_prim_func([X, W, E, RC, CC, P0, P1] + chain["args"] + outs))
+    else:
+        sch = tvm.s_tir.Schedule(te.create_prim_func([X, W, E, RC, CC, P0, P1, Y]))
     if not pre_blocked:
         lw = sch.get_loops(sch.get_sblock("wb"))
         sch.parallel(sch.fuse(lw[0], lw[1]))
@@ -777,6 +1015,9 @@ def _conv_x86_chan_vec(n, h, w, cw, o, kh, kw, pads, e_shape, output, *, pre_blo
     wl = sch.get_loops(acc)
     _, last = sch.split(wl[-1], [None, VEC])
     sch.vectorize(last)
+    if chain is not None:
+        _schedule_chain_epilogue(sch, sch.get_loops(b_pc)[0], chain, ow, o)
+        return _finish(sch)
     el = sch.get_loops(sch.get_sblock("epilogue"))
     sch.parallel(sch.fuse(el[0], el[1]))
     return _finish(sch)
@@ -795,7 +1036,9 @@ def _pick_qv(nq: int) -> int:
 _STRIDED_PIXEL_VEC = True
 
 
-def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output, strides=(1, 1)) -> tirx.PrimFunc:
+def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output, strides=(1, 1),
+                        chain=None) -> tirx.PrimFunc:
+    w_blocked = len(W.shape) == 5  # block_conv_weights layout [O/32, KH, KW, Cw, 32] (zero filters appended)
     n, h, w, cw = [int(s) for s in X.shape]
     pt, pl, pb, pr = pads
     dh, dw = dil
@@ -809,7 +1052,8 @@ def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output
     strided = (sh, sw) != (1, 1)
     rl = -(-wp // sw) if strided else wp
     oc = _X86_OC
-    # channels per parallel block: one output word (bits), or up to 32 channels (float)
+    # channels per parallel block: one output word (bits), or up to 32 channels (float; a fused chain packs
+    # the word of the block's channels)
     oblk = WORD if (o > WORD or output == "bits") else -(-o // oc) * oc
     opad = -(-o // oblk) * oblk
     nq = -(-(oh * rl) // VEC)
@@ -839,6 +1083,8 @@ def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output
     rc = te.reduce_axis((0, cw), name="rc")
 
     def wsel(oo):
+        if w_blocked:  # opad <= 32 * blocks: no clamping
+            return W[oo // _X86_CV_OT, rk, rw, rc, oo % _X86_CV_OT]
         return W[tirx.min(oo, o - 1) if opad != o else oo, rk, rw, rc]
 
     def tap(i, q):
@@ -855,7 +1101,13 @@ def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output
     stages = [X, W, E, RC, CC, P0, P1]
     # E by output column (E[o, row class, ColClass[x]]), so the epilogues read it contiguously along x
     ecol = te.compute((o, int(E.shape[1]), ow), lambda oo, r, x: E[oo, r, CC[x]], name="ecol")
-    if output == "float":
+    if chain is not None:
+        def value(i, c, cc, y, x):
+            d = ecol[cc, RC[y], x] - 2 * pc[i, c, y * rl + x]
+            return (d.astype("float64") * P0[cc].astype("float64")).astype("float32") + P1[cc]
+
+        outs = _chain_outputs(value, n, o, oh, ow, chain)
+    elif output == "float":
         def ff(i, oo, y, x):
             d = ecol[oo, RC[y], x] - 2 * pc[i, oo, y * rl + x]
             return (d.astype("float64") * P0[oo].astype("float64")).astype("float32") + P1[oo]
@@ -877,7 +1129,9 @@ def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output
         Y = te.compute((n, oh, ow, nwo), fb, name="epilogue")
     else:
         raise ValueError(f"BinaryConv2dPacked: output must be 'float' or 'bits', got {output!r}")
-    sch = tvm.s_tir.Schedule(te.create_prim_func(stages + [Y]))
+    if chain is not None:
+        stages += chain["args"]
+    sch = tvm.s_tir.Schedule(te.create_prim_func(stages + (outs if chain is not None else [Y])))
 
     b_pc = sch.get_sblock("pc")
     i, oo, q, r_k, r_w, r_c = sch.get_loops(b_pc)
@@ -911,6 +1165,11 @@ def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output
             _, xl = sch.split(xl, [None, _best_tile(ow, VEC)])
         sch.vectorize(xl)
 
+    if chain is not None:
+        # the accumulators are flat positions y*RL + x, which the region analysis of reverse_compute_at cannot
+        # map back to (y, x): the chain runs in its own parallel loop, like the float epilogue
+        _schedule_chain_epilogue(sch, None, chain, ow, o)
+        return _finish(sch)
     # Epilogue: its own parallel loop over (n, channel blocks | rows) once the accumulators are complete.
     b_epi = sch.get_sblock("epilogue")
     el = sch.get_loops(b_epi)
