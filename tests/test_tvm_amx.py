@@ -80,6 +80,66 @@ def test_amx_matches_reference_and_popcount(case):
     assert np.array_equal(got.view(view) if view else got, pop.view(view) if view else pop)
 
 
+BIT_WEIGHT_CASES = [
+    # n, c, h, w, o, k, s, pads, dil, output, blocking: bit weights expanded tile by tile (1 x 4 tiles)
+    (1, 256, 7, 7, 512, 3, 1, (1, 1, 1, 1), 1, "bits", None),       # ResNet-18's 7x7x512 (channel groups)
+    (1, 256, 7, 7, 512, 3, 1, (1, 1, 1, 1), 1, "float", None),
+    (2, 70, 9, 7, 37, 3, 2, (1, 1, 1, 1), 1, "bits", None),         # Cin bits % 64 != 0, Cout % 32 != 0
+    (2, 70, 9, 7, 37, 3, 2, (1, 1, 1, 1), 1, "float", None),
+    (1, 100, 10, 9, 50, 3, 1, (0, 1, 1, 0), 2, "float", None),      # dilation 2, asymmetric pads
+    (1, 96, 12, 12, 80, 3, 1, (1, 1, 1, 1), 1, "bits", (64, 32)),   # 3 pixel blocks x 3 channel groups
+    (1, 96, 12, 12, 80, 3, 1, (1, 1, 1, 1), 1, "float", (128, 96)),  # 2 pixel blocks of 2 x 64, 6 tiles
+    (1, 32, 6, 6, 33, 1, 1, (0, 0, 0, 0), 1, "bits", None),         # 1x1, one word: one tap, one chunk
+]
+
+
+@pytest.mark.parametrize("case", BIT_WEIGHT_CASES, ids=lambda c: "-".join(str(v) for v in c).replace(" ", ""))
+def test_amx_bit_weights_match_reference_and_popcount(case):
+    """Weights kept as bits (forced on small shapes too) and expanded per tile: bit-identical to the NumPy
+    reference and the popcount kernel, for both outputs, every blocking (the look-ahead expansion crosses
+    taps, pixel blocks and channel tiles)."""
+    *c, blk = case
+    rng = np.random.default_rng(abs(hash(case)) % 2**32)
+    args, attrs = _case(rng, *c)
+    want = ref.binary_conv2d_packed(*args, **attrs)
+    a = {k: v for k, v in attrs.items() if k != "in_channels"}
+    mb, og = blk if blk else (None, None)
+    f = amx.binary_conv2d_amx_primfunc(args[0].shape, args[1].shape, args[2].shape, wbits=True, mb=mb, og=og, **a)
+    wa = amx.amx_conv_weights(args[1], attrs["output"], bits=True)
+    assert wa.dtype == np.uint64
+    got = K.build_kernel(f, AMX_TARGET)(args[0], wa, *args[2:])
+    pop = K.build_kernel(K.binary_conv2d_packed_primfunc(args[0].shape, args[1].shape, args[2].shape,
+                                                         target=AMX_TARGET, **a), AMX_TARGET)(*args)
+    view = np.uint32 if attrs["output"] == "float" else want.dtype
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert np.array_equal(got.view(view), want.view(view))
+    assert np.array_equal(got.view(view), pop.view(view))
+
+
+def test_bit_weight_layout_and_rule():
+    """Bit masks = the int8 VNNI tiles (already checked above) with +1 → bit 1, -1 and the zero padding →
+    bit 0; the same tiles for both outputs; the rule keeps bits above 1 MiB of int8 tiles."""
+    rng = np.random.default_rng(3)
+    for o, c in ((20, 20), (40, 70), (64, 64)):
+        wp = ref.pack_bits(rng.integers(0, 2, (o, 3, 3, c)).astype(bool))
+        w8 = amx.amx_conv_weights(wp, "bits", bits=False)  # [ob, taps, nkc, 16 r, 16 n, 4 k]
+        w1 = amx.amx_conv_weights(wp, "bits", bits=True)   # [ob, taps, nkc, 16 r] uint64
+        assert w1.shape == w8.shape[:4] and w1.dtype == np.uint64
+        plus = (w8.reshape(*w8.shape[:4], 64) == 1)
+        want = (plus.astype(np.uint64) << np.arange(64, dtype=np.uint64)).sum(axis=-1, dtype=np.uint64)
+        assert np.array_equal(w1, want)
+        assert np.array_equal(amx.amx_conv_weights(wp, "float", bits=True), w1)
+    assert amx.int8_weight_bytes((512, 3, 3, 16)) == 512 * 9 * 512
+    assert amx.weight_bits((512, 3, 3, 16))          # 7x7x512: 2.36 MB
+    assert not amx.weight_bits((512, 3, 3, 8))       # 14x14 -> 7x7, 256 -> 512: 1.18 MB (fits L2)
+    assert not amx.weight_bits((256, 3, 3, 8))       # 14x14x256: 590 KB
+    assert amx.amx_conv_weights(np.zeros((512, 3, 3, 16), np.uint32), "float").dtype == np.uint64
+    with pytest.raises(ValueError, match="multiple of 64"):
+        amx.binary_conv2d_amx_primfunc((1, 7, 7, 2), (64, 3, 3, 2), (64, 3, 3), out_channels=64, kernel_shape=(3, 3),
+                                       strides=(1, 1), pads=(1, 1, 1, 1), dilations=(1, 1), output="bits",
+                                       wbits=True, mb=32)
+
+
 @pytest.mark.parametrize("blocking", [dict(mb=32, og=32), dict(mb=96, og=64), dict(mb=128, og=128)])
 def test_amx_ties_and_blockings(blocking):
     """Thresholds exactly at P0·D (ties decide +1), for several pixel/channel blockings (block larger than
@@ -89,8 +149,10 @@ def test_amx_ties_and_blockings(blocking):
     want = ref.binary_conv2d_packed(*args, **attrs)
     bits = ref.unpack_bits(want, 128)[0, 3, 3]  # the tie position: every channel with P0 != 0 says +1
     assert bits[args[5] != 0].all()
-    f = amx.binary_conv2d_amx_primfunc(args[0].shape, args[1].shape, args[2].shape, **attrs, **blocking)
-    got = K.build_kernel(f, AMX_TARGET)(args[0], amx.amx_conv_weights(args[1]), *args[2:])
+    wbits = blocking["mb"] % 64 == 0  # bit weights take blocks of 64 pixels
+    f = amx.binary_conv2d_amx_primfunc(args[0].shape, args[1].shape, args[2].shape, **attrs, **blocking,
+                                       wbits=wbits)
+    got = K.build_kernel(f, AMX_TARGET)(args[0], amx.amx_conv_weights(args[1], bits=wbits), *args[2:])
     assert np.array_equal(got, want)
 
 
@@ -120,8 +182,8 @@ def test_selection_rule(monkeypatch):
         xs, ws, strides=s, pads=(1, 1, 1, 1), dilations=(1, 1), target=target, amx=True)
     assert sel((1, 56, 56, 2), (64, 3, 3, 2)) == "amx"
     assert sel((1, 14, 14, 8), (512, 3, 3, 8), s=(2, 2)) == "amx"
-    # 7x7x512: 2.36 MB of int8 weights (not in L2) for 49 positions: the popcount kernel stays
-    assert sel((1, 7, 7, 16), (512, 3, 3, 16)) == "blocked"
+    # 7x7x512: 2.36 MB of int8 weights (not in L2): AMX with the weights kept as bits
+    assert sel((1, 7, 7, 16), (512, 3, 3, 16)) == "amx" and amx.weight_bits((512, 3, 3, 16))
     assert sel((1, 8, 8, 1), (64, 3, 3, 1)) != "amx"      # narrow input
     assert sel((1, 8, 8, 2), (64, 3, 3, 2)) != "amx"      # small plane (ResNet-20's 8x8x64)
     assert sel((1, 10, 10, 2), (64, 3, 3, 2)) == "amx"
@@ -179,10 +241,12 @@ def _run(mod, ins, outs):
 
 
 CHAIN_CASES = [
-    # n, c, h, w, o, stride, want_float, with_threshold
-    (1, 64, 9, 11, 64, 1, True, True),
-    (2, 70, 9, 7, 40, 2, True, False),    # batch 2, stride 2, O % 32 != 0
-    (1, 128, 5, 5, 96, 1, False, True),   # packed bits only, rows shorter than a 16-pixel group
+    # n, c, h, w, o, stride, want_float, with_threshold, bit weights
+    (1, 64, 9, 11, 64, 1, True, True, False),
+    (2, 70, 9, 7, 40, 2, True, False, False),    # batch 2, stride 2, O % 32 != 0
+    (1, 128, 5, 5, 96, 1, False, True, False),   # packed bits only, rows shorter than a 16-pixel group
+    (1, 64, 9, 11, 64, 1, True, True, True),     # bit weights
+    (2, 70, 9, 7, 40, 2, True, False, True),     # bit weights, Cin bits % 64 != 0, O % 32 != 0
 ]
 
 
@@ -191,7 +255,7 @@ def test_amx_fused_chain_matches_unfused(case):
     """conv(float) → chain (every step kind, operands of every broadcast shape) → PackSign in the AMX
     epilogue: floats and bits bit-identical to the AMX float conv followed by the chain_pack kernel and to
     NumPy float32; values on a 1/4 grid so that many land exactly on the thresholds (v >= T gives 1)."""
-    n, c, h, w, o, s, want_float, with_t = case
+    n, c, h, w, o, s, want_float, with_t, wbits = case
     rng = np.random.default_rng(sum(case[:6]))
     args, attrs = _case(rng, n, c, h, w, o, 3, s, (1, 1, 1, 1), 1, "float")
     q = lambda shape, lo, hi: (rng.integers(lo, hi + 1, shape) / 4).astype(np.float32)  # noqa: E731
@@ -220,15 +284,16 @@ def test_amx_fused_chain_matches_unfused(case):
 
     f = amx.binary_conv2d_amx_chain_primfunc(args[0].shape, args[1].shape, args[2].shape, **a,
                                              extra_shapes=[e.shape for e in extras], steps=steps,
-                                             want_float=want_float, pack=True, with_threshold=with_t)
+                                             want_float=want_float, pack=True, with_threshold=with_t,
+                                             wbits=wbits)
     fused = tvm.compile(tvm.IRModule({"main": f}), target=AMX_TARGET)
-    wf = amx.amx_conv_weights(args[1], "float")
+    wf = amx.amx_conv_weights(args[1], "float", bits=wbits)
     pshape = bits_ref.shape
     outs = ([(yshape, "float32")] if want_float else []) + [(pshape, "uint32")]
     got = _run(fused, [args[0], wf, *args[2:], *extras] + ([thr] if with_t else []), outs)
     # unfused: AMX float conv, then the chain_pack kernel
-    kc = K.build_kernel(amx.binary_conv2d_amx_primfunc(args[0].shape, args[1].shape, args[2].shape, **a),
-                        AMX_TARGET)
+    kc = K.build_kernel(amx.binary_conv2d_amx_primfunc(args[0].shape, args[1].shape, args[2].shape, wbits=wbits,
+                                                       **a), AMX_TARGET)
     y = kc(args[0], wf, *args[2:])
     assert np.array_equal(y.view(np.uint32), conv.view(np.uint32))
     cp = tvm.compile(tvm.IRModule({"main": K.chain_pack_primfunc(yshape, [e.shape for e in extras], steps,
@@ -255,8 +320,9 @@ def test_amx_chain_rejects_bad_operands():
         amx.amx_conv_weights(np.zeros((32, 3, 3, 2), np.uint32), "int8")
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_graph_fuses_chain_into_amx_conv(stride, monkeypatch):
+@pytest.mark.parametrize("stride,bit_weights", [(1, False), (2, False),
+                                                (pytest.param(1, True, marks=pytest.mark.slow))])
+def test_graph_fuses_chain_into_amx_conv(stride, bit_weights, monkeypatch):
     """Compiled for this AMX host, the residual block's first conv carries its chain (residual Add, bias,
     PRelu, Clip) and the next PackSign in its epilogue (no separate chain kernel); the packed bits, the
     chain's float value and the output equal the unfused translation and the NumPy reference bit for bit."""
@@ -267,6 +333,8 @@ def test_graph_fuses_chain_into_amx_conv(stride, monkeypatch):
     if not amx.target_has_amx(None) or not amx.enabled():
         pytest.skip("host target without AMX, or BNNC_TVM_AMX=0")
     monkeypatch.setattr(amx, "MIN_INPUT_POSITIONS", 0)  # the small test planes take AMX too
+    if bit_weights:  # the graph keeps the (small) weights as bits, as it does for 7x7x512
+        monkeypatch.setattr(amx, "BIT_WEIGHT_MIN_BYTES", 0)
     rng = np.random.default_rng(21 + stride)
     model, x, want = _residual_block(rng, stride=stride)
     t = translate(model, batch_size=2)[0]

@@ -156,28 +156,48 @@ MIN_INPUT_POSITIONS = 100  # smaller input planes stay on the popcount kernels (
 def use_amx(x_shape, w_shape, *, strides, pads, dilations, target=None) -> bool:
     """The selection rule, measured on one Sapphire Rapids core (``bench/amx_layers.py``, bits output):
     AMX for k×k convs (k > 1) with at least 64 input and 32 output channels on an AMX target in a process
-    where :func:`enabled` holds (1.4–2.7× the popcount kernels on the ResNet-18 3×3 layers), except when the
-    int8 weights do not fit in L2 (> 2 MiB) and the output plane is small (< 100 positions), where the
-    weight stream bounds the AMX kernel (7²×512: 1.0×) and the popcount schedule stays, and except small
-    input planes (< 100 positions, e.g. CIFAR ResNet-20's 8×8×64 layers), where the per-image unpack and tile
-    set-up outweigh the GEMM (IR-Net ResNet-20, batch 128, whole network: 35.9 ms with AMX there vs 33.1 ms
+    where :func:`enabled` holds (1.4–2.7× the popcount kernels on the ResNet-18 3×3 layers; at 7²×512,
+    whose int8 weights do not fit in L2, the kernels keep the weights as bits (:func:`weight_bits`):
+    0.107 ms vs 0.134 ms popcount, 0.139 ms with int8 weights streamed from L3), except small
+    input planes (< 100 positions) with weights that stay int8 (e.g. CIFAR ResNet-20's 8×8×64 layers),
+    where the per-image unpack and tile set-up outweigh the GEMM (IR-Net ResNet-20, batch 128, whole network: 35.9 ms with AMX there vs 33.1 ms
     without)."""
     if not (target_has_amx(target) and enabled()):
         return False
     _, h, w, cw = [int(s) for s in x_shape]
     o, kh, kw, _ = [int(s) for s in w_shape]
-    if kh * kw == 1 or cw < 2 or o < 32 or h * w < MIN_INPUT_POSITIONS:
+    if kh * kw == 1 or cw < 2 or o < 32 or (h * w < MIN_INPUT_POSITIONS and not weight_bits(w_shape)):
         return False
     sh, sw = [int(v) for v in strides]
     pt, pl, pb, pr = [int(v) for v in pads]
     dh, dw = [int(v) for v in dilations]
-    positions = _out_size(h, kh, sh, pt, pb, dh) * _out_size(w, kw, sw, pl, pr, dw)
-    wbytes = _round_up(o, 2 * _TILE) * kh * kw * _round_up(WORD * cw, 64)
-    return not (wbytes > 2 * 1024 * 1024 and positions < 100)
+    return _out_size(h, kh, sh, pt, pb, dh) >= 1 and _out_size(w, kw, sw, pl, pr, dw) >= 1
 
 
-def amx_conv_weights(w: np.ndarray, output: str = "bits") -> np.ndarray:
-    """Packed weights ``[O, KH, KW, Cw]`` (uint32) → int8 tiles for the AMX kernel of that ``output``.
+# int8 weights above this size (bytes) are kept as bits and expanded tile by tile (see weight_bits)
+BIT_WEIGHT_MIN_BYTES = 2 * 1024 * 1024
+
+
+def int8_weight_bytes(w_shape) -> int:
+    """Bytes of the int8 AMX tiles of packed weights of shape ``[O, KH, KW, Cw]``."""
+    o, kh, kw, cw = [int(s) for s in w_shape]
+    return _round_up(o, 2 * _TILE) * kh * kw * _round_up(WORD * cw, 64)
+
+
+def weight_bits(w_shape) -> bool:
+    """Whether the AMX kernels keep the weights of this shape as bits (``uint64`` tile rows, 8× smaller)
+    and expand each ±1 int8 tile into an L1 buffer right before its use, with 1 weight tile × 4 pixel tiles
+    per step (each expanded tile used 4 times): when the int8 tiles exceed :data:`BIT_WEIGHT_MIN_BYTES`
+    (2 MiB, the L2 of a core), where they would stream from L3. Measured (``bench/amx_layers.py``, one
+    Sapphire Rapids core shared with other work, ms, int8 → bit weights): 7²×512 (2.36 MB int8 → 295 KB)
+    bits output 0.139 → 0.107, float 0.189 → 0.140; 14²→7² 256→512 (1.18 MB, fits L2) 0.069 → 0.076 and
+    0.095 → 0.100: int8 stays there. Depends on the weight shape only, so that :func:`amx_conv_weights`
+    and the kernels agree without other information."""
+    return int8_weight_bytes(w_shape) > BIT_WEIGHT_MIN_BYTES
+
+
+def amx_conv_weights(w: np.ndarray, output: str = "bits", bits: bool | None = None) -> np.ndarray:
+    """Packed weights ``[O, KH, KW, Cw]`` (uint32) → the weights of the AMX kernel of that ``output``.
 
     ``Opad`` is O rounded up to 32 (zero filters appended), ``nkc = ceil(32·Cw / 64)`` chunks of 64 input
     bits per tap; bytes past 32·Cw are 0.
@@ -187,7 +207,14 @@ def amx_conv_weights(w: np.ndarray, output: str = "bits") -> np.ndarray:
       (the VNNI layout of a TDPBSSD B operand).
     * ``output="float"`` (channels in tile rows, the float / fused-chain kernel): A tiles
       ``[Opad/16, KH·KW, nkc, 16, 64]``; tile (ob, tap, q) row n, byte j holds weight bit ``q·64 + j`` of
-      output channel ``16·ob + n`` as ±1."""
+      output channel ``16·ob + n`` as ±1.
+
+    ``bits`` (default :func:`weight_bits` of the shape): the ``"bits"`` (VNNI B) tiles, for either output
+    (with bit weights both kernels run pixels in the tile rows), as bit masks: ``uint64``
+    ``[Opad/16, KH·KW, nkc, 16]``, one per tile row (bit ``i`` = byte ``i`` of the row is +1, else −1).
+    Missing bits (padded filters, input bits past 32·Cw) are −1 there, not 0: the input bytes past 32·Cw
+    are always −1 too, so they add the constant ``KH·KW·(64·nkc − 32·Cw)`` to every dot product, which
+    the kernels subtract."""
     if output not in ("bits", "float"):
         raise ValueError(f"amx_conv_weights: output must be 'bits' or 'float', got {output!r}")
     w = np.asarray(w)
@@ -195,12 +222,22 @@ def amx_conv_weights(w: np.ndarray, output: str = "bits") -> np.ndarray:
         raise ValueError(f"amx_conv_weights: expected W of shape [O, KH, KW, Cw], got {w.shape}")
     w = w.astype(np.uint32)
     o, kh, kw, cw = w.shape
+    if bits is None:
+        bits = weight_bits(w.shape)
     opad = _round_up(o, 2 * _TILE)
     cb = _round_up(WORD * cw, 64)
-    bits = np.unpackbits(w.astype("<u4").view(np.uint8).reshape(o, kh * kw, cw * 4), axis=-1, bitorder="little")
-    vals = np.zeros((opad, kh * kw, cb), np.int8)
-    vals[:o, :, : WORD * cw] = np.where(bits.astype(bool), 1, -1).astype(np.int8)
+    wb = np.unpackbits(w.astype("<u4").view(np.uint8).reshape(o, kh * kw, cw * 4), axis=-1, bitorder="little")
     nkc = cb // 64
+    if bits:
+        vb = np.zeros((opad, kh * kw, cb), np.uint8)
+        vb[:o, :, : WORD * cw] = wb
+        # both outputs: the VNNI B tiles (row r = quad r of 16 channels): [ob, n, taps, nkc, r, k] →
+        # [ob, taps, nkc, r, n, k]
+        t = vb.reshape(opad // _TILE, _TILE, kh * kw, nkc, _TILE, 4).transpose(0, 2, 3, 4, 1, 5)
+        t = np.packbits(np.ascontiguousarray(t).reshape(-1, 64), axis=-1, bitorder="little")
+        return np.ascontiguousarray(t.view("<u8").astype(np.uint64).reshape(opad // _TILE, kh * kw, nkc, _TILE))
+    vals = np.zeros((opad, kh * kw, cb), np.int8)
+    vals[:o, :, : WORD * cw] = np.where(wb.astype(bool), 1, -1).astype(np.int8)
     if output == "float":
         # [opad, taps, nkc, 64] → [ob, n, taps, nkc, j] → [ob, taps, nkc, n, j]
         t = vals.reshape(opad // _TILE, _TILE, kh * kw, nkc, 64).transpose(0, 2, 3, 1, 4)
@@ -210,7 +247,7 @@ def amx_conv_weights(w: np.ndarray, output: str = "bits") -> np.ndarray:
     return np.ascontiguousarray(t)
 
 
-def _geometry(x_shape, w_shape, strides, pads, dilations, *, mb=None, og=None):
+def _geometry(x_shape, w_shape, strides, pads, dilations, *, mb=None, og=None, wbits=False):
     n, h, w, cw = [int(s) for s in x_shape]
     o, kh, kw, _ = [int(s) for s in w_shape]
     sh, sw = [int(v) for v in strides]
@@ -233,11 +270,18 @@ def _geometry(x_shape, w_shape, strides, pads, dilations, *, mb=None, og=None):
         og = opad
         while og > 64 and og % 2 == 0 and (og // 2) % 32 == 0 and nv * og * 4 > 64 * 1024:
             og //= 2
+    quant = 64 if wbits else 32  # pixels per register block: 1 x 4 tiles with bit weights, else 2 x 2
     if mb is None:
         # pixels per task: the int32 block (mb x og) in about 16 KiB, at least 64 pixels (measured)
-        mb = max(64, (16 * 1024 // (4 * og)) // 32 * 32)
-        mb = min(mb, _round_up(nv, 32))
+        mb = max(64, (16 * 1024 // (4 * og)) // quant * quant)
+        mb = min(mb, _round_up(nv, quant))
+    if mb % quant or og % 32 or opad % og:
+        raise ValueError(f"AMX BinaryConv2dPacked: mb={mb} must be a multiple of {quant} and og={og} a "
+                         f"multiple of 32 dividing {opad}")
     g["og"], g["mb"] = og, mb
+    g["wbits"] = wbits
+    # dot products include +1 per input byte past 32·Cw with bit weights (both −1 there)
+    g["kpad"] = kh * kw * (g["cb"] - WORD * cw) if wbits else 0
     g["npb"] = npb = -(-nv // mb)
     g["ncg"] = opad // og
     maxoff = (((kh - 1) * dh) // sh) * rl + ((kw - 1) * dw) // sw
@@ -247,11 +291,13 @@ def _geometry(x_shape, w_shape, strides, pads, dilations, *, mb=None, og=None):
 
 
 def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kernel_shape, strides, pads,
-                               dilations, output, mb=None, og=None, **_ignored):
+                               dilations, output, mb=None, og=None, wbits=None, **_ignored):
     """The AMX kernel of ``BinaryConv2dPacked``: arguments (X, Wamx, E, RowClass, ColClass, P0, P1, Y) with
-    ``Wamx = amx_conv_weights(W)``; ``w_shape`` is the ``[O, KH, KW, Cw]`` shape of the packed weights.
-    ``mb`` (pixels per task, a multiple of 32) and ``og`` (output channels per task, a multiple of 32
-    dividing O rounded up to 32) override the blocking chosen from the shape."""
+    ``Wamx = amx_conv_weights(W, output, wbits)``; ``w_shape`` is the ``[O, KH, KW, Cw]`` shape of the packed
+    weights. ``wbits`` (default :func:`weight_bits` of ``w_shape``): the weights are bit masks, expanded
+    tile by tile (1 weight tile × 4 pixel tiles per step). ``mb`` (pixels per task, a multiple of 32, of
+    64 with bit weights) and ``og`` (output channels per task, a multiple of 32 dividing O rounded up to 32)
+    override the blocking chosen from the shape."""
     from tvm.script import tirx as T
 
 
@@ -260,7 +306,7 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
     if output == "float":  # channels in the tile rows, vectorized epilogue (weights amx_conv_weights(W, "float"))
         return binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, out_channels=out_channels,
                                                 kernel_shape=kernel_shape, strides=strides, pads=pads,
-                                                dilations=dilations, mb=mb, og=og)
+                                                dilations=dilations, mb=mb, og=og, wbits=wbits)
     n, h, w, cw = [int(s) for s in x_shape]
     o, kh, kw, cw2 = [int(s) for s in w_shape]
     if cw2 != cw:
@@ -269,10 +315,8 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
         raise ValueError(f"BinaryConv2dPacked: out_channels={out_channels} but W has {o} filters")
     if [int(v) for v in kernel_shape] != [kh, kw]:
         raise ValueError("BinaryConv2dPacked: kernel_shape does not match W")
-    g = _geometry(x_shape, w_shape, strides, pads, dilations, mb=mb, og=og)
-    if g["mb"] % 32 or g["og"] % 32 or g["opad"] % g["og"]:
-        raise ValueError(f"binary_conv2d_amx_primfunc: mb={g['mb']} and og={g['og']} must be multiples of 32, "
-                         f"og dividing {g['opad']}")
+    wbits = weight_bits(w_shape) if wbits is None else bool(wbits)
+    g = _geometry(x_shape, w_shape, strides, pads, dilations, mb=mb, og=og, wbits=wbits)
     e_shape = tuple(int(s) for s in e_shape)
     if len(e_shape) != 3 or e_shape[0] != o:
         raise ValueError(f"BinaryConv2dPacked: E must be [O, R, C], got {list(e_shape)}")
@@ -281,10 +325,11 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
     opad, taps, og, mb, npb, ncg, lrows, lpos = (g[k] for k in ("opad", "taps", "og", "mb", "npb", "ncg",
                                                                 "lrows", "lpos"))
     sh, sw, pt, pl, dh, dw = (g[k] for k in ("sh", "sw", "pt", "pl", "dh", "dw"))
-    kbits = taps * WORD * cw
+    kbits = taps * WORD * cw + g["kpad"]
     nwo = num_words(o)
     pdt = "float32" if output == "float" else "int32"
-    wshape = (opad // _TILE, taps, nkc, _TILE, _TILE, 4)
+    wshape = (opad // _TILE, taps, nkc, _TILE) if wbits else (opad // _TILE, taps, nkc, _TILE, _TILE, 4)
+    wdt = "uint64" if wbits else "int8"
     yshape = (n, o, oh, ow) if output == "float" else (n, oh, ow, nwo)
     ydt = "float32" if output == "float" else "uint32"
     x64 = cw % 2 == 0
@@ -296,13 +341,14 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
     i8 = "int8x64"
 
     @T.prim_func
-    def amx_conv(X: T.Buffer((n, h, w, cw), "uint32"), Wt: T.Buffer(wshape, "int8"),
+    def amx_conv(X: T.Buffer((n, h, w, cw), "uint32"), Wt: T.Buffer(wshape, wdt),
                  E: T.Buffer(e_shape, "int32"), RC: T.Buffer((oh,), "int32"), CC: T.Buffer((ow,), "int32"),
                  P0: T.Buffer((o,), pdt), P1: T.Buffer((o,), pdt), Y: T.Buffer(yshape, ydt)):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         Xf = T.decl_buffer((n * h * w * cw,), "uint32", data=X.data)
         X64 = T.decl_buffer((n * h * w * cw64,), "uint64", data=X.data)
         Wf = T.decl_buffer((opad // _TILE * taps * nkc * _TILE_BYTES,), "int8", data=Wt.data)
+        Wq = T.decl_buffer((opad // _TILE * taps * nkc * _TILE,), "uint64", data=Wt.data)
         Ef = T.decl_buffer((o * nr * nc,), "int32", data=E.data)
         Yf = T.decl_buffer((n * yshape[1] * yshape[2] * yshape[3],), ydt, data=Y.data)
         img = T.alloc_buffer((nimg,), "int8", align=64)
@@ -372,42 +418,101 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
             ti = T.meta_var(task // (npb * ncg))
             tg = T.meta_var(task // npb % ncg)  # channel group outer: with 2 threads each gets whole groups
             tp = T.meta_var(task % npb)         # (its share of the weights, the partial last pixel blocks)
-            for cp in range(og // 32):
-                for pp in range(mb // 32):
-                    T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0))
-                    T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1))
-                    T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2))
-                    T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3))
-                    for a in range(kh):
-                        for b in range(kw):
+            if wbits:
+                # 1 weight tile (16 channels, B) × 4 pixel tiles (A) per step; the weight tiles expanded from
+                # their bit masks into two L1 slots of one tap (nkc tiles) each: the next tap's tiles are
+                # written while this tap's are used (a tile load right after the stores to its memory would
+                # wait for them to commit)
+                wexp = T.alloc_buffer((2 * nkc * _TILE_BYTES,), "int8", align=64)
+                for q in range(nkc):
+                    for r in T.unroll(_TILE):
+                        wexp[T.Ramp(((0) * nkc + q) * _TILE_BYTES + r * 64, 1, 64)] = (
+                            T.reinterpret("uint1x64", Wq[(((tg * og) // _TILE + 0) * taps * nkc + (0) * nkc + q) * _TILE + r])
+                            .astype(i8) * T.Broadcast(T.int8(2), 64) - T.Broadcast(T.int8(1), 64))
+                for cp in range(og // _TILE):
+                    for pp in range(mb // 64):
+                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0))
+                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1))
+                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2))
+                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3))
+                        for t in range(taps):
                             for q in range(nkc):
+                                gk = T.meta_var((cp * (mb // 64) + pp) * taps + t)  # tap blocks so far: slot gk % 2
+                                # the next tap block: tap t + 1, or tap 0 of the next pixel block or channel tile
+                                ncp = T.meta_var(T.min(cp + T.if_then_else(T.And(t == taps - 1, pp == mb // 64 - 1), 1, 0),
+                                                       og // _TILE - 1))
+                                for r in T.unroll(_TILE):
+                                    wexp[T.Ramp((((gk + 1) % 2) * nkc + q) * _TILE_BYTES + r * 64, 1, 64)] = (
+                                        T.reinterpret("uint1x64", Wq[(((tg * og) // _TILE + ncp) * taps * nkc + ((t + 1) % taps) * nkc + q) * _TILE + r])
+                                        .astype(i8) * T.Broadcast(T.int8(2), 64) - T.Broadcast(T.int8(1), 64))
+                                a = T.meta_var(t // kw)
+                                b = T.meta_var(t % kw)
+                                wt = T.meta_var(wexp.access_ptr("r", offset=((gk % 2) * nkc + q) * _TILE_BYTES, extent=_TILE_BYTES))
                                 abase = T.meta_var(((ti * nph + ((a * dh) % sh) * sw + (b * dw) % sw) * lpos
-                                          + tp * mb + pp * 32 + ((a * dh) // sh) * rl + (b * dw) // sw) * cb
-                                         + q * 64)
-                                bbase = T.meta_var(((((tg * og + cp * 32) // _TILE) * taps + a * kw + b) * nkc + q)
-                                         * _TILE_BYTES)
-                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4),
-                                                   T.address_of(img[abase]), T.int64(cb))
-                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(6),
-                                                   T.address_of(Wf[bbase]), T.int64(64))
+                                                    + tp * mb + pp * 64 + ((a * dh) // sh) * rl
+                                                    + (b * dw) // sw) * cb + q * 64)
+                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4), wt, T.int64(64))
                                 T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5),
+                                                   T.address_of(img[abase + 0 * cb]), T.int64(cb))
+                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(0), T.int8(5), T.int8(4))
+                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(6),
                                                    T.address_of(img[abase + 16 * cb]), T.int64(cb))
-                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(0), T.int8(4), T.int8(6))
+                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(1), T.int8(6), T.int8(4))
                                 T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(7),
-                                                   T.address_of(Wf[bbase + taps * nkc * _TILE_BYTES]),
-                                                   T.int64(64))
-                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(1), T.int8(5), T.int8(6))
-                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(2), T.int8(4), T.int8(7))
-                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(3), T.int8(5), T.int8(7))
-                    cbase = T.meta_var(pp * 32 * og + cp * 32)
-                    T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(0), acc.access_ptr("w", offset=cbase, extent=16 * og),
-                                       T.int64(og * 4))
-                    T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(1),
-                                       acc.access_ptr("w", offset=cbase + 16 * og, extent=16 * og), T.int64(og * 4))
-                    T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(2), acc.access_ptr("w", offset=cbase + 16, extent=16 * og),
-                                       T.int64(og * 4))
-                    T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(3),
-                                       acc.access_ptr("w", offset=cbase + 16 * og + 16, extent=16 * og), T.int64(og * 4))
+                                                   T.address_of(img[abase + 32 * cb]), T.int64(cb))
+                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(2), T.int8(7), T.int8(4))
+                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5),
+                                                   T.address_of(img[abase + 48 * cb]), T.int64(cb))
+                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(3), T.int8(5), T.int8(4))
+                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(0),
+                                           acc.access_ptr("w", offset=(pp * 64 + 0) * og + cp * _TILE,
+                                                          extent=16 * og), T.int64(og * 4))
+                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(1),
+                                           acc.access_ptr("w", offset=(pp * 64 + 16) * og + cp * _TILE,
+                                                          extent=16 * og), T.int64(og * 4))
+                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(2),
+                                           acc.access_ptr("w", offset=(pp * 64 + 32) * og + cp * _TILE,
+                                                          extent=16 * og), T.int64(og * 4))
+                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(3),
+                                           acc.access_ptr("w", offset=(pp * 64 + 48) * og + cp * _TILE,
+                                                          extent=16 * og), T.int64(og * 4))
+            else:
+                for cp in range(og // 32):
+                    for pp in range(mb // 32):
+                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0))
+                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1))
+                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2))
+                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3))
+                        for a in range(kh):
+                            for b in range(kw):
+                                for q in range(nkc):
+                                    abase = T.meta_var(((ti * nph + ((a * dh) % sh) * sw + (b * dw) % sw) * lpos
+                                              + tp * mb + pp * 32 + ((a * dh) // sh) * rl + (b * dw) // sw) * cb
+                                             + q * 64)
+                                    bbase = T.meta_var(((((tg * og + cp * 32) // _TILE) * taps + a * kw + b) * nkc + q)
+                                             * _TILE_BYTES)
+                                    T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4),
+                                                       T.address_of(img[abase]), T.int64(cb))
+                                    T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(6),
+                                                       T.address_of(Wf[bbase]), T.int64(64))
+                                    T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5),
+                                                       T.address_of(img[abase + 16 * cb]), T.int64(cb))
+                                    T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(0), T.int8(4), T.int8(6))
+                                    T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(7),
+                                                       T.address_of(Wf[bbase + taps * nkc * _TILE_BYTES]),
+                                                       T.int64(64))
+                                    T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(1), T.int8(5), T.int8(6))
+                                    T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(2), T.int8(4), T.int8(7))
+                                    T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(3), T.int8(5), T.int8(7))
+                        cbase = T.meta_var(pp * 32 * og + cp * 32)
+                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(0), acc.access_ptr("w", offset=cbase, extent=16 * og),
+                                           T.int64(og * 4))
+                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(1),
+                                           acc.access_ptr("w", offset=cbase + 16 * og, extent=16 * og), T.int64(og * 4))
+                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(2), acc.access_ptr("w", offset=cbase + 16, extent=16 * og),
+                                           T.int64(og * 4))
+                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(3),
+                                           acc.access_ptr("w", offset=cbase + 16 * og + 16, extent=16 * og), T.int64(og * 4))
             T.call_llvm_intrin("void", "llvm.x86.tilerelease")
             # epilogue on the task's block
             for vl in range(mb):
@@ -456,14 +561,12 @@ def _chain_vec(val, steps, extras, ext_shapes, idx4, x0, mask, out_rank=4):
     (broadcast to the lanes), the others masked vector loads (``mask``: the lanes of this row piece)."""
     from tvm import tirx
 
-    zero = tirx.Broadcast(tirx.const(0.0, "float32"), _TILE)
+    from .kernels import chain_step
+
     for st in steps:
         kind = st[0]
-        if kind == "relu":
-            val = tirx.max(val, zero)
-            continue
-        if kind == "neg":
-            val = -val
+        if kind in ("relu", "neg"):
+            val = chain_step(kind, val, fence=True, lanes=_TILE)
             continue
         k = int(st[1])
         buf, shp = extras[k], ext_shapes[k]
@@ -474,34 +577,19 @@ def _chain_vec(val, steps, extras, ext_shapes, idx4, x0, mask, out_rank=4):
             av = tirx.call_intrin(f"float32x{_TILE}", "tirx.masked_load", buf, *ind, mask)
         else:
             av = tirx.Broadcast(buf[tuple(ind)] if ind else buf[0], _TILE)
-        if kind == "add":
-            val = val + av
-        elif kind == "sub":
-            val = val - av
-        elif kind == "rsub":
-            val = av - val
-        elif kind == "mul":
-            val = val * av
-        elif kind == "max":
-            val = tirx.max(val, av)
-        elif kind == "min":
-            val = tirx.min(val, av)
-        elif kind == "prelu":
-            val = tirx.Select(val < zero, val * av, val)
-        else:
-            raise ValueError(f"fused chain: unknown step {kind!r}")
+        val = chain_step(kind, val, av, fence=True, lanes=_TILE)  # kernels.chain_step: one definition per step
     return val
 
 
 def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels, kernel_shape, strides, pads,
                                      dilations, extra_shapes=(), steps=(), want_float=True, pack=False,
-                                     with_threshold=False, mb=None, og=None, **_ignored):
+                                     with_threshold=False, mb=None, og=None, wbits=None, **_ignored):
     """The AMX kernel of a float-output ``BinaryConv2dPacked``, optionally followed by the element-wise
     chain ``steps`` over ``extra_shapes`` operands (semantics of :func:`kernels.chain_value_te`) and the
     ``PackSign`` (``v >= T[c]``, T = 0 without threshold) of the result, all in the conv's epilogue.
 
     Arguments ``(X, Wf, E, RowClass, ColClass, P0, P1, *extras, [T], [Yfloat], [Ybits])`` with
-    ``Wf = amx_conv_weights(W, "float")``; ``Yfloat`` (NCHW float32) when ``want_float``, ``Ybits``
+    ``Wf = amx_conv_weights(W, "float", wbits)`` (``wbits``: as in :func:`binary_conv2d_amx_primfunc`); ``Yfloat`` (NCHW float32) when ``want_float``, ``Ybits``
     (NHWC uint32 words) when ``pack``. Bit-identical to the float conv followed by ``chain_pack_primfunc``:
     per channel ``float32(D)·P0 + P1`` (product rounded once, no FMA), then the steps in order in float32."""
     from tvm import tirx
@@ -519,10 +607,8 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
         raise ValueError(f"BinaryConv2dPacked: out_channels={out_channels} but W has {o} filters")
     if [int(v) for v in kernel_shape] != [kh, kw]:
         raise ValueError("BinaryConv2dPacked: kernel_shape does not match W")
-    g = _geometry(x_shape, w_shape, strides, pads, dilations, mb=mb, og=og)
-    if g["mb"] % 32 or g["og"] % 32 or g["opad"] % g["og"]:
-        raise ValueError(f"binary_conv2d_amx_chain_primfunc: mb={g['mb']} and og={g['og']} must be multiples "
-                         f"of 32, og dividing {g['opad']}")
+    wbits = weight_bits(w_shape) if wbits is None else bool(wbits)
+    g = _geometry(x_shape, w_shape, strides, pads, dilations, mb=mb, og=og, wbits=wbits)
     e_shape = tuple(int(s) for s in e_shape)
     if len(e_shape) != 3 or e_shape[0] != o:
         raise ValueError(f"BinaryConv2dPacked: E must be [O, R, C], got {list(e_shape)}")
@@ -546,13 +632,22 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     opad, taps, og, mb, npb, ncg, lrows = (g[k] for k in ("opad", "taps", "og", "mb", "npb", "ncg", "lrows"))
     sh, sw, pt, pl, dh, dw = (g[k] for k in ("sh", "sw", "pt", "pl", "dh", "dw"))
     lp = _round_up(g["lpos"], _TILE)  # positions per plane (multiple of 16 for the vector unpack)
-    kbits = taps * WORD * cw
+    kbits = taps * WORD * cw + g["kpad"]
     nwo = num_words(o)
     nwg = og // 32  # words per channel group
-    wshape = (opad // _TILE, taps, nkc, _TILE, 64)
+    wshape = (opad // _TILE, taps, nkc, _TILE) if wbits else (opad // _TILE, taps, nkc, _TILE, 64)
+    wdt = "uint64" if wbits else "int8"
+    i8 = "int8x64"
     cwq = 2 * nkc  # 32-bit words per pixel in the word plane (words >= cw are 0)
     nrows = n * nph * lrows
     nquads = n * nph * nkc * _TILE
+    # with bit weights the GEMM runs pixels in the tile rows (as the bits kernel: the weight tile stays the
+    # B operand of 4 consecutive products), on the bits kernel's image, then transposes the int32 block
+    x64 = cw % 2 == 0
+    cw64 = max(1, cw // 2)
+    lpos = g["lpos"]
+    nimg8 = n * nph * lpos * cb if wbits else nquads * lp * 4
+    nwpl = 1 if wbits else n * nph * cwq * lp
     ntask = n * npb * ncg
     nyk = 15 // rl + 2  # output rows a 16-pixel group can touch
     ccpad = rl + 2 * _TILE  # CC padded by 16 on each side, indexed by x + 16
@@ -563,7 +658,7 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     f32v, i32v = f"float32x{L}", f"int32x{L}"
 
     @T.prim_func
-    def amx_conv_chain(X: T.Buffer((n, h, w, cw), "uint32"), Wt: T.Buffer(wshape, "int8"),
+    def amx_conv_chain(X: T.Buffer((n, h, w, cw), "uint32"), Wt: T.Buffer(wshape, wdt),
                        E: T.Buffer(e_shape, "int32"), RC: T.Buffer((oh,), "int32"), CC: T.Buffer((ow,), "int32"),
                        P0: T.Buffer((o,), "float32"), P1: T.Buffer((o,), "float32"),
                        A0: T.Buffer(a_shapes[0], "float32"), A1: T.Buffer(a_shapes[1], "float32"),
@@ -575,10 +670,13 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         Xf = T.decl_buffer((n * h * w * cw,), "uint32", data=X.data)
         Wf = T.decl_buffer((opad // _TILE * taps * nkc * _TILE_BYTES,), "int8", data=Wt.data)
+        Wq = T.decl_buffer((opad // _TILE * taps * nkc * _TILE,), "uint64", data=Wt.data)
         Ef = T.decl_buffer((o * nr * nc,), "int32", data=E.data)
-        wpl = T.alloc_buffer((n * nph * cwq * lp,), "uint32", align=64)
-        img = T.alloc_buffer((nquads * lp,), "uint32", align=64)
-        img8 = T.decl_buffer((nquads * lp * 4,), "int8", data=img.data)
+        X64 = T.decl_buffer((n * h * w * cw64,), "uint64", data=X.data)
+        wpl = T.alloc_buffer((nwpl,), "uint32", align=64)
+        # the image: VNNI planes (int8 weights, img as uint32 words) or the bits kernel's rows (bit weights)
+        img8 = T.alloc_buffer((nimg8,), "int8", align=64)
+        img = T.decl_buffer((nimg8 // 4,), "uint32", data=img8.data)
         # ekt[(row class, channel), column class] = E - Kbits (16 column classes: a vpermd table)
         ekt = T.alloc_buffer((nr * opad * L,), "int32", align=64)
         ccp = T.alloc_buffer((ccpad,), "int32", align=64)
@@ -589,36 +687,62 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
                         T.And(c < o, j < nc), Ef[(T.min(c, o - 1) * nr + r) * nc + T.min(j, nc - 1)] - kbits, 0)
         for j in range(ccpad):
             ccp[j] = CC[T.max(T.min(j - L, ow - 1), 0)]
-        # word planes: image i, phase ph, word wq, position (plane row pr, column c) → padded row
-        # pr*sh + ph//sw, column c*sw + ph%sw (0 outside the image and for words >= cw)
-        for row in T.parallel(nrows):
-            for c in range(rl):
-                for wq in range(cwq):
-                    i = T.meta_var(row // (nph * lrows))
-                    ph = T.meta_var(row // lrows % nph)
-                    yy = T.meta_var(row % lrows * sh + ph // sw - pt)
-                    xx = T.meta_var(c * sw + ph % sw - pl)
-                    inside = T.meta_var(T.And(T.And(T.And(yy >= 0, yy < h), T.And(xx >= 0, xx < w)), wq < cw))
-                    pix = T.meta_var((i * h + T.max(T.min(yy, h - 1), 0)) * w + T.max(T.min(xx, w - 1), 0))
-                    wpl[((i * nph + ph) * cwq + wq) * lp + row % lrows * rl + c] = T.if_then_else(
-                        inside, Xf[pix * cw + T.min(wq, cw - 1)], T.uint32(0))
-        # VNNI planes: quad r of chunk q = bits 4r..4r+3 of the chunk → 4 bytes of ±1 per position
-        # (nibble · 0x00204081 & 0x01010101 spreads the 4 bits to 4 bytes; 0xFF ^ b·0xFE maps 1 → 1, 0 → -1)
-        for t in T.parallel(nquads):
-            for pb in range(lp // L):
-                iph = T.meta_var(t // (nkc * L))
-                q = T.meta_var(t // L % nkc)
-                r = T.meta_var(t % L)
-                wv = T.meta_var(wpl[T.Ramp((iph * cwq + 2 * q + r // 8) * lp + pb * L, 1, L)])
-                nib = T.meta_var(T.shift_right(wv, T.Broadcast(T.Cast("uint32", (r % 8) * 4), L))
-                                 & T.Broadcast(T.uint32(15), L))
-                spread = T.meta_var((nib * T.Broadcast(T.uint32(0x00204081), L)) & T.Broadcast(T.uint32(0x01010101), L))
-                img[T.Ramp(t * lp + pb * L, 1, L)] = T.bitwise_xor(
-                    spread * T.Broadcast(T.uint32(0xFE), L), T.Broadcast(T.uint32(0xFFFFFFFF), L))
+        if wbits:
+            # the bits kernel's image: one row of CB bytes (±1) per position of each phase plane
+            for row in T.parallel(nrows):
+                for c in range(rl):
+                    for q in range(nkc):
+                        i = T.meta_var(row // (nph * lrows))
+                        ph = T.meta_var(row // lrows % nph)
+                        yy = T.meta_var(row % lrows * sh + ph // sw - pt)
+                        xx = T.meta_var(c * sw + ph % sw - pl)
+                        inside = T.meta_var(T.And(T.And(yy >= 0, yy < h), T.And(xx >= 0, xx < w)))
+                        pix = T.meta_var((i * h + T.max(T.min(yy, h - 1), 0)) * w + T.max(T.min(xx, w - 1), 0))
+                        if x64:
+                            m = T.meta_var(T.if_then_else(inside, X64[pix * cw64 + q], T.uint64(0)))
+                        else:
+                            m = T.meta_var(T.if_then_else(
+                                inside,
+                                T.Cast("uint64", Xf[pix * cw + 2 * q])
+                                | T.shift_left(T.Cast("uint64", T.if_then_else(
+                                    2 * q + 1 < cw, Xf[pix * cw + T.min(2 * q + 1, cw - 1)], T.uint32(0))),
+                                    T.uint64(32)),
+                                T.uint64(0)))
+                        img8[T.Ramp((row * rl + c) * cb + q * 64, 1, 64)] = (
+                            T.reinterpret("uint1x64", m).astype(i8) * T.Broadcast(T.int8(2), 64)
+                            - T.Broadcast(T.int8(1), 64))
+        else:
+            # word planes: image i, phase ph, word wq, position (plane row pr, column c) → padded row
+            # pr*sh + ph//sw, column c*sw + ph%sw (0 outside the image and for words >= cw)
+            for row in T.parallel(nrows):
+                for c in range(rl):
+                    for wq in range(cwq):
+                        i = T.meta_var(row // (nph * lrows))
+                        ph = T.meta_var(row // lrows % nph)
+                        yy = T.meta_var(row % lrows * sh + ph // sw - pt)
+                        xx = T.meta_var(c * sw + ph % sw - pl)
+                        inside = T.meta_var(T.And(T.And(T.And(yy >= 0, yy < h), T.And(xx >= 0, xx < w)), wq < cw))
+                        pix = T.meta_var((i * h + T.max(T.min(yy, h - 1), 0)) * w + T.max(T.min(xx, w - 1), 0))
+                        wpl[((i * nph + ph) * cwq + wq) * lp + row % lrows * rl + c] = T.if_then_else(
+                            inside, Xf[pix * cw + T.min(wq, cw - 1)], T.uint32(0))
+            # VNNI planes: quad r of chunk q = bits 4r..4r+3 of the chunk → 4 bytes of ±1 per position
+            # (nibble · 0x00204081 & 0x01010101 spreads the 4 bits to 4 bytes; 0xFF ^ b·0xFE maps 1 → 1, 0 → -1)
+            for t in T.parallel(nquads):
+                for pb in range(lp // L):
+                    iph = T.meta_var(t // (nkc * L))
+                    q = T.meta_var(t // L % nkc)
+                    r = T.meta_var(t % L)
+                    wv = T.meta_var(wpl[T.Ramp((iph * cwq + 2 * q + r // 8) * lp + pb * L, 1, L)])
+                    nib = T.meta_var(T.shift_right(wv, T.Broadcast(T.Cast("uint32", (r % 8) * 4), L))
+                                     & T.Broadcast(T.uint32(15), L))
+                    spread = T.meta_var((nib * T.Broadcast(T.uint32(0x00204081), L)) & T.Broadcast(T.uint32(0x01010101), L))
+                    img[T.Ramp(t * lp + pb * L, 1, L)] = T.bitwise_xor(
+                        spread * T.Broadcast(T.uint32(0xFE), L), T.Broadcast(T.uint32(0xFFFFFFFF), L))
         for task in T.parallel(ntask):
             cfg = T.alloc_buffer((64,), "uint8", align=64)
             acc = T.alloc_buffer((og * mb,), "int32", align=64)
             wb = T.alloc_buffer((nwg * mb,), "uint32", align=64)
+            accp = T.alloc_buffer((mb * og if wbits else 1,), "int32", align=64)
             for k in range(64):
                 cfg[k] = T.uint8(0)
             cfg[0] = T.uint8(1)
@@ -629,43 +753,106 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
             ti = T.meta_var(task // (npb * ncg))
             tg = T.meta_var(task // npb % ncg)  # channel group outer: with 2 threads each gets whole groups
             tp = T.meta_var(task % npb)         # (its share of the weights, the partial last pixel blocks)
-            for cp in range(og // 32):
-                for pp in range(mb // 32):
-                    T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0))
-                    T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1))
-                    T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2))
-                    T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3))
-                    for a in range(kh):
-                        for b in range(kw):
+            if wbits:
+                # 1 weight tile (16 channels, B) × 4 pixel tiles (A) per step (as the bits kernel); the weight tiles expanded from
+                # their bit masks into two L1 slots of one tap (nkc tiles) each: the next tap's tiles are
+                # written while this tap's are used (a tile load right after the stores to its memory would
+                # wait for them to commit)
+                wexp = T.alloc_buffer((2 * nkc * _TILE_BYTES,), "int8", align=64)
+                for q in range(nkc):
+                    for r in T.unroll(_TILE):
+                        wexp[T.Ramp(((0) * nkc + q) * _TILE_BYTES + r * 64, 1, 64)] = (
+                            T.reinterpret("uint1x64", Wq[(((tg * og) // _TILE + 0) * taps * nkc + (0) * nkc + q) * _TILE + r])
+                            .astype(i8) * T.Broadcast(T.int8(2), 64) - T.Broadcast(T.int8(1), 64))
+                for cp in range(og // _TILE):
+                    for pp in range(mb // 64):
+                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0))
+                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1))
+                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2))
+                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3))
+                        for t in range(taps):
                             for q in range(nkc):
-                                bbase = T.meta_var((((ti * nph + ((a * dh) % sh) * sw + (b * dw) % sw) * nkc + q)
-                                                    * L * lp + tp * mb + pp * 32 + ((a * dh) // sh) * rl
-                                                    + (b * dw) // sw) * 4)
-                                abase = T.meta_var(((((tg * og + cp * 32) // L) * taps + a * kw + b) * nkc + q)
-                                                   * _TILE_BYTES)
-                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4),
-                                                   T.address_of(Wf[abase]), T.int64(64))
-                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(6),
-                                                   T.address_of(img8[bbase]), T.int64(lp * 4))
+                                gk = T.meta_var((cp * (mb // 64) + pp) * taps + t)  # tap blocks so far: slot gk % 2
+                                # the next tap block: tap t + 1, or tap 0 of the next pixel block or channel tile
+                                ncp = T.meta_var(T.min(cp + T.if_then_else(T.And(t == taps - 1, pp == mb // 64 - 1), 1, 0),
+                                                       og // _TILE - 1))
+                                for r in T.unroll(_TILE):
+                                    wexp[T.Ramp((((gk + 1) % 2) * nkc + q) * _TILE_BYTES + r * 64, 1, 64)] = (
+                                        T.reinterpret("uint1x64", Wq[(((tg * og) // _TILE + ncp) * taps * nkc + ((t + 1) % taps) * nkc + q) * _TILE + r])
+                                        .astype(i8) * T.Broadcast(T.int8(2), 64) - T.Broadcast(T.int8(1), 64))
+                                a = T.meta_var(t // kw)
+                                b = T.meta_var(t % kw)
+                                wt = T.meta_var(wexp.access_ptr("r", offset=((gk % 2) * nkc + q) * _TILE_BYTES, extent=_TILE_BYTES))
+                                abase = T.meta_var(((ti * nph + ((a * dh) % sh) * sw + (b * dw) % sw) * lpos
+                                                    + tp * mb + pp * 64 + ((a * dh) // sh) * rl
+                                                    + (b * dw) // sw) * cb + q * 64)
+                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4), wt, T.int64(64))
                                 T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5),
-                                                   T.address_of(Wf[abase + taps * nkc * _TILE_BYTES]), T.int64(64))
-                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(0), T.int8(4), T.int8(6))
+                                                   T.address_of(img8[abase + 0 * cb]), T.int64(cb))
+                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(0), T.int8(5), T.int8(4))
+                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(6),
+                                                   T.address_of(img8[abase + 16 * cb]), T.int64(cb))
+                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(1), T.int8(6), T.int8(4))
                                 T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(7),
-                                                   T.address_of(img8[bbase + L * 4]), T.int64(lp * 4))
-                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(1), T.int8(5), T.int8(6))
-                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(2), T.int8(4), T.int8(7))
-                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(3), T.int8(5), T.int8(7))
-                    cbase = T.meta_var(cp * 32 * mb + pp * 32)
-                    T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(0),
-                                       acc.access_ptr("w", offset=cbase, extent=16 * mb), T.int64(mb * 4))
-                    T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(1),
-                                       acc.access_ptr("w", offset=cbase + 16 * mb, extent=16 * mb), T.int64(mb * 4))
-                    T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(2),
-                                       acc.access_ptr("w", offset=cbase + 16, extent=16 * mb), T.int64(mb * 4))
-                    T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(3),
-                                       acc.access_ptr("w", offset=cbase + 16 * mb + 16, extent=16 * mb),
-                                       T.int64(mb * 4))
+                                                   T.address_of(img8[abase + 32 * cb]), T.int64(cb))
+                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(2), T.int8(7), T.int8(4))
+                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5),
+                                                   T.address_of(img8[abase + 48 * cb]), T.int64(cb))
+                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(3), T.int8(5), T.int8(4))
+                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(0),
+                                           accp.access_ptr("w", offset=(pp * 64 + 0) * og + cp * _TILE,
+                                                          extent=16 * og), T.int64(og * 4))
+                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(1),
+                                           accp.access_ptr("w", offset=(pp * 64 + 16) * og + cp * _TILE,
+                                                          extent=16 * og), T.int64(og * 4))
+                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(2),
+                                           accp.access_ptr("w", offset=(pp * 64 + 32) * og + cp * _TILE,
+                                                          extent=16 * og), T.int64(og * 4))
+                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(3),
+                                           accp.access_ptr("w", offset=(pp * 64 + 48) * og + cp * _TILE,
+                                                          extent=16 * og), T.int64(og * 4))
+            else:
+                for cp in range(og // 32):
+                    for pp in range(mb // 32):
+                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0))
+                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1))
+                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2))
+                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3))
+                        for a in range(kh):
+                            for b in range(kw):
+                                for q in range(nkc):
+                                    bbase = T.meta_var((((ti * nph + ((a * dh) % sh) * sw + (b * dw) % sw) * nkc + q)
+                                                        * L * lp + tp * mb + pp * 32 + ((a * dh) // sh) * rl
+                                                        + (b * dw) // sw) * 4)
+                                    abase = T.meta_var(((((tg * og + cp * 32) // L) * taps + a * kw + b) * nkc + q)
+                                                       * _TILE_BYTES)
+                                    T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4),
+                                                       T.address_of(Wf[abase]), T.int64(64))
+                                    T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(6),
+                                                       T.address_of(img8[bbase]), T.int64(lp * 4))
+                                    T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5),
+                                                       T.address_of(Wf[abase + taps * nkc * _TILE_BYTES]), T.int64(64))
+                                    T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(0), T.int8(4), T.int8(6))
+                                    T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(7),
+                                                       T.address_of(img8[bbase + L * 4]), T.int64(lp * 4))
+                                    T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(1), T.int8(5), T.int8(6))
+                                    T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(2), T.int8(4), T.int8(7))
+                                    T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(3), T.int8(5), T.int8(7))
+                        cbase = T.meta_var(cp * 32 * mb + pp * 32)
+                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(0),
+                                           acc.access_ptr("w", offset=cbase, extent=16 * mb), T.int64(mb * 4))
+                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(1),
+                                           acc.access_ptr("w", offset=cbase + 16 * mb, extent=16 * mb), T.int64(mb * 4))
+                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(2),
+                                           acc.access_ptr("w", offset=cbase + 16, extent=16 * mb), T.int64(mb * 4))
+                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(3),
+                                           acc.access_ptr("w", offset=cbase + 16 * mb + 16, extent=16 * mb),
+                                           T.int64(mb * 4))
             T.call_llvm_intrin("void", "llvm.x86.tilerelease")
+            if wbits:  # [pixel][channel] → [channel][pixel]
+                for c in range(og):
+                    for v in range(mb):
+                        acc[c * mb + v] = accp[v * og + c]
             # epilogue: 16-pixel groups, split into output-row pieces (masked vectors)
             if pack:
                 for k in range(nwg * mb):
