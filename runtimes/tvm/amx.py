@@ -156,17 +156,18 @@ MIN_INPUT_POSITIONS = 100  # smaller input planes stay on the popcount kernels (
 def use_amx(x_shape, w_shape, *, strides, pads, dilations, target=None) -> bool:
     """The selection rule, measured on one Sapphire Rapids core (``bench/amx_layers.py``, bits output):
     AMX for k×k convs (k > 1) with at least 64 input and 32 output channels on an AMX target in a process
-    where :func:`enabled` holds (1.4–2.7× the popcount kernels on the ResNet-18 3×3 layers; at 7²×512,
-    whose int8 weights do not fit in L2, the kernels keep the weights as bits (:func:`weight_bits`):
-    0.107 ms vs 0.134 ms popcount, 0.139 ms with int8 weights streamed from L3), except small
-    input planes (< 100 positions) with weights that stay int8 (e.g. CIFAR ResNet-20's 8×8×64 layers),
-    where the per-image unpack and tile set-up outweigh the GEMM (IR-Net ResNet-20, batch 128, whole network: 35.9 ms with AMX there vs 33.1 ms
-    without)."""
+    where :func:`enabled` holds (1.4–2.7× the popcount kernels on the ResNet-18 3×3 layers), except small
+    input planes (< 100 positions): there the per-image unpack and tile set-up outweigh the GEMM (IR-Net
+    ResNet-20, batch 128, whole network: 35.9 ms with AMX on its 8×8×64 layers vs 33.1 ms without), and at
+    7²×512, whose int8 weights do not fit in L2, the bit-weight kernels (:func:`weight_bits`: 0.107 ms vs
+    0.134 ms popcount, bits out, kernel alone) lose once packing and the epilogue are included: layer chain
+    float out 0.155 vs 0.136 ms, bits out 0.143 vs 0.145 ms (``bnnc bench --layers``, interleaved). The
+    bit-weight path stays available (``MIN_INPUT_POSITIONS = 0``) and tested."""
     if not (target_has_amx(target) and enabled()):
         return False
     _, h, w, cw = [int(s) for s in x_shape]
     o, kh, kw, _ = [int(s) for s in w_shape]
-    if kh * kw == 1 or cw < 2 or o < 32 or (h * w < MIN_INPUT_POSITIONS and not weight_bits(w_shape)):
+    if kh * kw == 1 or cw < 2 or o < 32 or h * w < MIN_INPUT_POSITIONS:
         return False
     sh, sw = [int(v) for v in strides]
     pt, pl, pb, pr = [int(v) for v in pads]
