@@ -1,18 +1,23 @@
-"""The float32 CPU kernels of the TVM backend (stem / 1×1 convs, max pool, dense) against NumPy float64."""
+"""The float32 CPU kernels of the TVM backend (stem / 1×1 convs, max / average pool, dense) against NumPy
+float64, and their use by the graph translator (stem conv + max pool fused) against ONNX's reference."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 tvm = pytest.importorskip("tvm")
 
 from bnnc.runtimes.tvm.float_kernels import (
+    float_avgpool2d_primfunc,
     float_conv2d_maxpool_primfunc,
     float_conv2d_primfunc,
     float_dense_primfunc,
     float_maxpool2d_primfunc,
 )
+from bnnc.runtimes.tvm.graph import compile_model, translate
 from bnnc.runtimes.tvm.target import cpu_target
 
 
@@ -154,3 +159,114 @@ def test_float_dense_matches_numpy(n, k, j, with_bias):
     got = _run(f, [a, *consts], oshape)
     want = a.astype(np.float64) @ bm.astype(np.float64) + (0 if bias is None else bias)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def _avgpool_ref(x, k, stride, pads, count_include_pad):
+    """Window sums of the zero-padded input over the window size or the count of real pixels, float64."""
+    (kh, kw), (sh, sw), (pt, pl, pb, pr) = k, stride, pads
+    pad = ((0, 0), (0, 0), (pt, pb), (pl, pr))
+    xp = np.pad(x.astype(np.float64), pad)
+    ones = np.pad(np.ones(x.shape[2:]), pad[2:])
+    oh = (xp.shape[2] - kh) // sh + 1
+    ow = (xp.shape[3] - kw) // sw + 1
+    tot, cnt = np.zeros((x.shape[0], x.shape[1], oh, ow)), np.zeros((oh, ow))
+    for r in range(kh):
+        for s in range(kw):
+            tot += xp[:, :, r:r + (oh - 1) * sh + 1:sh, s:s + (ow - 1) * sw + 1:sw]
+            cnt += ones[r:r + (oh - 1) * sh + 1:sh, s:s + (ow - 1) * sw + 1:sw]
+    return tot / (kh * kw if count_include_pad else cnt)
+
+
+AVGPOOL_CASES = [
+    # (x shape, kernel, stride, pads, count_include_pad, vec)
+    ((1, 4, 56, 56), 2, 2, [0, 0, 0, 0], 0, 16),  # the downsample-path pool of Bi-Real / ReActNet
+    ((2, 3, 7, 7), 2, 2, [0, 0, 0, 0], 1, 16),  # odd size: the last row / column is dropped
+    ((2, 3, 17, 35), 3, 2, [1, 1, 1, 1], 0, 16),  # pads, border windows averaged over fewer pixels
+    ((2, 3, 17, 35), 3, 2, [1, 1, 1, 1], 1, 16),  # the same counting the padding
+    ((1, 3, 9, 23), 3, 3, [0, 1, 2, 2], 0, 16),  # stride 3, asymmetric pads
+    ((1, 2, 7, 7), 2, 2, [0, 0, 1, 1], 0, 16),  # pads only at the end
+    ((1, 2, 5, 6), 3, 1, [1, 1, 1, 1], 0, 16),  # stride 1
+    ((1, 2, 11, 40), 3, 2, [1, 1, 1, 1], 0, 4),  # the NEON width
+]
+
+
+@pytest.mark.parametrize("shape,k,s,pads,cip,vec", AVGPOOL_CASES)
+def test_float_avgpool_matches_numpy(shape, k, s, pads, cip, vec):
+    x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    f, oshape = float_avgpool2d_primfunc(shape, [k, k], [s, s], pads, bool(cip), vec=vec)
+    got = _run(f, [x], oshape)
+    want = _avgpool_ref(x, (k, k), (s, s), pads, cip)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_float_avgpool_rejects_pads_as_large_as_the_window():
+    with pytest.raises(ValueError, match="AveragePool: pads .* must be smaller than the 2×2 window"):
+        float_avgpool2d_primfunc((1, 2, 6, 7), [2, 2], [2, 2], [0, 2, 0, 0])
+
+
+# -- graph level: what the translator picks ------------------------------------------------------------
+
+def _graph(nodes, in_shape, out_shape, inits=(), outputs=("y",)):
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+                          initializer=list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 9
+    return m
+
+
+def _kernels(model):
+    """The names of the kernels (PrimFuncs) in the translated Relax module, without their numeric suffix."""
+    mod, _ = translate(model, batch_size=1)
+    return sorted(gv.name_hint.rsplit("_", 1)[0] for gv, f in mod.functions.items()
+                  if isinstance(f, tvm.tirx.PrimFunc))
+
+
+def _stem(shape=(1, 3, 30, 34), o=16, extra=(), outputs=("y",)):
+    rng = np.random.default_rng(6)
+    w = numpy_helper.from_array(rng.standard_normal((o, shape[1], 7, 7)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(o).astype(np.float32), "b")
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[7, 7], strides=[2, 2], pads=[3] * 4),
+             helper.make_node("MaxPool", ["c"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4),
+             *extra]
+    return _graph(nodes, shape, None, [w, b], outputs), rng.standard_normal(shape).astype(np.float32)
+
+
+def _check_graph(model, x):
+    want = ReferenceEvaluator(model).run(None, {"x": x})
+    got = compile_model(model, "cpu", batch_size=x.shape[0], num_threads=1).run(x)
+    got = got if isinstance(got, (list, tuple)) else [got]
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+
+
+def test_graph_fuses_stem_conv_and_maxpool():
+    model, x = _stem()
+    assert _kernels(model) == ["bnnc_conv_maxpool"]  # one kernel, no separate conv or max pool
+    _check_graph(model, x)
+
+
+def test_graph_does_not_fuse_a_conv_with_two_consumers():
+    relu = helper.make_node("Relu", ["c"], ["r"])
+    model, x = _stem(extra=[relu], outputs=("y", "r"))
+    assert _kernels(model) == ["bnnc_conv", "bnnc_maxpool"]
+    _check_graph(model, x)
+
+
+def test_graph_does_not_fuse_a_ceil_mode_pool():
+    model, x = _stem()
+    model.graph.node[1].attribute.append(helper.make_attribute("ceil_mode", 1))
+    assert "bnnc_conv_maxpool" not in _kernels(model)
+    _check_graph(model, x)
+
+
+@pytest.mark.parametrize("cip,pads", [(0, [1, 1, 1, 1]), (1, [1, 1, 1, 1]), (0, [0, 0, 0, 0])])
+def test_graph_average_pool_uses_the_scheduled_kernel(cip, pads):
+    x = np.random.default_rng(7).standard_normal((2, 5, 13, 18)).astype(np.float32)
+    node = helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 2] if any(pads) else [2, 2],
+                            strides=[2, 2], pads=pads, count_include_pad=cip)
+    model = _graph([node], x.shape, None)
+    assert _kernels(model) == ["bnnc_avgpool"]
+    _check_graph(model, x)

@@ -1,10 +1,11 @@
 """Float32 CPU kernels for the real (non-binary) layers of a BNN: the stem conv, the 1×1 downsample convs,
-max pooling and the classifier (dense), NCHW.
+max and average pooling (the stem conv and its max pool also fused into one kernel) and the
+classifier (dense), NCHW.
 
 Each builder returns a TIR PrimFunc (attribute ``bnnc.scheduled``) that :mod:`.graph` calls with
 ``call_tir``, plus the constants to pass after the input where it has any. ``vec`` is the vector width in
 float32 lanes (16 on x86 AVX-512; the ARM family uses 8); the kernels are generic in it. The convs and the
-max pool are written loop by loop with TVM's IR builder (register tile, tail vectors and lane shuffles
+pools are written loop by loop with TVM's IR builder (register tile, tail vectors and lane shuffles
 explicit), the dense with a TE schedule. Timings in the docstrings: Sapphire Rapids, 1 thread, kernel
 alone, best of interleaved runs.
 """
@@ -14,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 from tvm import tirx
 
-__all__ = ["float_conv2d_maxpool_primfunc", "float_conv2d_primfunc", "float_dense_primfunc",
-           "float_maxpool2d_primfunc"]
+__all__ = ["float_avgpool2d_primfunc", "float_conv2d_maxpool_primfunc", "float_conv2d_primfunc",
+           "float_dense_primfunc", "float_maxpool2d_primfunc"]
 
 F32 = "float32"
 _ATTRS = {"bnnc.scheduled": True, "op_pattern": 8, "tirx.noalias": True}
@@ -228,11 +229,12 @@ def _pool_geometry(name, x_hw, kernel_shape, strides, pads):
     return kh, kw, sh, sw, pt, pl, oh, ow
 
 
-def _pool_columns(vmax: list, chunks, wd: int, ow: int, kw: int, sw: int, pl: int, vec: int):
-    """``[(x0, lanes, value)]``: the output vectors of one pooled row, each window's max over columns
-    gathered from the row's vectors ``vmax`` (chunks ``chunks`` of the ``wd`` input columns) with lane
-    shuffles; columns in the padding read -inf."""
-    ninf = tirx.const(-np.inf, F32)
+def _pool_columns(vmax: list, chunks, wd: int, ow: int, kw: int, sw: int, pl: int, vec: int, kind: str = "max"):
+    """``[(x0, lanes, value)]``: the output vectors of one pooled row, each window's max (``kind`` "max")
+    or sum ("sum") over columns gathered from the row's vectors ``vmax`` (chunks ``chunks`` of the ``wd``
+    input columns) with lane shuffles; columns in the padding read -inf (max) or 0 (sum)."""
+    ninf = tirx.const(-np.inf if kind == "max" else 0.0, F32)
+    combine = tirx.max if kind == "max" else (lambda p, q: p + q)
     where = {s + lane: (k, lane) for k, (s, t) in enumerate(chunks) for lane in range(t)}  # column → (chunk, lane)
     out = []
     for x0, t in _chunks(ow, vec):
@@ -254,7 +256,7 @@ def _pool_columns(vmax: list, chunks, wd: int, ow: int, kw: int, sw: int, pl: in
                     src.append((key, e, ln))
                 idx.append(off + lane)
             v = tirx.Shuffle([e for _, e, _ in src], idx)
-            m = v if m is None else tirx.max(m, v)
+            m = v if m is None else combine(m, v)
         out.append((x0, t, m))
     return out
 
@@ -408,4 +410,56 @@ def float_maxpool2d_primfunc(x_shape, kernel_shape, strides, pads, vec: int = 16
                     vmax.append(m)
                 for x0, t, m in _pool_columns(vmax, chunks, wd, ow, kw, sw, pl, vec):
                     T.buffer_store(Y, m, [i, ch, y, _ramp(x0, t)])
+    return ib.get(), [n, c, oh, ow]
+
+
+def float_avgpool2d_primfunc(x_shape, kernel_shape, strides, pads, count_include_pad: bool = False, vec: int = 16):
+    """Float32 NCHW average pooling (dilation 1, floor mode), the max pool's loop structure: one task per
+    (image, channel), row by row; the window's input rows are summed as whole vectors along the row (a row
+    in the padding adds zeros: a select only where some output row's window reaches it), each output
+    vector then gathers its strided columns from those sums with lane shuffles (0 for padded columns)
+    and is divided by the window size (``count_include_pad``) or by the number of real input pixels in
+    its window (rows from the output row, columns a per-lane constant). For the 2×2/2 pools on the
+    downsample paths of Bi-Real / ReActNet, replacing TVM's legalized ``avg_pool2d``.
+
+    Pads must be smaller than the window (as ONNX Runtime). Returns ``(primfunc, output_shape)``."""
+    n, c, h, wd = [int(v) for v in x_shape]
+    kh, kw, sh, sw, pt, pl, oh, ow = _pool_geometry("AveragePool", (h, wd), kernel_shape, strides, pads)
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    chunks = _chunks(wd, vec)
+    zero = tirx.const(0.0, F32)
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name("main")
+        X = T.arg("X", T.Buffer((n, c, h, wd), F32))
+        Y = T.arg("Y", T.Buffer((n, c, oh, ow), F32))
+        T.func_attr(dict(_ATTRS))
+        # block form, as Relax's op-pattern analysis expects
+        with T.sblock("root"), T.parallel(0, n * c) as nc:
+            i, ch = nc // c, nc % c
+            with T.serial(0, oh) as y:
+                top = y * sh - pt
+                vsum = []
+                for s, t in chunks:
+                    acc = None
+                    for r in range(kh):
+                        ry = top + r
+                        v = X[i, ch, tirx.max(tirx.min(ry, h - 1), 0), _ramp(s, t)]
+                        if r - pt < 0 or (oh - 1) * sh + r - pt > h - 1:  # some window reaches the padding
+                            v = tirx.if_then_else(tirx.all(ry >= 0, ry < h), v, _bcast(zero, t))
+                        acc = v if acc is None else acc + v
+                    vsum.append(acc)
+                if count_include_pad:
+                    rows = None
+                else:
+                    rows = tirx.Cast(F32, tirx.min(top + kh, h) - tirx.max(top, 0))
+                for x0, t, m in _pool_columns(vsum, chunks, wd, ow, kw, sw, pl, vec, kind="sum"):
+                    if count_include_pad:
+                        div = _bcast(tirx.const(float(kh * kw), F32), t)
+                    else:
+                        left = _ramp(x0 * sw - pl, t) if t == 1 else tirx.Ramp(x0 * sw - pl, sw, t)
+                        cols = tirx.min(left + _bcast(kw, t), _bcast(wd, t)) - tirx.max(left, _bcast(0, t))
+                        div = _bcast(rows, t) * tirx.Cast(F32 if t == 1 else f"{F32}x{t}", cols)
+                    T.buffer_store(Y, m / div, [i, ch, y, _ramp(x0, t)])
     return ib.get(), [n, c, oh, ow]

@@ -25,6 +25,8 @@ from tvm import relax, tirx
 
 from . import kernels as K
 from .float_kernels import (
+    float_avgpool2d_primfunc,
+    float_conv2d_maxpool_primfunc,
     float_conv2d_primfunc,
     float_dense_primfunc,
     float_maxpool2d_primfunc,
@@ -715,6 +717,9 @@ class _Translator:
         groups = int(a.get("group", 1))
         if (self.cpu_float and groups == 1 and dil == [1, 1] and _dtype(x) == "float32" and len(ws) == 4
                 and wname in self.consts and (not bname or bname in self.consts)):
+            fused = self._conv_maxpool(node, x, xs, ks, st, pads, wname, bname)
+            if fused is not None:
+                return fused
             f, consts, oshape = float_conv2d_primfunc(
                 xs, self.consts[wname], self.consts[bname] if bname else None, st, pads, **self.float_tiles)
             return self.call_kernel(f, "conv", [x] + [self.const(c) for c in consts], oshape, "float32")
@@ -723,6 +728,39 @@ class _Translator:
             b = self.get(bname)
             y = self.emit(relax.op.add(y, relax.op.reshape(b, [1, -1, 1, 1])))
         return y
+
+    def _conv_maxpool(self, node, x, xs, ks, st, pads, wname, bname):
+        """A float conv whose only consumer is a float MaxPool (the ResNet stem) → one fused kernel
+        (``float_conv2d_maxpool_primfunc``): the MaxPool node is skipped and its output bound to the
+        result. None where the pair does not qualify (then conv and pool are translated separately)."""
+        out = node.output[0]
+        cons = self.consumers.get(out, [])
+        if len(cons) != 1 or out in self.graph_outputs:
+            return None
+        k = cons[0]
+        pn = self.graph.node[k]
+        if pn.op_type != "MaxPool" or (pn.domain or "") not in _ONNX_DOMAINS or pn.input[0] != out:
+            return None
+        if len(pn.output) > 1 and pn.output[1]:
+            return None  # the Indices output: the unfused MaxPool reports it
+        pa = _attrs(pn)
+        pk = [int(v) for v in pa.get("kernel_shape", [])]
+        pst = [int(v) for v in pa.get("strides", [1, 1])]
+        pdil = [int(v) for v in pa.get("dilations", [1, 1])]
+        if len(pk) != 2 or int(pa.get("ceil_mode", 0)) or pdil != [1, 1] or pk[0] < pst[0]:
+            return None
+        oh = (xs[2] + pads[0] + pads[2] - ks[0]) // st[0] + 1
+        ow = (xs[3] + pads[1] + pads[3] - ks[1]) // st[1] + 1
+        ppads = self._pads(pn, pa, [oh, ow], pk, pst, [1, 1])
+        if oh < 1 or ow < 1 or max(ppads[0], ppads[2]) >= pk[0] or max(ppads[1], ppads[3]) >= pk[1]:
+            return None
+        f, consts, oshape = float_conv2d_maxpool_primfunc(
+            xs, self.consts[wname], self.consts[bname] if bname else None, st, pads, pk, pst, ppads,
+            **self.float_tiles)
+        y = self.call_kernel(f, "conv_maxpool", [x] + [self.const(c) for c in consts], oshape, "float32")
+        self.skip.add(k)
+        self.values[pn.output[0]] = y
+        return y  # also bound to the conv output, whose only consumer (the pool) is skipped
 
     def _pads(self, node, a, spatial, ks, st, dil):
         auto = a.get("auto_pad", "NOTSET")
@@ -772,8 +810,12 @@ class _Translator:
                 f, oshape = float_maxpool2d_primfunc(xs, ks, st, pads, vec=self.float_tiles["vec"])
                 return self.call_kernel(f, "maxpool", [x], oshape, "float32")
             return self.emit(relax.op.nn.max_pool2d(x, ks, st, pads, dil, ceil_mode=ceil))
-        return self.emit(relax.op.nn.avg_pool2d(x, ks, st, pads, dil, ceil_mode=ceil,
-                                                count_include_pad=bool(a.get("count_include_pad", 0))))
+        cip = bool(a.get("count_include_pad", 0))
+        if (self.cpu_float and not ceil and dil == [1, 1] and _dtype(x) == "float32"
+                and max(pads[0], pads[2]) < ks[0] and max(pads[1], pads[3]) < ks[1]):
+            f, oshape = float_avgpool2d_primfunc(xs, ks, st, pads, cip, vec=self.float_tiles["vec"])
+            return self.call_kernel(f, "avgpool", [x], oshape, "float32")
+        return self.emit(relax.op.nn.avg_pool2d(x, ks, st, pads, dil, ceil_mode=ceil, count_include_pad=cip))
 
     def op_MaxPool(self, node, a):
         return self._pool(node, a, "max")
