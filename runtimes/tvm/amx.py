@@ -328,60 +328,48 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
     sh, sw, pt, pl, dh, dw = (g[k] for k in ("sh", "sw", "pt", "pl", "dh", "dw"))
     kbits = taps * WORD * cw + g["kpad"]
     nwo = num_words(o)
-    pdt = "float32" if output == "float" else "int32"
     wshape = (opad // _TILE, taps, nkc, _TILE) if wbits else (opad // _TILE, taps, nkc, _TILE, _TILE, 4)
     wdt = "uint64" if wbits else "int8"
-    yshape = (n, o, oh, ow) if output == "float" else (n, oh, ow, nwo)
-    ydt = "float32" if output == "float" else "uint32"
+    yshape = (n, oh, ow, nwo)
     x64 = cw % 2 == 0
     cw64 = max(1, cw // 2)
     nimg = n * nph * lpos * cb
     ntask = n * npb * ncg
     nrows = n * nph * lrows
-    bits_out = output == "bits"
     i8 = "int8x64"
 
     @T.prim_func
     def amx_conv(X: T.Buffer((n, h, w, cw), "uint32"), Wt: T.Buffer(wshape, wdt),
                  E: T.Buffer(e_shape, "int32"), RC: T.Buffer((oh,), "int32"), CC: T.Buffer((ow,), "int32"),
-                 P0: T.Buffer((o,), pdt), P1: T.Buffer((o,), pdt), Y: T.Buffer(yshape, ydt)):
+                 P0: T.Buffer((o,), "int32"), P1: T.Buffer((o,), "int32"), Y: T.Buffer(yshape, "uint32")):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         Xf = T.decl_buffer((n * h * w * cw,), "uint32", data=X.data)
         X64 = T.decl_buffer((n * h * w * cw64,), "uint64", data=X.data)
         Wf = T.decl_buffer((opad // _TILE * taps * nkc * _TILE_BYTES,), "int8", data=Wt.data)
         Wq = T.decl_buffer((opad // _TILE * taps * nkc * _TILE,), "uint64", data=Wt.data)
         Ef = T.decl_buffer((o * nr * nc,), "int32", data=E.data)
-        Yf = T.decl_buffer((n * yshape[1] * yshape[2] * yshape[3],), ydt, data=Y.data)
+        Yf = T.decl_buffer((n * oh * ow * nwo,), "uint32", data=Y.data)
         img = T.alloc_buffer((nimg,), "int8", align=64)
         ek = T.alloc_buffer((nr * nc * opad,), "int32", align=64)
-        p0p = T.alloc_buffer((opad,), pdt, align=64)
-        p1p = T.alloc_buffer((opad,), pdt, align=64)
         sg = T.alloc_buffer((opad,), "int32", align=64)
         tq = T.alloc_buffer((opad,), "int64", align=64)
-        # float: ek = E - Kbits by (row class, column class, channel), P0/P1 padded with zeros.
-        # bits: P0·D >= P1 with D = dot + E - Kbits is, per channel, sg·dot >= thr with sg = sign(P0) and
+        # (float output: binary_conv2d_amx_chain_primfunc, returned above)
+        # P0·D >= P1 with D = dot + E - Kbits is, per channel, sg·dot >= thr with sg = sign(P0) and
         # thr = ceil(P1/|P0|) - sg·(E - Kbits) (P0 = 0: thr = P1), exact in int64, then clamped into int32
         # (|dot| <= Kbits, so clamping never changes a decision); padded channels: sg = 0, thr = 1 (bit 0).
         for c in range(opad):
-            if bits_out:
-                p0v = T.meta_var(T.Cast("int64", T.if_then_else(c < o, P0[T.min(c, o - 1)], 0)))
-                p1v = T.meta_var(T.Cast("int64", T.if_then_else(c < o, P1[T.min(c, o - 1)], 1)))
-                sg[c] = T.if_then_else(p0v > T.int64(0), 1, T.if_then_else(p0v < T.int64(0), -1, 0))
-                tq[c] = T.if_then_else(p0v != T.int64(0),
-                                       T.floordiv(p1v + T.abs(p0v) - T.int64(1), T.max(T.abs(p0v), T.int64(1))),
-                                       p1v)
-            else:
-                p0p[c] = T.if_then_else(c < o, P0[T.min(c, o - 1)], T.float32(0))
-                p1p[c] = T.if_then_else(c < o, P1[T.min(c, o - 1)], T.float32(0))
+            p0v = T.meta_var(T.Cast("int64", T.if_then_else(c < o, P0[T.min(c, o - 1)], 0)))
+            p1v = T.meta_var(T.Cast("int64", T.if_then_else(c < o, P1[T.min(c, o - 1)], 1)))
+            sg[c] = T.if_then_else(p0v > T.int64(0), 1, T.if_then_else(p0v < T.int64(0), -1, 0))
+            tq[c] = T.if_then_else(p0v != T.int64(0),
+                                   T.floordiv(p1v + T.abs(p0v) - T.int64(1), T.max(T.abs(p0v), T.int64(1))),
+                                   p1v)
         for r in range(nr * nc):
             for c in range(opad):
                 ekv = T.meta_var(T.if_then_else(c < o, Ef[T.min(c, o - 1) * (nr * nc) + r] - kbits, 0))
-                if bits_out:
-                    ek[r * opad + c] = T.Cast("int32", T.max(T.min(
-                        tq[c] - T.Cast("int64", sg[c]) * T.Cast("int64", ekv), T.int64(2**31 - 1)),
-                        T.int64(-(2**31) + 1)))
-                else:
-                    ek[r * opad + c] = ekv
+                ek[r * opad + c] = T.Cast("int32", T.max(T.min(
+                    tq[c] - T.Cast("int64", sg[c]) * T.Cast("int64", ekv), T.int64(2**31 - 1)),
+                    T.int64(-(2**31) + 1)))
         # unpack: image i, phase ph, plane row pr → padded row pr*sh + ph//sw, columns c*sw + ph%sw
         for row in T.parallel(nrows):
             for c in range(rl):
@@ -522,21 +510,12 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
                 x = T.meta_var(v % rl)
                 if y < oh and x < ow:
                     ebase = T.meta_var((RC[T.min(y, oh - 1)] * nc + CC[T.min(x, ow - 1)]) * opad)
-                    if bits_out:
-                        for k in range(og // 32):
-                            ch = T.meta_var(tg * og + k * 32)
-                            bit = T.meta_var(sg[T.Ramp(ch, 1, 32)] * acc[T.Ramp(vl * og + k * 32, 1, 32)]
-                                             >= ek[T.Ramp(ebase + ch, 1, 32)])
-                            Yf[((ti * oh + y) * ow + x) * nwo + tg * (og // 32) + k] = T.reinterpret(
-                                "uint32", bit.astype("uint1x32"))
-                    else:
-                        for c in range(og):
-                            ch = T.meta_var(tg * og + c)
-                            if ch < o:
-                                dd = T.meta_var(acc[vl * og + c] + ek[ebase + ch])
-                                Yf[((ti * o + ch) * oh + y) * ow + x] = (
-                                    T.Cast("float32", T.Cast("float64", dd) * T.Cast("float64", p0p[ch]))
-                                    + p1p[ch])
+                    for k in range(og // 32):
+                        ch = T.meta_var(tg * og + k * 32)
+                        bit = T.meta_var(sg[T.Ramp(ch, 1, 32)] * acc[T.Ramp(vl * og + k * 32, 1, 32)]
+                                         >= ek[T.Ramp(ebase + ch, 1, 32)])
+                        Yf[((ti * oh + y) * ow + x) * nwo + tg * (og // 32) + k] = T.reinterpret(
+                            "uint32", bit.astype("uint1x32"))
 
     # op_pattern 8 = kOpaque: Relax FuseOps must not fuse (and FuseTIR re-lower) this kernel
     return amx_conv.with_attrs({"bnnc.scheduled": True, "op_pattern": 8, "bnnc.amx": True})
