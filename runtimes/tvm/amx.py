@@ -308,14 +308,9 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
         return binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, out_channels=out_channels,
                                                 kernel_shape=kernel_shape, strides=strides, pads=pads,
                                                 dilations=dilations, mb=mb, og=og, wbits=wbits)
-    n, h, w, cw = [int(s) for s in x_shape]
-    o, kh, kw, cw2 = [int(s) for s in w_shape]
-    if cw2 != cw:
-        raise ValueError(f"BinaryConv2dPacked: X has {cw} words per pixel but W has {cw2}")
-    if int(out_channels) != o:
-        raise ValueError(f"BinaryConv2dPacked: out_channels={out_channels} but W has {o} filters")
-    if [int(v) for v in kernel_shape] != [kh, kw]:
-        raise ValueError("BinaryConv2dPacked: kernel_shape does not match W")
+    from .kernels import check_conv_shapes
+
+    n, h, w, cw, o, kh, kw = check_conv_shapes(x_shape, w_shape, out_channels, kernel_shape)
     wbits = weight_bits(w_shape) if wbits is None else bool(wbits)
     g = _geometry(x_shape, w_shape, strides, pads, dilations, mb=mb, og=og, wbits=wbits)
     e_shape = tuple(int(s) for s in e_shape)
@@ -579,14 +574,9 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
 
     if not (want_float or pack):
         raise ValueError("binary_conv2d_amx_chain_primfunc: nothing to produce")
-    n, h, w, cw = [int(s) for s in x_shape]
-    o, kh, kw, cw2 = [int(s) for s in w_shape]
-    if cw2 != cw:
-        raise ValueError(f"BinaryConv2dPacked: X has {cw} words per pixel but W has {cw2}")
-    if int(out_channels) != o:
-        raise ValueError(f"BinaryConv2dPacked: out_channels={out_channels} but W has {o} filters")
-    if [int(v) for v in kernel_shape] != [kh, kw]:
-        raise ValueError("BinaryConv2dPacked: kernel_shape does not match W")
+    from .kernels import check_conv_shapes
+
+    n, h, w, cw, o, kh, kw = check_conv_shapes(x_shape, w_shape, out_channels, kernel_shape)
     wbits = weight_bits(w_shape) if wbits is None else bool(wbits)
     g = _geometry(x_shape, w_shape, strides, pads, dilations, mb=mb, og=og, wbits=wbits)
     e_shape = tuple(int(s) for s in e_shape)

@@ -391,18 +391,37 @@ def _padded_o(o: int) -> int:
     return max(WORD, num_words(o) * WORD)
 
 
+def check_conv_shapes(x_shape, w_shape, out_channels, kernel_shape):
+    """``(n, h, w, cw, o, kh, kw)`` of a ``BinaryConv2dPacked`` with packed input ``[N, H, W, Cw]`` and weights
+    ``[O, KH, KW, Cw]``; a clear error where the shapes and attributes disagree. Every kernel builder uses it."""
+    n, h, w, cw = [int(s) for s in x_shape]
+    o, kh, kw, cw2 = [int(s) for s in w_shape]
+    if cw2 != cw:
+        raise ValueError(f"BinaryConv2dPacked: X has {cw} words per pixel but W has {cw2}")
+    if int(out_channels) != o:
+        raise ValueError(f"BinaryConv2dPacked: out_channels={int(out_channels)} but W has {o} filters")
+    if [int(v) for v in kernel_shape] != [kh, kw]:
+        raise ValueError("BinaryConv2dPacked: kernel_shape does not match W")
+    return n, h, w, cw, o, kh, kw
+
+
+def _padded_input(X, pads):
+    """TE stage ``xpad``: the packed input ``X [N, H, W, Cw]`` zero-padded by ``pads`` (top, left, bottom,
+    right); zero words are all −1 bits, the deploy contract's padding (the border tables E correct it)."""
+    n, h, w, cw = [int(s) for s in X.shape]
+    pt, pl, pb, pr = pads
+    return te.compute(
+        (n, h + pt + pb, w + pl + pr, cw),
+        lambda i, y, x, c: tirx.if_then_else(
+            tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w),
+            X[i, tirx.max(tirx.min(y - pt, h - 1), 0), tirx.max(tirx.min(x - pl, w - 1), 0), c], _u32(0)),
+        name="xpad")
+
+
 def binary_conv2d_packed_te(X, W, E, RC, CC, P0, P1, *, out_channels, kernel_shape, strides, pads,
                             dilations, output, **_ignored):
     """TE stages: weight transpose (→ [KH,KW,Cw,Opad]), zero padding, popcount conv, epilogue."""
-    n, h, w, cw = [int(s) for s in X.shape]
-    o_, kh, kw, cw2 = [int(s) for s in W.shape]
-    if cw2 != cw:
-        raise ValueError(f"BinaryConv2dPacked: X has {cw} words per pixel but W has {cw2}")
-    o = int(out_channels)
-    if o != o_:
-        raise ValueError(f"BinaryConv2dPacked: out_channels={o} but W has {o_} filters")
-    if [int(v) for v in kernel_shape] != [kh, kw]:
-        raise ValueError("BinaryConv2dPacked: kernel_shape does not match W")
+    n, h, w, cw, o, kh, kw = check_conv_shapes(X.shape, W.shape, out_channels, kernel_shape)
     sh, sw = [int(v) for v in strides]
     pt, pl, pb, pr = [int(v) for v in pads]
     dh, dw = [int(v) for v in dilations]
@@ -411,18 +430,12 @@ def binary_conv2d_packed_te(X, W, E, RC, CC, P0, P1, *, out_channels, kernel_sha
         raise ValueError(f"BinaryConv2dPacked: RowClass/ColClass lengths {RC.shape}/{CC.shape} "
                          f"do not match the output size {oh}x{ow}")
     op = _padded_o(o)
-    hp, wp = h + pt + pb, w + pl + pr
 
     wt = te.compute(
         (kh, kw, cw, op),
         lambda a, b, c, oo: tirx.if_then_else(oo < o, W[tirx.min(oo, o - 1), a, b, c], _u32(0)),
         name="wt")
-    xpad = te.compute(
-        (n, hp, wp, cw),
-        lambda i, y, x, c: tirx.if_then_else(
-            tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w),
-            X[i, tirx.max(tirx.min(y - pt, h - 1), 0), tirx.max(tirx.min(x - pl, w - 1), 0), c], _u32(0)),
-        name="xpad")
+    xpad = _padded_input(X, (pt, pl, pb, pr))
     rk = te.reduce_axis((0, kh), name="rk")
     rw = te.reduce_axis((0, kw), name="rw")
     rc = te.reduce_axis((0, cw), name="rc")
@@ -849,14 +862,7 @@ def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channe
     if weight_layout not in ("OHWC", "blocked"):
         raise ValueError(f"BinaryConv2dPacked: weight_layout must be 'OHWC', 'blocked' or 'amx', "
                          f"got {weight_layout!r}")
-    n, h, w, cw = [int(s) for s in x_shape]
-    o, kh, kw, cw2 = [int(s) for s in w_shape]
-    if cw2 != cw:
-        raise ValueError(f"BinaryConv2dPacked: X has {cw} words per pixel but W has {cw2}")
-    if int(out_channels) != o:
-        raise ValueError(f"BinaryConv2dPacked: out_channels={out_channels} but W has {o} filters")
-    if [int(v) for v in kernel_shape] != [kh, kw]:
-        raise ValueError("BinaryConv2dPacked: kernel_shape does not match W")
+    n, h, w, cw, o, kh, kw = check_conv_shapes(x_shape, w_shape, out_channels, kernel_shape)
     sh, sw = [int(v) for v in strides]
     pt, pl, pb, pr = [int(v) for v in pads]
     dh, dw = [int(v) for v in dilations]
@@ -952,12 +958,7 @@ def _conv_x86_chan_vec(n, h, w, cw, o, kh, kw, pads, e_shape, output, *, pre_blo
             return tirx.if_then_else(oo < o, W[tirx.min(oo, o - 1), a, c, k], _u32(0))
 
         wb = te.compute((nob, kh, kw, cw, ot), wb_f, name="wb")
-    xpad = te.compute(
-        (n, hp, wp, cw),
-        lambda i, y, x, c: tirx.if_then_else(
-            tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w),
-            X[i, tirx.max(tirx.min(y - pt, h - 1), 0), tirx.max(tirx.min(x - pl, w - 1), 0), c], _u32(0)),
-        name="xpad")
+    xpad = _padded_input(X, (pt, pl, pb, pr))
     rk = te.reduce_axis((0, kh), name="rk")
     rw = te.reduce_axis((0, kw), name="rw")
     rc = te.reduce_axis((0, cw), name="rc")
