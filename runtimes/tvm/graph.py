@@ -193,6 +193,13 @@ class _Translator:
     def emit(self, expr):
         return self.bb.emit(expr)
 
+    def mul(self, x, y):
+        """``x * y`` with ONNX's rounding: float32 products are rounded on their own (``kernels.multiply_te``),
+        never contracted into an FMA with an add that Relax fuses into the same loop; other dtypes as Relax."""
+        if _dtype(x) == "float32" and _dtype(y) == "float32":
+            return self.bb.emit_te(K.multiply_te, x, y, self.family, primfunc_name_hint="multiply")
+        return self.emit(relax.op.multiply(x, y))
+
     def call_kernel(self, func, base: str, args, out_shape, out_dtype):
         """``call_tir`` of a (shared) kernel; ``out_shape``/``out_dtype`` may be lists (several outputs)."""
         # one PrimFunc per distinct kernel: layers of the same shape (a ResNet stage) share their code,
@@ -315,7 +322,7 @@ class _Translator:
                    for n in node.input[1:4])
         s = self.emit(relax.op.where(relax.op.greater_equal(x, self.const(t)), self.const(np.ones((), np.float32)),
                                      self.const(-np.ones((), np.float32))))
-        return self.emit(relax.op.add(relax.op.multiply(s, self.const(p)), self.const(q)))
+        return self.emit(relax.op.add(self.mul(s, self.const(p)), self.const(q)))
 
     def bnnc_BinaryConv2d(self, node, a):
         x = self.get(node.input[0])
@@ -334,9 +341,9 @@ class _Translator:
             return self.emit(relax.op.nn.conv2d(x, self.const(weights), strides=st, padding=pads, dilation=dil,
                                                 groups=groups))
 
-        y = self.emit(relax.op.multiply(conv(ws), self.const(r)))
+        y = self.mul(conv(ws), self.const(r))
         if np.any(b != 0):
-            y = self.emit(relax.op.add(y, relax.op.multiply(conv(np.ones_like(ws)), self.const(b))))
+            y = self.emit(relax.op.add(y, self.mul(conv(np.ones_like(ws)), self.const(b))))
         return y
 
     # -- ai.bnnc ops -----------------------------------------------------------------------------
@@ -621,7 +628,10 @@ class _Translator:
         return self._binary(node, relax.op.subtract, np.subtract)
 
     def op_Mul(self, node, a):
-        return self._binary(node, relax.op.multiply, np.multiply)
+        if self.all_const(node):
+            return np.multiply(self.consts[node.input[0]], self.consts[node.input[1]])
+        x, y = self.inputs(node)[:2]
+        return self.mul(x, y)
 
     def op_Div(self, node, a):
         return self._binary(node, relax.op.divide, np.divide)
@@ -677,13 +687,13 @@ class _Translator:
         x = self.get(node.input[0])
         slope = self.get(node.input[1])
         zero = relax.const(np.zeros((), _dtype(x)))
-        return self.emit(relax.op.where(relax.op.less(x, zero), relax.op.multiply(x, slope), x))
+        return self.emit(relax.op.where(relax.op.less(x, zero), self.mul(x, slope), x))
 
     def op_LeakyRelu(self, node, a):
         x = self.get(node.input[0])
         alpha = relax.const(np.asarray(a.get("alpha", 0.01), _dtype(x)))
         zero = relax.const(np.zeros((), _dtype(x)))
-        return self.emit(relax.op.where(relax.op.less(x, zero), relax.op.multiply(x, alpha), x))
+        return self.emit(relax.op.where(relax.op.less(x, zero), self.mul(x, alpha), x))
 
     def op_Clip(self, node, a):
         x = self.get(node.input[0])
@@ -790,7 +800,7 @@ class _Translator:
         # y = (x - mean) * (scale / sqrt(var + eps)) + bias
         mul = (scale / np.sqrt(var + np.float32(eps))).astype(np.float32)
         y = self.emit(relax.op.subtract(x, self.const(mean.reshape(bshape))))
-        y = self.emit(relax.op.multiply(y, self.const(mul.reshape(bshape))))
+        y = self.mul(y, self.const(mul.reshape(bshape)))
         return self.emit(relax.op.add(y, self.const(bias.reshape(bshape))))
 
     def _pool(self, node, a, kind):
@@ -943,12 +953,12 @@ class _Translator:
         y = self.emit(relax.op.matmul(A, B))
         dt = _dtype(y)
         if alpha != 1.0:
-            y = self.emit(relax.op.multiply(y, relax.const(np.asarray(alpha, dt))))
+            y = self.mul(y, relax.const(np.asarray(alpha, dt)))
         cname = self.opt(node, 2)
         if cname and beta != 0.0:
             C = self.get(cname)
             if beta != 1.0:
-                C = self.emit(relax.op.multiply(C, relax.const(np.asarray(beta, dt))))
+                C = self.mul(C, relax.const(np.asarray(beta, dt)))
             y = self.emit(relax.op.add(y, C))
         return y
 

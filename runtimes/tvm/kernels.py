@@ -142,32 +142,55 @@ def _bcast_index(shape, out_rank, idx):
     return [0 if int(s) == 1 else idx[off + d] for d, s in enumerate(shape)]
 
 
-def chain_value_te(Y: te.Tensor, extras, steps, name: str = "chain", fence: bool = False) -> te.Tensor:
-    """The float chain applied to ``Y`` (any rank), one TE stage (``fence``: see :func:`chain_step`)."""
+def chain_value_te(Y: te.Tensor, extras, steps, name: str = "chain", fence: bool = False,
+                   family: str = "x86") -> te.Tensor:
+    """The float chain applied to ``Y`` (any rank), one TE stage (``fence``, ``family``: see :func:`chain_step`)."""
     shape = [int(s) for s in Y.shape]
     rank = len(shape)
     for k, a in enumerate(extras):
         ash = [int(s) for s in a.shape]
         if len(ash) > rank or any(s not in (1, t) for s, t in zip(ash, shape[rank - len(ash):])):
             raise ValueError(f"fused chain: operand {k} of shape {ash} does not broadcast to {shape}")
-    return te.compute(tuple(shape), lambda *idx: _chain_apply(Y[idx], extras, steps, idx, rank, fence), name=name)
+    return te.compute(tuple(shape), lambda *idx: _chain_apply(Y[idx], extras, steps, idx, rank, fence, family),
+                      name=name)
 
 
-def no_contract(p, lanes: int = 1):
-    """``p`` (a float32 product; ``lanes`` > 1: a float32xN vector) rounded on its own: LLVM may not fuse it
-    with a following add into an FMA.
+def no_contract(p, lanes: int = 1, family: str = "x86"):
+    """``p`` (a float32 product ``a * b``; ``lanes`` > 1: a float32xN vector) rounded on its own: the compiler may
+    not fuse it with a following add into an FMA.
 
-    TVM's LLVM backend contracts ``a*b + c`` by default (one rounding instead of two), which changes about a
-    quarter of such results by an ulp against ONNX's op-by-op semantics (NumPy, ONNX Runtime) and can move a
-    value across a sign threshold; ``llvm.arithmetic.fence`` keeps the two roundings. x86 only (the AArch64 and
-    CUDA paths still contract: a documented ulp-level difference)."""
+    TVM's LLVM backend contracts ``a*b + c`` by default (one rounding instead of two), and so does nvcc, which
+    changes about a quarter of such results by an ulp against ONNX's op-by-op semantics (NumPy, ONNX Runtime)
+    and can move a value across a sign threshold. On the LLVM targets (``family`` "x86", "arm")
+    ``llvm.arithmetic.fence`` keeps the two roundings; on "cuda" the product is CUDA's ``__fmul_rn``, which
+    nvcc never contracts."""
+    if family == "cuda":
+        if lanes != 1 or not isinstance(p, tirx.Mul):
+            raise ValueError("no_contract on CUDA: a scalar product a * b expected")
+        return tirx.call_pure_extern("float32", "__fmul_rn", p.a, p.b)
     return tirx.call_llvm_pure_intrin("float32" if lanes == 1 else f"float32x{lanes}", "llvm.arithmetic.fence", p)
 
 
-def chain_step(kind: str, v, av=None, fence: bool = False, lanes: int = 1):
+def multiply_te(A: te.Tensor, B: te.Tensor, family: str = "x86", name: str = "multiply") -> te.Tensor:
+    """ONNX ``Mul`` of two float32 tensors (NumPy broadcasting), every product rounded on its own
+    (:func:`no_contract`), so that fused element-wise kernels keep ONNX's op-by-op rounding: Relax fuses a
+    multiply with a following add into one loop, where the compiler would otherwise form FMAs."""
+    sa, sb = [int(v) for v in A.shape], [int(v) for v in B.shape]
+    shape = [int(v) for v in np.broadcast_shapes(tuple(sa), tuple(sb))]
+    rank = len(shape)
+
+    def f(*idx):
+        a = A[tuple(_bcast_index(sa, rank, idx))] if sa else A[()]
+        b = B[tuple(_bcast_index(sb, rank, idx))] if sb else B[()]
+        return no_contract(a * b, 1, family)
+
+    return te.compute(tuple(shape), f, name=name)
+
+
+def chain_step(kind: str, v, av=None, fence: bool = False, lanes: int = 1, family: str = "x86"):
     """One step of a fused element-wise chain (:data:`CHAIN_OPS`) on ``v`` with operand ``av``: the single
     definition every chain kernel uses (scalar expressions, or ``lanes``-wide vectors). ``fence``: products
-    are rounded before any following add (:func:`no_contract`)."""
+    are rounded before any following add (:func:`no_contract` for the schedule ``family``)."""
     zero = tirx.const(0.0, "float32")
     if lanes > 1:
         zero = tirx.Broadcast(zero, lanes)
@@ -189,23 +212,23 @@ def chain_step(kind: str, v, av=None, fence: bool = False, lanes: int = 1):
         return tirx.min(v, av)
     prod = v * av
     if fence:
-        prod = no_contract(prod, lanes)
+        prod = no_contract(prod, lanes, family)
     if kind == "mul":
         return prod
     return tirx.Select(v < zero, prod, v)  # prelu
 
 
-def _chain_apply(v, extras, steps, idx, rank: int, fence: bool = False):
+def _chain_apply(v, extras, steps, idx, rank: int, fence: bool = False, family: str = "x86"):
     """The chain ``steps`` applied to the float32 scalar expression ``v`` at output index ``idx``."""
     for st in steps:
         if st[0] in ("relu", "neg"):
-            v = chain_step(st[0], v, fence=fence)
+            v = chain_step(st[0], v, fence=fence, family=family)
             continue
         if st[0] not in CHAIN_OPS:
             raise ValueError(f"fused chain: unknown step {st[0]!r}")
         a = extras[st[1]]
         av = a[tuple(_bcast_index(a.shape, rank, idx))] if len(a.shape) else a[()]
-        v = chain_step(st[0], v, av, fence=fence)
+        v = chain_step(st[0], v, av, fence=fence, family=family)
     return v
 
 
@@ -241,7 +264,7 @@ def chain_pack_primfunc(y_shape, extra_shapes, steps, *, want_float: bool = True
         raise ValueError(f"chain_pack_primfunc: packing needs a 4-D NCHW value, got {shape}")
     Y = te.placeholder(tuple(shape), "float32", name="Y")
     extras = [te.placeholder(tuple(int(v) for v in s), "float32", name=f"A{k}") for k, s in enumerate(extra_shapes)]
-    V = chain_value_te(Y, extras, steps, fence=fam == "x86")
+    V = chain_value_te(Y, extras, steps, fence=True, family=fam)
     args = [Y] + extras
     outs = []
     T = None
