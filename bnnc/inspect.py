@@ -7,6 +7,7 @@ OPs = BOPs/64 + FLOPs.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -92,7 +93,8 @@ def _deploy_view(model: onnx.ModelProto) -> dict[str, dict]:
 
 
 def inspect_model(model: onnx.ModelProto) -> dict:
-    """Rows ``{name, op, kind, config, form, output, bops, flops}`` and totals for an export-form model."""
+    """Rows ``{name, op, kind, config, form, output, bops, flops}`` and totals for an export-form model (a layer
+    with K activation terms is one row with ``terms`` and ``deploy_bops`` = K·``bops``)."""
     from .passes.pipeline import form_of
 
     if form_of(model) == "deploy":
@@ -123,9 +125,40 @@ def inspect_model(model: onnx.ModelProto) -> dict:
             "form": d.get("form", "float (standard ONNX op)"), "output": d.get("output", "float"),
             "bops": macs if binary else 0, "flops": 0 if binary else macs,
         })
+    rows = _merge_terms(rows)
     bops = sum(r["bops"] for r in rows)
     flops = sum(r["flops"] for r in rows)
-    return {"rows": rows, "bops": bops, "flops": flops, "ops": bops / 64 + flops}
+    return {"rows": rows, "bops": bops, "flops": flops, "ops": bops / 64 + flops,
+            "deploy_bops": sum(r.get("deploy_bops", r["bops"]) for r in rows)}
+
+
+_TERM = re.compile(r"^(?P<layer>.+)\.term(?P<k>\d+)$")
+
+
+def _merge_terms(rows: list[dict]) -> list[dict]:
+    """One row per layer: a multi-level activation (BiMLP's ternary a = ½·s₁ + ½·s₂) exports one binary conv
+    per term (``<layer>.term1``, ``<layer>.term2``, … sharing the weights, see ``bnnc.export``). The layer's
+    BOPs are its MACs once, the convention of the papers and of ``bnnc ops`` (methods.md §12); what the
+    deploy form runs, K XNOR-popcount convs, is ``deploy_bops`` and named in the form."""
+    out: list[dict] = []
+    index: dict[str, int] = {}
+    for r in rows:
+        m = _TERM.match(r["name"])
+        if not m or r["kind"] != "binary":
+            out.append(r)
+            continue
+        layer = m.group("layer")
+        if layer not in index:
+            index[layer] = len(out)
+            out.append(dict(r, name=layer, terms=1, deploy_bops=r["bops"], term_form=r["form"]))
+            continue
+        merged = out[index[layer]]
+        merged["terms"] += 1
+        merged["deploy_bops"] += r["bops"]
+    for layer, i in index.items():
+        r = out[i]
+        r["form"] = f"{r['terms']} binary terms (multi-level activation), each {r.pop('term_form')}"
+    return out
 
 
 def _fmt(v: float) -> str:
@@ -140,4 +173,7 @@ def format_inspect(report: dict) -> str:
                      f"{_fmt(r['bops']):>9s} {_fmt(r['flops']):>9s}  {r['form']}")
     lines.append(f"total: BOPs {report['bops'] / 1e6:.2f}M, FLOPs {report['flops'] / 1e6:.2f}M, "
                  f"OPs = BOPs/64 + FLOPs = {report['ops'] / 1e6:.3f}M (batch 1)")
+    if report.get("deploy_bops", report["bops"]) != report["bops"]:
+        lines.append(f"multi-level activations: the deploy form runs {report['deploy_bops'] / 1e6:.2f}M "
+                     "binary MACs (one XNOR-popcount conv per term)")
     return "\n".join(lines)

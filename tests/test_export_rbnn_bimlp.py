@@ -291,6 +291,25 @@ class _Net(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
+def test_inspect_counts_a_ternary_layer_once_like_ops():
+    """``bnnc inspect`` shows each ternary layer once, with the BOPs of ``bnnc ops`` (the papers' convention,
+    closed form Cout·H·W·Cin) and the deploy form's two XNOR-popcount convs as ``deploy_bops``."""
+    from bnnc.inspect import format_inspect, inspect_model
+    from bnnc.opcount import count_ops
+
+    torch.manual_seed(0)
+    net = _Net("bimlp", "bimlp", 1).eval()  # BiMLP's layers are 1×1 (its weight scales need them)
+    r = inspect_model(to_onnx(net, (1, 3, 8, 8)))
+    binary = [row for row in r["rows"] if row["kind"] == "binary"]
+    assert [row["name"] for row in binary] == ["c1", "c2"]
+    macs = 16 * 8 * 8 * 16
+    assert all(row["bops"] == macs and row["terms"] == 2 and row["deploy_bops"] == 2 * macs for row in binary)
+    assert all(row["form"].startswith("2 binary terms") for row in binary)
+    assert r["bops"] == 2 * macs == count_ops(net, (1, 3, 8, 8))["bops"]
+    assert r["deploy_bops"] == 4 * macs
+    assert "one XNOR-popcount conv per term" in format_inspect(r)
+
+
 def _tvm_predictions(model, x):
     cm = bnnc.compile(model, target="cpu", runtime="tvm")
     return cm.run(x)
