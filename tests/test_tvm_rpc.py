@@ -1,5 +1,5 @@
 """TVM artifacts run on a device through TVM's RPC (``bnnc.load(..., rpc=)``, ``bnnc eval --rpc``): a loopback
-x86-64 server (TVM's own Python server loop) and an AArch64 device emulated with qemu-user (bnnc's RPC
+x86-64 server (``python -m tvm.exec.rpc_server``, as the README documents) and an AArch64 device emulated with qemu-user (bnnc's RPC
 server on the official aarch64 TVM runtime). Predictions must be identical to local TVM and to the
 reference (ONNX Runtime on the export form)."""
 
@@ -25,18 +25,6 @@ from bnnc.runtimes.tvm import rpc as brpc
 import bnnc
 from bnnc.cli import main
 
-# TVM's own server loop (what `python -m tvm.exec.rpc_server` runs, minus the popen wrapper that needs
-# cloudpickle), on loopback with a free port printed on stdout.
-_PY_SERVER = """
-import socket, sys
-from tvm.rpc import server
-sock = socket.socket()
-sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-sock.bind(("127.0.0.1", 0))
-sock.listen(1)
-print(sock.getsockname()[1], flush=True)
-server._listen_loop(sock, sock.getsockname()[1], "", None, None, None)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +50,27 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def py_server():
+def py_server(tmp_path_factory):
+    """The device side the README documents: ``python -m tvm.exec.rpc_server`` (needs ``apache-tvm[rpc]``, in
+    the test extra) on loopback, on a free port."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("rpc_server") / "server.log"
     # its own process group: the per-session children it forks end with it
-    proc = subprocess.Popen([sys.executable, "-c", _PY_SERVER], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
+                             "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=open(log, "w"),
+                            start_new_session=True)
     try:
-        port = int(proc.stdout.readline())
+        deadline = time.monotonic() + 60
+        while True:  # ready once it accepts connections
+            if proc.poll() is not None:
+                raise RuntimeError(f"tvm.exec.rpc_server exited: {log.read_text()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         yield f"127.0.0.1:{port}"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
