@@ -248,7 +248,15 @@ def amx_conv_weights(w: np.ndarray, output: str = "bits", bits: bool | None = No
     return np.ascontiguousarray(t)
 
 
-def _geometry(x_shape, w_shape, strides, pads, dilations, *, mb=None, og=None, wbits=False):
+ACC_BYTES = 16 * 1024  # int32 block of a task (mb pixels x og channels), bits output
+# float output: the epilogue writes og rows of mb floats (NCHW) per task; longer rows, fewer tasks (measured
+# with bench/amx_layers.py-style sweeps: 56²×64 0.182 → 0.159 ms, 28²×128 0.130 → 0.120, 28²→14² s2 0.086 →
+# 0.077; the bits kernel gains nothing)
+ACC_BYTES_FLOAT = 32 * 1024
+ACC_BYTES_FLOAT_LARGE = 48 * 1024  # planes of >= 2048 positions
+
+
+def _geometry(x_shape, w_shape, strides, pads, dilations, *, mb=None, og=None, wbits=False, float_out=False):
     n, h, w, cw = [int(s) for s in x_shape]
     o, kh, kw, _ = [int(s) for s in w_shape]
     sh, sw = [int(v) for v in strides]
@@ -273,8 +281,9 @@ def _geometry(x_shape, w_shape, strides, pads, dilations, *, mb=None, og=None, w
             og //= 2
     quant = 64 if wbits else 32  # pixels per register block: 1 x 4 tiles with bit weights, else 2 x 2
     if mb is None:
-        # pixels per task: the int32 block (mb x og) in about 16 KiB, at least 64 pixels (measured)
-        mb = max(64, (16 * 1024 // (4 * og)) // quant * quant)
+        # pixels per task: the int32 block (mb x og) in about ACC_BYTES(_FLOAT), at least 64 pixels (measured)
+        acc = ACC_BYTES if not float_out else ACC_BYTES_FLOAT_LARGE if nv >= 2048 else ACC_BYTES_FLOAT
+        mb = max(64, (acc // (4 * og)) // quant * quant)
         mb = min(mb, _round_up(nv, quant))
     if mb % quant or og % 32 or opad % og:
         raise ValueError(f"AMX BinaryConv2dPacked: mb={mb} must be a multiple of {quant} and og={og} a "
@@ -578,7 +587,7 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
 
     n, h, w, cw, o, kh, kw = check_conv_shapes(x_shape, w_shape, out_channels, kernel_shape)
     wbits = weight_bits(w_shape) if wbits is None else bool(wbits)
-    g = _geometry(x_shape, w_shape, strides, pads, dilations, mb=mb, og=og, wbits=wbits)
+    g = _geometry(x_shape, w_shape, strides, pads, dilations, mb=mb, og=og, wbits=wbits, float_out=True)
     e_shape = tuple(int(s) for s in e_shape)
     if len(e_shape) != 3 or e_shape[0] != o:
         raise ValueError(f"BinaryConv2dPacked: E must be [O, R, C], got {list(e_shape)}")
