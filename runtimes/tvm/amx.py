@@ -300,6 +300,122 @@ def _geometry(x_shape, w_shape, strides, pads, dilations, *, mb=None, og=None, w
     return g
 
 
+def _amx_macros(g, h, w, cw):
+    """TVMScript fragments both AMX kernels use, closed over the geometry ``g`` of :func:`_geometry`:
+
+    * ``tile_config(cfg)``: palette 1, eight 16 × 64-byte tiles, loaded (``cfg``: 64 bytes, 64-aligned);
+    * ``unpack_rows(img, Xf, X64)``: the packed input (``Xf`` its uint32 words, ``X64`` the same memory as
+      uint64) as one row of CB bytes (±1) per position of each phase plane: pixels in the A tile rows;
+    * ``gemm_bitweights(img, Wq, acc, ti, tg, tp)``: the int32 block ``acc[pixel][channel]`` of task (image
+      ``ti``, channel group ``tg``, pixel block ``tp``) from bit weights ``Wq`` (1 weight tile × 4 pixel tiles
+      per step; the weight tiles expanded from their bit masks into two L1 slots of one tap each: the next
+      tap's tiles are written while this tap's are used — a tile load right after the stores to its memory
+      would wait for them to commit)."""
+    from tvm.script import tirx as T
+
+    n, nph, lrows, rl, nkc, cb = (g[k] for k in ("n", "nph", "lrows", "rl", "nkc", "cb"))
+    sh, sw, pt, pl, dh, dw, kw = (g[k] for k in ("sh", "sw", "pt", "pl", "dh", "dw", "kw"))
+    taps, og, mb, lpos = g["taps"], g["og"], g["mb"], g["lpos"]
+    nrows = n * nph * lrows
+    x64 = cw % 2 == 0
+    cw64 = max(1, cw // 2)
+    i8 = "int8x64"
+
+    @T.macro
+    def tile_config(cfg):
+        for k in range(64):
+            cfg[k] = T.uint8(0)
+        cfg[0] = T.uint8(1)
+        for k in range(8):
+            cfg[16 + 2 * k] = T.uint8(64)
+            cfg[48 + k] = T.uint8(16)
+        T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0]))
+
+    @T.macro
+    def unpack_rows(img, Xf, X64):
+        # image i, phase ph, plane row pr → padded row pr*sh + ph//sw, columns c*sw + ph%sw
+        for row in T.parallel(nrows):
+            for c in range(rl):
+                for q in range(nkc):
+                    i = T.meta_var(row // (nph * lrows))
+                    ph = T.meta_var(row // lrows % nph)
+                    yy = T.meta_var(row % lrows * sh + ph // sw - pt)
+                    xx = T.meta_var(c * sw + ph % sw - pl)
+                    inside = T.meta_var(T.And(T.And(yy >= 0, yy < h), T.And(xx >= 0, xx < w)))
+                    pix = T.meta_var((i * h + T.max(T.min(yy, h - 1), 0)) * w + T.max(T.min(xx, w - 1), 0))
+                    if x64:
+                        m = T.meta_var(T.if_then_else(inside, X64[pix * cw64 + q], T.uint64(0)))
+                    else:
+                        m = T.meta_var(T.if_then_else(
+                            inside,
+                            T.Cast("uint64", Xf[pix * cw + 2 * q])
+                            | T.shift_left(T.Cast("uint64", T.if_then_else(2 * q + 1 < cw,
+                                                                           Xf[pix * cw + T.min(2 * q + 1, cw - 1)],
+                                                                           T.uint32(0))), T.uint64(32)),
+                            T.uint64(0)))
+                    img[T.Ramp((row * rl + c) * cb + q * 64, 1, 64)] = (
+                        T.reinterpret("uint1x64", m).astype(i8) * T.Broadcast(T.int8(2), 64)
+                        - T.Broadcast(T.int8(1), 64))
+
+    @T.macro
+    def gemm_bitweights(img, Wq, acc, ti, tg, tp):
+        wexp = T.alloc_buffer((2 * nkc * _TILE_BYTES,), "int8", align=64)
+        for q in range(nkc):
+            for r in T.unroll(_TILE):
+                wexp[T.Ramp(((0) * nkc + q) * _TILE_BYTES + r * 64, 1, 64)] = (
+                    T.reinterpret("uint1x64", Wq[(((tg * og) // _TILE + 0) * taps * nkc + (0) * nkc + q) * _TILE + r])
+                    .astype(i8) * T.Broadcast(T.int8(2), 64) - T.Broadcast(T.int8(1), 64))
+        for cp in range(og // _TILE):
+            for pp in range(mb // 64):
+                T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0))
+                T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1))
+                T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2))
+                T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3))
+                for t in range(taps):
+                    for q in range(nkc):
+                        gk = T.meta_var((cp * (mb // 64) + pp) * taps + t)  # tap blocks so far: slot gk % 2
+                        # the next tap block: tap t + 1, or tap 0 of the next pixel block or channel tile
+                        ncp = T.meta_var(T.min(cp + T.if_then_else(T.And(t == taps - 1, pp == mb // 64 - 1), 1, 0),
+                                               og // _TILE - 1))
+                        for r in T.unroll(_TILE):
+                            wexp[T.Ramp((((gk + 1) % 2) * nkc + q) * _TILE_BYTES + r * 64, 1, 64)] = (
+                                T.reinterpret("uint1x64", Wq[(((tg * og) // _TILE + ncp) * taps * nkc + ((t + 1) % taps) * nkc + q) * _TILE + r])
+                                .astype(i8) * T.Broadcast(T.int8(2), 64) - T.Broadcast(T.int8(1), 64))
+                        a = T.meta_var(t // kw)
+                        b = T.meta_var(t % kw)
+                        wt = T.meta_var(wexp.access_ptr("r", offset=((gk % 2) * nkc + q) * _TILE_BYTES, extent=_TILE_BYTES))
+                        abase = T.meta_var(((ti * nph + ((a * dh) % sh) * sw + (b * dw) % sw) * lpos
+                                            + tp * mb + pp * 64 + ((a * dh) // sh) * rl
+                                            + (b * dw) // sw) * cb + q * 64)
+                        T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4), wt, T.int64(64))
+                        T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5),
+                                           T.address_of(img[abase + 0 * cb]), T.int64(cb))
+                        T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(0), T.int8(5), T.int8(4))
+                        T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(6),
+                                           T.address_of(img[abase + 16 * cb]), T.int64(cb))
+                        T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(1), T.int8(6), T.int8(4))
+                        T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(7),
+                                           T.address_of(img[abase + 32 * cb]), T.int64(cb))
+                        T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(2), T.int8(7), T.int8(4))
+                        T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5),
+                                           T.address_of(img[abase + 48 * cb]), T.int64(cb))
+                        T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(3), T.int8(5), T.int8(4))
+                T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(0),
+                                   acc.access_ptr("w", offset=(pp * 64 + 0) * og + cp * _TILE,
+                                                  extent=16 * og), T.int64(og * 4))
+                T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(1),
+                                   acc.access_ptr("w", offset=(pp * 64 + 16) * og + cp * _TILE,
+                                                  extent=16 * og), T.int64(og * 4))
+                T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(2),
+                                   acc.access_ptr("w", offset=(pp * 64 + 32) * og + cp * _TILE,
+                                                  extent=16 * og), T.int64(og * 4))
+                T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(3),
+                                   acc.access_ptr("w", offset=(pp * 64 + 48) * og + cp * _TILE,
+                                                  extent=16 * og), T.int64(og * 4))
+
+    return tile_config, unpack_rows, gemm_bitweights
+
+
 def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kernel_shape, strides, pads,
                                dilations, output, mb=None, og=None, wbits=None, **_ignored):
     """The AMX kernel of ``BinaryConv2dPacked``: arguments (X, Wamx, E, RowClass, ColClass, P0, P1, Y) with
@@ -335,12 +451,10 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
     wshape = (opad // _TILE, taps, nkc, _TILE) if wbits else (opad // _TILE, taps, nkc, _TILE, _TILE, 4)
     wdt = "uint64" if wbits else "int8"
     yshape = (n, oh, ow, nwo)
-    x64 = cw % 2 == 0
     cw64 = max(1, cw // 2)
     nimg = n * nph * lpos * cb
     ntask = n * npb * ncg
-    nrows = n * nph * lrows
-    i8 = "int8x64"
+    tile_config, unpack_rows, gemm_bitweights = _amx_macros(g, h, w, cw)
 
     @T.prim_func
     def amx_conv(X: T.Buffer((n, h, w, cw), "uint32"), Wt: T.Buffer(wshape, wdt),
@@ -374,101 +488,17 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
                 ek[r * opad + c] = T.Cast("int32", T.max(T.min(
                     tq[c] - T.Cast("int64", sg[c]) * T.Cast("int64", ekv), T.int64(2**31 - 1)),
                     T.int64(-(2**31) + 1)))
-        # unpack: image i, phase ph, plane row pr → padded row pr*sh + ph//sw, columns c*sw + ph%sw
-        for row in T.parallel(nrows):
-            for c in range(rl):
-                for q in range(nkc):
-                    i = T.meta_var(row // (nph * lrows))
-                    ph = T.meta_var(row // lrows % nph)
-                    yy = T.meta_var(row % lrows * sh + ph // sw - pt)
-                    xx = T.meta_var(c * sw + ph % sw - pl)
-                    inside = T.meta_var(T.And(T.And(yy >= 0, yy < h), T.And(xx >= 0, xx < w)))
-                    pix = T.meta_var((i * h + T.max(T.min(yy, h - 1), 0)) * w + T.max(T.min(xx, w - 1), 0))
-                    if x64:
-                        m = T.meta_var(T.if_then_else(inside, X64[pix * cw64 + q], T.uint64(0)))
-                    else:
-                        m = T.meta_var(T.if_then_else(
-                            inside,
-                            T.Cast("uint64", Xf[pix * cw + 2 * q])
-                            | T.shift_left(T.Cast("uint64", T.if_then_else(2 * q + 1 < cw,
-                                                                           Xf[pix * cw + T.min(2 * q + 1, cw - 1)],
-                                                                           T.uint32(0))), T.uint64(32)),
-                            T.uint64(0)))
-                    img[T.Ramp((row * rl + c) * cb + q * 64, 1, 64)] = (
-                        T.reinterpret("uint1x64", m).astype(i8) * T.Broadcast(T.int8(2), 64)
-                        - T.Broadcast(T.int8(1), 64))
+        unpack_rows(img, Xf, X64)
         # GEMM + epilogue per task (image, pixel block, channel group)
         for task in T.parallel(ntask):
             cfg = T.alloc_buffer((64,), "uint8", align=64)
             acc = T.alloc_buffer((mb * og,), "int32", align=64)
-            for k in range(64):
-                cfg[k] = T.uint8(0)
-            cfg[0] = T.uint8(1)
-            for k in range(8):
-                cfg[16 + 2 * k] = T.uint8(64)
-                cfg[48 + k] = T.uint8(16)
-            T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0]))
+            tile_config(cfg)
             ti = T.meta_var(task // (npb * ncg))
             tg = T.meta_var(task // npb % ncg)  # channel group outer: with 2 threads each gets whole groups
             tp = T.meta_var(task % npb)         # (its share of the weights, the partial last pixel blocks)
             if wbits:
-                # 1 weight tile (16 channels, B) × 4 pixel tiles (A) per step; the weight tiles expanded from
-                # their bit masks into two L1 slots of one tap (nkc tiles) each: the next tap's tiles are
-                # written while this tap's are used (a tile load right after the stores to its memory would
-                # wait for them to commit)
-                wexp = T.alloc_buffer((2 * nkc * _TILE_BYTES,), "int8", align=64)
-                for q in range(nkc):
-                    for r in T.unroll(_TILE):
-                        wexp[T.Ramp(((0) * nkc + q) * _TILE_BYTES + r * 64, 1, 64)] = (
-                            T.reinterpret("uint1x64", Wq[(((tg * og) // _TILE + 0) * taps * nkc + (0) * nkc + q) * _TILE + r])
-                            .astype(i8) * T.Broadcast(T.int8(2), 64) - T.Broadcast(T.int8(1), 64))
-                for cp in range(og // _TILE):
-                    for pp in range(mb // 64):
-                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0))
-                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1))
-                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2))
-                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3))
-                        for t in range(taps):
-                            for q in range(nkc):
-                                gk = T.meta_var((cp * (mb // 64) + pp) * taps + t)  # tap blocks so far: slot gk % 2
-                                # the next tap block: tap t + 1, or tap 0 of the next pixel block or channel tile
-                                ncp = T.meta_var(T.min(cp + T.if_then_else(T.And(t == taps - 1, pp == mb // 64 - 1), 1, 0),
-                                                       og // _TILE - 1))
-                                for r in T.unroll(_TILE):
-                                    wexp[T.Ramp((((gk + 1) % 2) * nkc + q) * _TILE_BYTES + r * 64, 1, 64)] = (
-                                        T.reinterpret("uint1x64", Wq[(((tg * og) // _TILE + ncp) * taps * nkc + ((t + 1) % taps) * nkc + q) * _TILE + r])
-                                        .astype(i8) * T.Broadcast(T.int8(2), 64) - T.Broadcast(T.int8(1), 64))
-                                a = T.meta_var(t // kw)
-                                b = T.meta_var(t % kw)
-                                wt = T.meta_var(wexp.access_ptr("r", offset=((gk % 2) * nkc + q) * _TILE_BYTES, extent=_TILE_BYTES))
-                                abase = T.meta_var(((ti * nph + ((a * dh) % sh) * sw + (b * dw) % sw) * lpos
-                                                    + tp * mb + pp * 64 + ((a * dh) // sh) * rl
-                                                    + (b * dw) // sw) * cb + q * 64)
-                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4), wt, T.int64(64))
-                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5),
-                                                   T.address_of(img[abase + 0 * cb]), T.int64(cb))
-                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(0), T.int8(5), T.int8(4))
-                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(6),
-                                                   T.address_of(img[abase + 16 * cb]), T.int64(cb))
-                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(1), T.int8(6), T.int8(4))
-                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(7),
-                                                   T.address_of(img[abase + 32 * cb]), T.int64(cb))
-                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(2), T.int8(7), T.int8(4))
-                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5),
-                                                   T.address_of(img[abase + 48 * cb]), T.int64(cb))
-                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(3), T.int8(5), T.int8(4))
-                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(0),
-                                           acc.access_ptr("w", offset=(pp * 64 + 0) * og + cp * _TILE,
-                                                          extent=16 * og), T.int64(og * 4))
-                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(1),
-                                           acc.access_ptr("w", offset=(pp * 64 + 16) * og + cp * _TILE,
-                                                          extent=16 * og), T.int64(og * 4))
-                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(2),
-                                           acc.access_ptr("w", offset=(pp * 64 + 32) * og + cp * _TILE,
-                                                          extent=16 * og), T.int64(og * 4))
-                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(3),
-                                           acc.access_ptr("w", offset=(pp * 64 + 48) * og + cp * _TILE,
-                                                          extent=16 * og), T.int64(og * 4))
+                gemm_bitweights(img, Wq, acc, ti, tg, tp)
             else:
                 for cp in range(og // 32):
                     for pp in range(mb // 32):
@@ -616,15 +646,14 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     nwg = og // 32  # words per channel group
     wshape = (opad // _TILE, taps, nkc, _TILE) if wbits else (opad // _TILE, taps, nkc, _TILE, 64)
     wdt = "uint64" if wbits else "int8"
-    i8 = "int8x64"
     cwq = 2 * nkc  # 32-bit words per pixel in the word plane (words >= cw are 0)
     nrows = n * nph * lrows
     nquads = n * nph * nkc * _TILE
     # with bit weights the GEMM runs pixels in the tile rows (as the bits kernel: the weight tile stays the
     # B operand of 4 consecutive products), on the bits kernel's image, then transposes the int32 block
-    x64 = cw % 2 == 0
     cw64 = max(1, cw // 2)
     lpos = g["lpos"]
+    tile_config, unpack_rows, gemm_bitweights = _amx_macros(g, h, w, cw)
     nimg8 = n * nph * lpos * cb if wbits else nquads * lp * 4
     nwpl = 1 if wbits else n * nph * cwq * lp
     ntask = n * npb * ncg
@@ -667,29 +696,7 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
         for j in range(ccpad):
             ccp[j] = CC[T.max(T.min(j - L, ow - 1), 0)]
         if wbits:
-            # the bits kernel's image: one row of CB bytes (±1) per position of each phase plane
-            for row in T.parallel(nrows):
-                for c in range(rl):
-                    for q in range(nkc):
-                        i = T.meta_var(row // (nph * lrows))
-                        ph = T.meta_var(row // lrows % nph)
-                        yy = T.meta_var(row % lrows * sh + ph // sw - pt)
-                        xx = T.meta_var(c * sw + ph % sw - pl)
-                        inside = T.meta_var(T.And(T.And(yy >= 0, yy < h), T.And(xx >= 0, xx < w)))
-                        pix = T.meta_var((i * h + T.max(T.min(yy, h - 1), 0)) * w + T.max(T.min(xx, w - 1), 0))
-                        if x64:
-                            m = T.meta_var(T.if_then_else(inside, X64[pix * cw64 + q], T.uint64(0)))
-                        else:
-                            m = T.meta_var(T.if_then_else(
-                                inside,
-                                T.Cast("uint64", Xf[pix * cw + 2 * q])
-                                | T.shift_left(T.Cast("uint64", T.if_then_else(
-                                    2 * q + 1 < cw, Xf[pix * cw + T.min(2 * q + 1, cw - 1)], T.uint32(0))),
-                                    T.uint64(32)),
-                                T.uint64(0)))
-                        img8[T.Ramp((row * rl + c) * cb + q * 64, 1, 64)] = (
-                            T.reinterpret("uint1x64", m).astype(i8) * T.Broadcast(T.int8(2), 64)
-                            - T.Broadcast(T.int8(1), 64))
+            unpack_rows(img8, Xf, X64)
         else:
             # word planes: image i, phase ph, word wq, position (plane row pr, column c) → padded row
             # pr*sh + ph//sw, column c*sw + ph%sw (0 outside the image and for words >= cw)
@@ -722,74 +729,12 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
             acc = T.alloc_buffer((og * mb,), "int32", align=64)
             wb = T.alloc_buffer((nwg * mb,), "uint32", align=64)
             accp = T.alloc_buffer((mb * og if wbits else 1,), "int32", align=64)
-            for k in range(64):
-                cfg[k] = T.uint8(0)
-            cfg[0] = T.uint8(1)
-            for k in range(8):
-                cfg[16 + 2 * k] = T.uint8(64)
-                cfg[48 + k] = T.uint8(16)
-            T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0]))
+            tile_config(cfg)
             ti = T.meta_var(task // (npb * ncg))
             tg = T.meta_var(task // npb % ncg)  # channel group outer: with 2 threads each gets whole groups
             tp = T.meta_var(task % npb)         # (its share of the weights, the partial last pixel blocks)
             if wbits:
-                # 1 weight tile (16 channels, B) × 4 pixel tiles (A) per step (as the bits kernel); the weight tiles expanded from
-                # their bit masks into two L1 slots of one tap (nkc tiles) each: the next tap's tiles are
-                # written while this tap's are used (a tile load right after the stores to its memory would
-                # wait for them to commit)
-                wexp = T.alloc_buffer((2 * nkc * _TILE_BYTES,), "int8", align=64)
-                for q in range(nkc):
-                    for r in T.unroll(_TILE):
-                        wexp[T.Ramp(((0) * nkc + q) * _TILE_BYTES + r * 64, 1, 64)] = (
-                            T.reinterpret("uint1x64", Wq[(((tg * og) // _TILE + 0) * taps * nkc + (0) * nkc + q) * _TILE + r])
-                            .astype(i8) * T.Broadcast(T.int8(2), 64) - T.Broadcast(T.int8(1), 64))
-                for cp in range(og // _TILE):
-                    for pp in range(mb // 64):
-                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0))
-                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1))
-                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2))
-                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3))
-                        for t in range(taps):
-                            for q in range(nkc):
-                                gk = T.meta_var((cp * (mb // 64) + pp) * taps + t)  # tap blocks so far: slot gk % 2
-                                # the next tap block: tap t + 1, or tap 0 of the next pixel block or channel tile
-                                ncp = T.meta_var(T.min(cp + T.if_then_else(T.And(t == taps - 1, pp == mb // 64 - 1), 1, 0),
-                                                       og // _TILE - 1))
-                                for r in T.unroll(_TILE):
-                                    wexp[T.Ramp((((gk + 1) % 2) * nkc + q) * _TILE_BYTES + r * 64, 1, 64)] = (
-                                        T.reinterpret("uint1x64", Wq[(((tg * og) // _TILE + ncp) * taps * nkc + ((t + 1) % taps) * nkc + q) * _TILE + r])
-                                        .astype(i8) * T.Broadcast(T.int8(2), 64) - T.Broadcast(T.int8(1), 64))
-                                a = T.meta_var(t // kw)
-                                b = T.meta_var(t % kw)
-                                wt = T.meta_var(wexp.access_ptr("r", offset=((gk % 2) * nkc + q) * _TILE_BYTES, extent=_TILE_BYTES))
-                                abase = T.meta_var(((ti * nph + ((a * dh) % sh) * sw + (b * dw) % sw) * lpos
-                                                    + tp * mb + pp * 64 + ((a * dh) // sh) * rl
-                                                    + (b * dw) // sw) * cb + q * 64)
-                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4), wt, T.int64(64))
-                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5),
-                                                   T.address_of(img8[abase + 0 * cb]), T.int64(cb))
-                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(0), T.int8(5), T.int8(4))
-                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(6),
-                                                   T.address_of(img8[abase + 16 * cb]), T.int64(cb))
-                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(1), T.int8(6), T.int8(4))
-                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(7),
-                                                   T.address_of(img8[abase + 32 * cb]), T.int64(cb))
-                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(2), T.int8(7), T.int8(4))
-                                T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5),
-                                                   T.address_of(img8[abase + 48 * cb]), T.int64(cb))
-                                T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(3), T.int8(5), T.int8(4))
-                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(0),
-                                           accp.access_ptr("w", offset=(pp * 64 + 0) * og + cp * _TILE,
-                                                          extent=16 * og), T.int64(og * 4))
-                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(1),
-                                           accp.access_ptr("w", offset=(pp * 64 + 16) * og + cp * _TILE,
-                                                          extent=16 * og), T.int64(og * 4))
-                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(2),
-                                           accp.access_ptr("w", offset=(pp * 64 + 32) * og + cp * _TILE,
-                                                          extent=16 * og), T.int64(og * 4))
-                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(3),
-                                           accp.access_ptr("w", offset=(pp * 64 + 48) * og + cp * _TILE,
-                                                          extent=16 * og), T.int64(og * 4))
+                gemm_bitweights(img8, Wq, accp, ti, tg, tp)  # pixels in the tile rows, as the bits kernel
             else:
                 for cp in range(og // 32):
                     for pp in range(mb // 32):
