@@ -12,6 +12,8 @@ alone, best of interleaved runs.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 from tvm import tirx
 
@@ -376,6 +378,24 @@ def float_dense_primfunc(n: int, k: int, b_kn: np.ndarray, bias: np.ndarray | No
     return func, [bp, bb], [n, j]
 
 
+@contextlib.contextmanager
+def _pool_rows(n, c, h, wd, oh, ow):
+    """The frame of the float pooling kernels: ``main(X[n,c,h,wd], Y[n,c,oh,ow])`` with one parallel task
+    per (image, channel) and a serial loop over output rows, in block form (as Relax's op-pattern analysis
+    expects). Yields ``(builder, X, Y, image, channel, output row)``; the body stores into ``Y``."""
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    with IRBuilder() as ib, T.prim_func():
+        T.func_name("main")
+        X = T.arg("X", T.Buffer((n, c, h, wd), F32))
+        Y = T.arg("Y", T.Buffer((n, c, oh, ow), F32))
+        T.func_attr(dict(_ATTRS))
+        with T.sblock("root"), T.parallel(0, n * c) as nc:
+            with T.serial(0, oh) as y:
+                yield ib, X, Y, nc // c, nc % c, y
+
+
 def float_maxpool2d_primfunc(x_shape, kernel_shape, strides, pads, vec: int = 16):
     """Float32 NCHW max pooling (dilation 1, floor mode), one task per (image, channel), row by row.
 
@@ -387,29 +407,20 @@ def float_maxpool2d_primfunc(x_shape, kernel_shape, strides, pads, vec: int = 16
     (bound by reading its 3.2 MB), vs 0.20 ms for a padded phase-split copy."""
     n, c, h, wd = [int(v) for v in x_shape]
     kh, kw, sh, sw, pt, pl, oh, ow = _pool_geometry("MaxPool", (h, wd), kernel_shape, strides, pads)
-    from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
     chunks = _chunks(wd, vec)
-    with IRBuilder() as ib, T.prim_func():
-        T.func_name("main")
-        X = T.arg("X", T.Buffer((n, c, h, wd), F32))
-        Y = T.arg("Y", T.Buffer((n, c, oh, ow), F32))
-        T.func_attr(dict(_ATTRS))
-        # block form, as Relax's op-pattern analysis expects
-        with T.sblock("root"), T.parallel(0, n * c) as nc:
-            i, ch = nc // c, nc % c
-            with T.serial(0, oh) as y:
-                rows = [tirx.max(tirx.min(y * sh + r - pt, h - 1), 0) for r in range(kh)]
-                vmax = []
-                for s, t in chunks:
-                    m = None
-                    for r in rows:
-                        v = X[i, ch, r, _ramp(s, t)]
-                        m = v if m is None else tirx.max(m, v)
-                    vmax.append(m)
-                for x0, t, m in _pool_columns(vmax, chunks, wd, ow, kw, sw, pl, vec):
-                    T.buffer_store(Y, m, [i, ch, y, _ramp(x0, t)])
+    with _pool_rows(n, c, h, wd, oh, ow) as (ib, X, Y, i, ch, y):
+        rows = [tirx.max(tirx.min(y * sh + r - pt, h - 1), 0) for r in range(kh)]
+        vmax = []
+        for s, t in chunks:
+            m = None
+            for r in rows:
+                v = X[i, ch, r, _ramp(s, t)]
+                m = v if m is None else tirx.max(m, v)
+            vmax.append(m)
+        for x0, t, m in _pool_columns(vmax, chunks, wd, ow, kw, sw, pl, vec):
+            T.buffer_store(Y, m, [i, ch, y, _ramp(x0, t)])
     return ib.get(), [n, c, oh, ow]
 
 
@@ -425,41 +436,32 @@ def float_avgpool2d_primfunc(x_shape, kernel_shape, strides, pads, count_include
     Pads must be smaller than the window (as ONNX Runtime). Returns ``(primfunc, output_shape)``."""
     n, c, h, wd = [int(v) for v in x_shape]
     kh, kw, sh, sw, pt, pl, oh, ow = _pool_geometry("AveragePool", (h, wd), kernel_shape, strides, pads)
-    from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
     chunks = _chunks(wd, vec)
     zero = tirx.const(0.0, F32)
-    with IRBuilder() as ib, T.prim_func():
-        T.func_name("main")
-        X = T.arg("X", T.Buffer((n, c, h, wd), F32))
-        Y = T.arg("Y", T.Buffer((n, c, oh, ow), F32))
-        T.func_attr(dict(_ATTRS))
-        # block form, as Relax's op-pattern analysis expects
-        with T.sblock("root"), T.parallel(0, n * c) as nc:
-            i, ch = nc // c, nc % c
-            with T.serial(0, oh) as y:
-                top = y * sh - pt
-                vsum = []
-                for s, t in chunks:
-                    acc = None
-                    for r in range(kh):
-                        ry = top + r
-                        v = X[i, ch, tirx.max(tirx.min(ry, h - 1), 0), _ramp(s, t)]
-                        if r - pt < 0 or (oh - 1) * sh + r - pt > h - 1:  # some window reaches the padding
-                            v = tirx.if_then_else(tirx.all(ry >= 0, ry < h), v, _bcast(zero, t))
-                        acc = v if acc is None else acc + v
-                    vsum.append(acc)
-                if count_include_pad:
-                    rows = None
-                else:
-                    rows = tirx.Cast(F32, tirx.min(top + kh, h) - tirx.max(top, 0))
-                for x0, t, m in _pool_columns(vsum, chunks, wd, ow, kw, sw, pl, vec, kind="sum"):
-                    if count_include_pad:
-                        div = _bcast(tirx.const(float(kh * kw), F32), t)
-                    else:
-                        left = _ramp(x0 * sw - pl, t) if t == 1 else tirx.Ramp(x0 * sw - pl, sw, t)
-                        cols = tirx.min(left + _bcast(kw, t), _bcast(wd, t)) - tirx.max(left, _bcast(0, t))
-                        div = _bcast(rows, t) * tirx.Cast(F32 if t == 1 else f"{F32}x{t}", cols)
-                    T.buffer_store(Y, m / div, [i, ch, y, _ramp(x0, t)])
+    with _pool_rows(n, c, h, wd, oh, ow) as (ib, X, Y, i, ch, y):
+        top = y * sh - pt
+        vsum = []
+        for s, t in chunks:
+            acc = None
+            for r in range(kh):
+                ry = top + r
+                v = X[i, ch, tirx.max(tirx.min(ry, h - 1), 0), _ramp(s, t)]
+                if r - pt < 0 or (oh - 1) * sh + r - pt > h - 1:  # some window reaches the padding
+                    v = tirx.if_then_else(tirx.all(ry >= 0, ry < h), v, _bcast(zero, t))
+                acc = v if acc is None else acc + v
+            vsum.append(acc)
+        if count_include_pad:
+            rows = None
+        else:
+            rows = tirx.Cast(F32, tirx.min(top + kh, h) - tirx.max(top, 0))
+        for x0, t, m in _pool_columns(vsum, chunks, wd, ow, kw, sw, pl, vec, kind="sum"):
+            if count_include_pad:
+                div = _bcast(tirx.const(float(kh * kw), F32), t)
+            else:
+                left = _ramp(x0 * sw - pl, t) if t == 1 else tirx.Ramp(x0 * sw - pl, sw, t)
+                cols = tirx.min(left + _bcast(kw, t), _bcast(wd, t)) - tirx.max(left, _bcast(0, t))
+                div = _bcast(rows, t) * tirx.Cast(F32 if t == 1 else f"{F32}x{t}", cols)
+            T.buffer_store(Y, m / div, [i, ch, y, _ramp(x0, t)])
     return ib.get(), [n, c, oh, ow]
