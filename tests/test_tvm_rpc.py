@@ -56,9 +56,10 @@ def py_server(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("rpc_server") / "server.log"
     # its own process group: the per-session children it forks end with it
-    proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
-                             "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=open(log, "w"),
-                            start_new_session=True)
+    with open(log, "w") as err:  # the server keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port",
+                                 str(port), "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while True:  # ready once it accepts connections

@@ -609,7 +609,7 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     from tvm import tirx
     from tvm.script import tirx as T
 
-    from .kernels import CHAIN_OPS
+    from .kernels import check_chain
 
     if not (want_float or pack):
         raise ValueError("binary_conv2d_amx_chain_primfunc: nothing to produce")
@@ -624,20 +624,12 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     nr, nc = e_shape[1], e_shape[2]
     if nc > _TILE:
         raise ValueError(f"binary_conv2d_amx_chain_primfunc: {nc} column classes (at most {_TILE})")
-    ext_shapes = [tuple(int(v) for v in s) for s in extra_shapes]
-    if len(ext_shapes) > _MAX_EXTRAS:
-        raise ValueError(f"binary_conv2d_amx_chain_primfunc: {len(ext_shapes)} chain operands "
+    if len(extra_shapes) > _MAX_EXTRAS:
+        raise ValueError(f"binary_conv2d_amx_chain_primfunc: {len(extra_shapes)} chain operands "
                          f"(at most {_MAX_EXTRAS})")
     oh, ow, rl, nph, cb, nkc = g["oh"], g["ow"], g["rl"], g["nph"], g["cb"], g["nkc"]
     yshape = (n, o, oh, ow)
-    for k, s in enumerate(ext_shapes):
-        if len(s) > 4 or any(a not in (1, b) for a, b in zip(s, yshape[4 - len(s):])):
-            raise ValueError(f"fused chain: operand {k} of shape {list(s)} does not broadcast to {list(yshape)}")
-    for st in steps:
-        if st[0] not in CHAIN_OPS:
-            raise ValueError(f"fused chain: unknown step {st[0]!r}")
-        if st[0] not in ("relu", "neg") and not 0 <= int(st[1]) < len(ext_shapes):
-            raise ValueError(f"fused chain: step {st} names a missing operand")
+    ext_shapes = check_chain(extra_shapes, steps, yshape)
     opad, taps, og, mb, npb, ncg, lrows = (g[k] for k in ("opad", "taps", "og", "mb", "npb", "ncg", "lrows"))
     sh, sw, pt, pl, dh, dw = (g[k] for k in ("sh", "sw", "pt", "pl", "dh", "dw"))
     lp = _round_up(g["lpos"], _TILE)  # positions per plane (multiple of 16 for the vector unpack)

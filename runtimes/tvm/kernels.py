@@ -218,6 +218,22 @@ def chain_step(kind: str, v, av=None, fence: bool = False, lanes: int = 1, famil
     return tirx.Select(v < zero, prod, v)  # prelu
 
 
+def check_chain(extra_shapes, steps, y_shape) -> list[tuple]:
+    """Validate a fused chain of a conv epilogue: every operand broadcasts to the NCHW output ``y_shape``,
+    every step is one of :data:`CHAIN_OPS` and names an existing operand. Returns the operand shapes."""
+    yshape = tuple(int(v) for v in y_shape)
+    ext_shapes = [tuple(int(v) for v in s) for s in extra_shapes]
+    for k, s in enumerate(ext_shapes):
+        if len(s) > len(yshape) or any(a not in (1, b) for a, b in zip(s, yshape[len(yshape) - len(s):])):
+            raise ValueError(f"fused chain: operand {k} of shape {list(s)} does not broadcast to {list(yshape)}")
+    for st in steps:
+        if st[0] not in CHAIN_OPS:
+            raise ValueError(f"fused chain: unknown step {st[0]!r}")
+        if st[0] not in ("relu", "neg") and not 0 <= int(st[1]) < len(ext_shapes):
+            raise ValueError(f"fused chain: step {st} names a missing operand")
+    return ext_shapes
+
+
 def _chain_apply(v, extras, steps, idx, rank: int, fence: bool = False, family: str = "x86"):
     """The chain ``steps`` applied to the float32 scalar expression ``v`` at output index ``idx``."""
     for st in steps:
@@ -890,16 +906,7 @@ def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channe
     pt, pl, pb, pr = [int(v) for v in pads]
     dh, dw = [int(v) for v in dilations]
     oh, ow = _out_size(h, kh, sh, pt, pb, dh), _out_size(w, kw, sw, pl, pr, dw)
-    yshape = (n, o, oh, ow)
-    ext_shapes = [tuple(int(v) for v in sh_) for sh_ in extra_shapes]
-    for k, s in enumerate(ext_shapes):
-        if len(s) > 4 or any(a not in (1, b) for a, b in zip(s, yshape[4 - len(s):])):
-            raise ValueError(f"fused chain: operand {k} of shape {list(s)} does not broadcast to {list(yshape)}")
-    for st in steps:
-        if st[0] not in CHAIN_OPS:
-            raise ValueError(f"fused chain: unknown step {st[0]!r}")
-        if st[0] not in ("relu", "neg") and not 0 <= int(st[1]) < len(ext_shapes):
-            raise ValueError(f"fused chain: step {st} names a missing operand")
+    ext_shapes = check_chain(extra_shapes, steps, (n, o, oh, ow))
     extras = [te.placeholder(s, "float32", name=f"A{k}") for k, s in enumerate(ext_shapes)]
     T = te.placeholder((o,), "float32", name="T") if (pack and with_threshold) else None
     chain = {"extras": extras, "steps": [tuple(st) for st in steps], "T": T, "want_float": bool(want_float),
