@@ -270,3 +270,30 @@ def test_graph_average_pool_uses_the_scheduled_kernel(cip, pads):
     model = _graph([node], x.shape, None)
     assert _kernels(model) == ["bnnc_avgpool"]
     _check_graph(model, x)
+
+
+def test_graph_fuses_clip_and_pack_after_a_float_conv():
+    """IR-Net's stem: Conv → Clip → PackSign (and the clipped value read by the residual path) is the float
+    conv, then one chain_pack kernel (the conv output read once). Values on a 1/4 grid: every sum is exact,
+    so the bits and the clipped floats equal ONNX's reference evaluator exactly."""
+    from bnnc.ops import DOMAIN
+    from bnnc.ops.deploy import pack_sign
+
+    rng = np.random.default_rng(8)
+    q = lambda shape, lo, hi: (rng.integers(lo, hi + 1, shape) / 4).astype(np.float32)  # noqa: E731
+    w = numpy_helper.from_array(q((32, 3, 3, 3), -2, 2), "w")
+    b = numpy_helper.from_array(q(32, -2, 2), "b")
+    lo, hi = numpy_helper.from_array(np.float32(-1), "lo"), numpy_helper.from_array(np.float32(1), "hi")
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Clip", ["c", "lo", "hi"], ["v"]),
+             helper.make_node("PackSign", ["v"], ["y"], domain=DOMAIN)]
+    model = _graph(nodes, (2, 3, 12, 10), None, [w, b, lo, hi], outputs=("y", "v"))
+    model.graph.output[0].type.tensor_type.elem_type = TensorProto.UINT32
+    model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    assert _kernels(model) == ["bnnc_chain_pack", "bnnc_conv"]
+    x = q((2, 3, 12, 10), -8, 8)
+    conv = ReferenceEvaluator(_graph(nodes[:1], x.shape, None, [w, b], outputs=("c",))).run(None, {"x": x})[0]
+    v = np.clip(conv, np.float32(-1), np.float32(1))
+    assert int((v == 0).sum()) > 10  # ties at the sign threshold
+    got = compile_model(model, "cpu", batch_size=2, num_threads=1).run(x)
+    assert np.array_equal(got, pack_sign(v))

@@ -153,3 +153,55 @@ def test_graph_fuses_chain_into_popcount_conv(geom):
             assert np.array_equal(sep.run(x).view(np.uint32), got.view(np.uint32))
             un = G.compile_model(m, batch_size=2, fuse=False)
             assert np.array_equal(un.run(x).view(np.uint32), got.view(np.uint32))
+
+
+@pytest.mark.parametrize("c,h", [(16, 12), (32, 8)])
+def test_option_a_shortcut_block_is_fused(c, h):
+    """A ResNet's stride-2 block with the option-A shortcut (Slice every 2nd pixel → Pad zero channels), whose
+    Slice/Pad come after the conv in the graph (as exported): the conv waits for them and carries the
+    residual Add, Clip and PackSign in its epilogue — bit-identical to the NumPy reference and to the
+    op-by-op translation."""
+    from bnnc.ops import DOMAIN
+    from bnnc.runtimes.tvm import graph as G
+    from onnx import TensorProto as TP
+    from onnx import helper as oh
+    from onnx import numpy_helper as nh
+
+    from tests.test_tvm_runtime import _conv_inputs
+
+    rng = np.random.default_rng(c + h)
+    o = 2 * c
+    args, at = _conv_inputs(rng, 1, c, h, h, o, 3, 2, 1, "float")
+    q = lambda shape, lo, hi: (rng.integers(lo, hi + 1, shape) / 4).astype(np.float32)  # noqa: E731
+    inits = dict(zip(["w", "e", "rc", "cc", "p0", "p1"], args[1:]))
+    inits.update(lo=np.float32(-1), hi=np.float32(1), st=np.int64([0, 0]), en=np.int64([h, h]),
+                 ax=np.int64([2, 3]), sp=np.int64([2, 2]), pads=np.int64([0, c // 2, 0, 0, 0, c // 2, 0, 0]))
+    battrs = dict(in_channels=c, out_channels=o, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+                  dilations=[1, 1], output="float")
+    nodes = [
+        oh.make_node("PackSign", ["x"], ["pk0"], name="pack0", domain=DOMAIN),
+        oh.make_node("BinaryConv2dPacked", ["pk0", "w", "e", "rc", "cc", "p0", "p1"], ["c1"], name="bconv",
+                     domain=DOMAIN, **battrs),
+        oh.make_node("Slice", ["x", "st", "en", "ax", "sp"], ["sl"], name="sub"),
+        oh.make_node("Pad", ["sl", "pads"], ["sc"], name="chpad"),
+        oh.make_node("Add", ["c1", "sc"], ["a1"], name="residual"),
+        oh.make_node("Clip", ["a1", "lo", "hi"], ["v"], name="clip"),
+        oh.make_node("PackSign", ["v"], ["y"], name="pack1", domain=DOMAIN),
+    ]
+    graph = oh.make_graph(nodes, "option_a", [oh.make_tensor_value_info("x", TP.FLOAT, [2, c, h, h])],
+                          [oh.make_tensor_value_info("y", TP.UINT32, None), oh.make_tensor_value_info("v", TP.FLOAT, None)],
+                          [nh.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18), oh.make_opsetid(DOMAIN, 1)], ir_version=10)
+    x = q((2, c, h, h), -6, 6)
+    conv = ref.binary_conv2d_packed(ref.pack_sign(x), *args[1:], **at)
+    sc = np.pad(x[:, :, ::2, ::2], ((0, 0), (c // 2, c // 2), (0, 0), (0, 0)))
+    v = np.minimum(np.maximum(conv + sc, np.float32(-1)), np.float32(1))
+    mod, _ = G.translate(model, batch_size=2)
+    names = [gv.name_hint for gv in mod.functions]
+    assert any(nm.startswith("bnnc_chain_pack_bconv") for nm in names)
+    assert not any(nm.startswith("bnnc_bconv") for nm in names)  # no conv left on its own
+    assert not any(nm.startswith("bnnc_chain") and "bconv" not in nm for nm in names)  # no chain on its own
+    out = G.compile_model(model, batch_size=2).run(x)
+    assert np.array_equal(out, ref.pack_sign(v))
+    un = G.compile_model(model, batch_size=2, fuse=False).run(x)
+    assert np.array_equal(un, out)

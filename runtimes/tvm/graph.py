@@ -260,6 +260,7 @@ class _Translator:
                         if name:
                             self.consumers.setdefault(name, []).append(k)
                 self.graph_outputs = set(self.output_names)
+                self.producer = {name: k for k, node in enumerate(g.node) for name in node.output if name}
                 for k, node in enumerate(g.node):
                     self.cur = k
                     if k in self.skip:
@@ -496,8 +497,8 @@ class _Translator:
         steps, nodes, extras = [], [], []
         while v not in self.graph_outputs:
             cons = self.consumers.get(v, [])
-            if len(cons) != 1 or cons[0] <= conv_idx:
-                break
+            if len(cons) != 1 or cons[0] <= conv_idx or cons[0] in self.skip or cons[0] in self.deferred:
+                break  # (a node another chain already took stays there)
             j = cons[0]
             n0 = len(extras)
             st = self._chain_steps(g.node[j], v, extras)
@@ -518,9 +519,10 @@ class _Translator:
                 pack = j
                 break
         want_float = pack is None or v in self.graph_outputs or any(j != pack for j in self.consumers.get(v, []))
-        if conv is not None and any(isinstance(e, str) and e not in self.values for e in extras):
-            # an operand made after the conv (e.g. another deferred conv's value, AdaBin's S_a term): the conv
-            # cannot wait for it, so it is emitted now and only the chain is fused
+        if conv is not None and not all(self._made_by_plain_ops(e, nodes[-1]) for e in extras
+                                        if isinstance(e, str)):
+            # an operand made after the conv by another deferred conv or chain (e.g. AdaBin's S_a term): the
+            # conv cannot wait for it, so it is emitted now and only the chain is fused
             conv = None
         plan = dict(conv=conv_idx, nodes=nodes, steps=steps, extras=extras, pack=pack, value=v,
                     want_float=want_float, fused_conv=conv)
@@ -529,6 +531,20 @@ class _Translator:
             self.skip.add(pack)
         self.deferred[nodes[-1]] = plan
         return plan
+
+    def _made_by_plain_ops(self, name: str, before: int, depth: int = 8) -> bool:
+        """Whether value ``name`` exists by the time node ``before`` is translated without waiting for any
+        fused chain: already translated, or made (within ``depth`` producers) by plain standard-domain nodes
+        from such values — e.g. the option-A shortcut Slice → Pad of a ResNet's stride-2 block."""
+        if name in self.values or name in self.consts:
+            return True
+        k = self.producer.get(name)
+        if depth == 0 or k is None or k >= before or k in self.skip or k in self.deferred:
+            return False
+        nd = self.graph.node[k]
+        if (nd.domain or "") not in _ONNX_DOMAINS:
+            return False
+        return all(self._made_by_plain_ops(i, k, depth - 1) for i in nd.input if i)
 
     def _emit_chain(self, plan: dict):
         g = self.graph
@@ -552,9 +568,10 @@ class _Translator:
                 args.append(val)
                 shapes.append(es)
             else:
+                ok = ok and e.ndim <= len(shape) and all(a in (1, b) for a, b in zip(e.shape, shape[len(shape) - e.ndim:]))
                 args.append(self.const(e))
                 shapes.append(list(e.shape))
-        if not ok:  # a value operand that does not broadcast (or is not float32): translate op by op
+        if not ok:  # an operand that does not broadcast to the conv output (or is not float32): op by op
             if ac is not None:  # the deferred conv alone first
                 self.values[conv_out] = self.call_kernel(ac["f"], "bconv", ac["args"], ac["oshape"], "float32")
             for j in plan["nodes"] + ([plan["pack"]] if plan["pack"] is not None else []):
@@ -732,11 +749,16 @@ class _Translator:
                 return fused
             f, consts, oshape = float_conv2d_primfunc(
                 xs, self.consts[wname], self.consts[bname] if bname else None, st, pads, **self.float_tiles)
-            return self.call_kernel(f, "conv", [x] + [self.const(c) for c in consts], oshape, "float32")
-        y = self.emit(relax.op.nn.conv2d(x, w, strides=st, padding=pads, dilation=dil, groups=groups))
-        if bname:
-            b = self.get(bname)
-            y = self.emit(relax.op.add(y, relax.op.reshape(b, [1, -1, 1, 1])))
+            y = self.call_kernel(f, "conv", [x] + [self.const(c) for c in consts], oshape, "float32")
+        else:
+            y = self.emit(relax.op.nn.conv2d(x, w, strides=st, padding=pads, dilation=dil, groups=groups))
+            if bname:
+                b = self.get(bname)
+                y = self.emit(relax.op.add(y, relax.op.reshape(b, [1, -1, 1, 1])))
+        if self.fuse:
+            # an element-wise chain after the float conv (e.g. IR-Net's stem Clip) and the PackSign of its
+            # result: one chain_pack kernel in place of the chain's last node, the conv output read once
+            self._plan_chain(self.cur, node.output[0], None)
         return y
 
     def _conv_maxpool(self, node, x, xs, ks, st, pads, wname, bname):
