@@ -361,6 +361,43 @@ def test_fused_chain_with_packsign_each_isa(isa, lib):
         assert np.array_equal(bits, ref_bits), f"[{isa}] {what}: PackSign bits differ"
 
 
+def _in_place_case(model, feeds):
+    """The chain case with its residual R computed in the graph (R = Neg(Rneg)) and the float result read
+    through one more node (graph output -Y; both negations exact): R is then an intermediate whose only
+    consumer is the fused node, and Y no graph output, so ONNX Runtime gives Y R's buffer (the chain op's
+    GetMayInplace) and the kernels must read each residual element before writing Y over it."""
+    g = model.graph
+    rin = next(i for i in g.input if i.name == "R")
+    shape = [d.dim_value for d in rin.type.tensor_type.shape.dim]
+    rin.name = "Rneg"
+    g.node.insert(0, helper.make_node("Neg", ["Rneg"], ["R"]))
+    g.value_info.append(helper.make_tensor_value_info("R", TensorProto.FLOAT, shape))
+    yout = g.output[0]
+    g.value_info.append(helper.make_tensor_value_info(yout.name, TensorProto.FLOAT, shape))
+    g.node.append(helper.make_node("Neg", [yout.name], ["negY"]))
+    g.output[0].CopyFrom(helper.make_tensor_value_info("negY", TensorProto.FLOAT, shape))
+    feeds = dict(feeds)
+    feeds["Rneg"] = -feeds.pop("R")
+    return model, feeds
+
+
+def test_fused_chain_in_place_residual_each_isa(isa, lib):
+    rng = np.random.default_rng(16)
+    cases = [("bi-real + PackSign(T)", chain_case(rng, 64, 40, 3, 1, 1, order=("res",), pack="T")),
+             ("reactnet-like, stride 2 + PackSign", chain_case(rng, 33, 70, 3, 2, 1, order=("res", "add", "prelu"),
+                                                             pack="0")),
+             ("AMX-sized (auto)", chain_case(rng, 64, 64, 3, 1, 1, n=1, h=32, w=30, order=("res",), pack="0"))]
+    for what, (model, feeds, (ref, ref_bits)) in cases:
+        model, feeds = _in_place_case(model, feeds)
+        r = ort_rt.OrtDeployRunner(model, num_threads=1, mode="library", lib=lib)
+        assert [n.op_type for n in ort_rt.fuse_chains(model)[0].graph.node] == ["Neg", "BinaryConv2dPackedChain",
+                                                                                 "Neg"]
+        for _ in range(2):  # the second run reuses the planned (aliased) buffers
+            got, bits = r.run_feeds(feeds)
+            _same(-got, ref, f"[{isa}] {what}")
+            assert np.array_equal(bits, ref_bits), f"[{isa}] {what}: PackSign bits differ"
+
+
 def test_fused_chain_threads(lib):
     # large enough (≥ 16 M bit-MACs per image) for the automatic choice to take AMX where the CPU has it
     model, feeds, ref = chain_case(np.random.default_rng(12), 64, 64, 3, 1, 1, n=3, h=32, w=30)

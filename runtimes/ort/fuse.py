@@ -8,7 +8,10 @@ and ``Clip`` with constant bounds (Hardtanh). On ONNX Runtime each is one more f
 ``libbnnc_ort.so``, which applies the steps to each output row right after the convolution epilogue, while
 it is in cache; a ``PackSign`` of the chain's result (the next binary conv's input) becomes the fused node's
 second output, packed from the same cached rows. Every step is the same float32 operation in the same order
-as the separate node, so outputs are bit-identical.
+as the separate node, so outputs are bit-identical. The fused op declares its output may take the residual's
+buffer (ORT's ``MayInplace``): along a ResNet's float residual stream, where the residual has no later
+consumer, ONNX Runtime then updates one buffer in place instead of streaming a second one through the cache
+(Bi-Real-18 at 224²: ~6 % of the run).
 
 A node joins the chain only if the value it extends has no other consumer and is not a graph output; an
 ``Add`` of a full tensor needs that tensor's static shape (from ``value_info``) to equal the conv output's;

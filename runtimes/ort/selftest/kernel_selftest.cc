@@ -56,6 +56,9 @@ void reference(const Case& c, const std::vector<uint32_t>& x, const std::vector<
         }
 }
 
+// AMX: drop the pre-expanded int8 weights (small layers), so that the bits → int8 expansion path runs too
+bool g_amx_bits_only = false;
+
 // conv == nullptr: the AMX whole-image kernels
 bool run_case(const Case& c, std::mt19937& rng, ConvRowPcFn conv, EpilogueRowFn epi) {
   const int64_t Cw = (c.C + 31) / 32, Ow = (c.O + 31) / 32;
@@ -144,6 +147,7 @@ bool run_case(const Case& c, std::mt19937& rng, ConvRowPcFn conv, EpilogueRowFn 
   prepare_plan(p, st, e.data(), NR, NC, c.bits ? static_cast<const void*>(p0i.data()) : p0f.data(),
                c.bits ? static_cast<const void*>(p1i.data()) : p1f.data(), conv == nullptr);
 #if defined(__x86_64__)
+  if (conv == nullptr && g_amx_bits_only) p.wamx8 = nullptr;
   if (conv == nullptr) run_conv_serial_amx(p);
   else
 #endif
@@ -190,8 +194,14 @@ int main() {
   else std::printf("SKIP avx512: not supported by this CPU\n");
 #endif
 #if defined(__x86_64__)
-  if (amx_available()) rc |= test_isa("amx", nullptr, nullptr);
-  else std::printf("SKIP amx: not supported by this CPU/OS\n");
+  if (amx_available()) {
+    rc |= test_isa("amx", nullptr, nullptr);
+    g_amx_bits_only = true;
+    rc |= test_isa("amx (weights expanded per block)", nullptr, nullptr);
+    g_amx_bits_only = false;
+  } else {
+    std::printf("SKIP amx: not supported by this CPU/OS\n");
+  }
 #endif
 #if defined(__aarch64__)
   rc |= test_isa("neon", conv_row_pc_neon, epilogue_row_neon);

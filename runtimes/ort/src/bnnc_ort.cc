@@ -580,6 +580,7 @@ struct ConvKernel {
       p1 = b.data;
       p.y = ctx.GetOutput(0, std::vector<int64_t>{p.N, O, p.OH, p.OW}).GetTensorMutableData<float>();
     }
+    std::vector<float> res_copy;  // the residual, when it aliases Y and the ISA's epilogue is not alias-safe
     if (chain_op && !chain.empty()) {
       const std::vector<int64_t> yshape{p.N, O, p.OH, p.OW};
       if (chain_res) {
@@ -587,6 +588,12 @@ struct ConvKernel {
         auto r = input<float>(ctx, 7);
         if (r.shape != yshape) fail(op, "residual R must have the output's shape ", shape_str(yshape), ", got ", shape_str(r.shape));
         p.res = r.data;
+        // Y in R's buffer (GetMayInplace): only the AVX-512 epilogue (AVX-512 and AMX kernels) reads each
+        // residual element before writing it; the row kernels of the other ISAs store the row first.
+        if (static_cast<const void*>(p.res) == p.y && impl.isa != Isa::Avx512 && impl.isa != Isa::Amx) {
+          res_copy.assign(r.data, r.data + r.size);
+          p.res = res_copy.data();
+        }
       }
       if (chain_consts) {
         if (ctx.GetInputCount() < 9 || ctx.GetInput(8) == nullptr) fail(op, "the chain needs per-channel constants C");
@@ -637,6 +644,21 @@ struct ConvKernel {
 };
 
 struct ConvChainOp : Ort::CustomOpBase<ConvChainOp, ConvKernel, true> {
+  // The output Y may take the residual R's buffer (ORT decides: when R has no later consumer). The AVX-512
+  // epilogue reads every residual element before it writes the same element of Y; the other ISAs copy R
+  // first when it aliases Y (ConvKernel::compute). In place, the residual stream of a ResNet stays one
+  // buffer instead of two (half the cache footprint of the float epilogue).
+  ConvChainOp() {
+    OrtCustomOp::GetMayInplace = [](int** in, int** out) -> size_t {
+      *in = new int[1]{7};
+      *out = new int[1]{0};
+      return 1;
+    };
+    OrtCustomOp::ReleaseMayInplace = [](int* in, int* out) {
+      delete[] in;
+      delete[] out;
+    };
+  }
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** k) const {
     return guarded([&] { *k = new ConvKernel(info, false, true); });
   }

@@ -24,6 +24,8 @@ struct ConvPlan {
   const uint32_t* w;
   // AMX only: weights as bit masks of the B-tile layout (kernels_amx.cc), else null
   const uint64_t* wamx;
+  // AMX only, small weights: the same tiles expanded once to ±1 int8 (64-byte aligned), else null
+  const int8_t* wamx8;
   // border table, transposed: et[(r * NC + c) * Opad + o]; classes per output row / column
   const int32_t* et;
   // AMX only: et - KH·KW·32·Cw - amx_pad_dot (D = that + the ±1 dot product), else null
@@ -94,8 +96,10 @@ void conv_row_pc_avx2(const ConvPlan& p, const RowSrc& src, int32_t* pc);
 void epilogue_row_avx2(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, float* fbuf);
 void conv_row_pc_avx512(const ConvPlan& p, const RowSrc& src, int32_t* pc);
 void epilogue_row_avx512(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, float* fbuf);
-// The same from AMX dot products (D = etamx + dot); bits output needs p.small_dir.
-void epilogue_dot_row_avx512(const ConvPlan& p, int64_t n, int64_t y, const int32_t* dot);
+// The same from AMX dot products (D = etamx + dot) for output rows [y0, y1), row y at dot + (y - y0)·dot_row·Opad;
+// bits output needs p.small_dir.
+void epilogue_dot_rows_avx512(const ConvPlan& p, int64_t n, int64_t y0, int64_t y1, const int32_t* dot,
+                              int64_t dot_row);
 #endif
 #if defined(__aarch64__)
 void conv_row_pc_neon(const ConvPlan& p, const RowSrc& src, int32_t* pc);
@@ -107,6 +111,9 @@ void epilogue_row_neon(const ConvPlan& p, int64_t n, int64_t y, const int32_t* p
 bool amx_available();  // CPU has AMX-TILE/INT8 + AVX-512BW and the OS granted the tile state
 int64_t amx_weight_bytes(const ConvPlan& p);
 void amx_pack_weights(const ConvPlan& p, uint64_t* dst);  // needs p.{w, O, Opad, K, KH, KW, Cw}
+// Bytes of the pre-expanded int8 B tiles (8 × amx_weight_bytes) when they are worth keeping, else 0.
+int64_t amx_int8_weight_bytes(const ConvPlan& p);
+void amx_expand_weights(const ConvPlan& p, int8_t* dst);  // p.wamx → int8 tiles; dst 64-byte aligned
 int64_t amx_pad_dot(const ConvPlan& p);                   // constant the missing input bits add to every dot
 int64_t amx_image_bytes(const ConvPlan& p);               // unpacked image, per image
 void amx_unpack_image(const ConvPlan& p, int64_t n, int8_t* dst);

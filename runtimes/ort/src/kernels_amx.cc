@@ -16,13 +16,14 @@
 // (the border table E corrects the padded taps, as for every kernel); the few virtual pixels x ≥ OW are
 // computed and dropped. Weights are pre-packed once per model as bits in the VNNI B-tile order
 // ([out block of 16][tap][64-byte chunk][16 rows][16 channels][4 bytes], one bit per byte: 8× less memory
-// and L3 traffic than int8 tiles) and expanded to ±1 int8 tiles per out-channel pair and row block.
+// and L3 traffic than int8 tiles) and expanded to ±1 int8 tiles per out-channel pair and row block; small
+// weights (≤ kInt8Weights) are kept expanded as well, once per model.
 //
 // Blocking: 2 A tiles (32 pixels) × 2 B tiles (32 out channels) = 4 accumulator tiles (tmm0-3), A in
 // tmm4-5, B in tmm6-7; out-channel pairs outer, pixel pairs inner, over blocks of output rows sized so that
 // the int32 block result stays in L2. Blocks of ≤ 64 pixels (7×7 maps) use 4 A × 1 B instead, so that every
-// B tile is loaded once; the AVX-512 epilogue (with the fused element-wise chain) runs on each
-// block row right after, reading the dot products directly (D = E - Kbits + dot).
+// B tile is loaded once; the AVX-512 epilogue (with the fused element-wise chain and PackSign) runs on the
+// block's rows right after, as one flat pixel range, reading the dot products directly (D = E - Kbits + dot).
 #if defined(__x86_64__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <cpuid.h>
@@ -43,6 +44,7 @@ constexpr int64_t kTileBytes = 1024;         // 16 rows × 64 bytes
 constexpr int64_t kBlockBytes = 128 * 1024;  // int32 block result target size
 constexpr int64_t kSmallWeights = 64 * 1024;  // int8 weights up to this size: blocks of kBlockBytes / 2
 constexpr int64_t kSmallBlock = 64;          // blocks of at most this many pixels: tile_4x1
+constexpr int64_t kInt8Weights = 80 * 1024;  // int8 weights up to this size are expanded once per model
 
 struct Geom {
   int64_t CB, nkc, taps;
@@ -154,6 +156,16 @@ void amx_pack_weights(const ConvPlan& p, uint64_t* dst) {
       }
 }
 
+// Small weights are expanded to int8 tiles once, when the model is prepared, instead of once per row
+// block and call (56×56×64 has 10 blocks). Measured end to end on Bi-Real-18 (weights cold in L3 between
+// layers): int8 for the 56×56 layers and the 56→28 downsample (36 / 72 KiB) is ~5 % faster than bits only,
+// adding the 28×28×128 layers (147 KiB) loses that again, and up to 590 KiB (14×14×256) is ~7 % slower:
+// larger weights stay bits only (8× less memory traffic).
+int64_t amx_int8_weight_bytes(const ConvPlan& p) {
+  const int64_t n = 8 * amx_weight_bytes(p);
+  return n <= kInt8Weights ? n : 0;
+}
+
 int64_t amx_pad_dot(const ConvPlan& p) { return p.Cw % 2 ? 32 * p.KH * p.KW : 0; }
 
 int64_t amx_image_bytes(const ConvPlan& p) {
@@ -210,6 +222,15 @@ __attribute__((always_inline)) inline void expand_tile(const uint64_t* m, int8_t
     _mm512_store_si512(dst + 64 * r, _mm512_mask_blend_epi8(static_cast<__mmask64>(m[r]), minus, plus));
 }
 
+}  // namespace
+
+void amx_expand_weights(const ConvPlan& p, int8_t* dst) {
+  const int64_t tiles = amx_weight_bytes(p) / (kTile * 8);
+  for (int64_t i = 0; i < tiles; ++i) expand_tile(p.wamx + i * kTile, dst + i * kTileBytes);
+}
+
+namespace {
+
 // 32 pixels (tiles at a0, a1) × 16·NB out channels, accumulated over every tap and chunk; int32 results
 // to c0 (pixels of a0) and c1 (pixels of a1), row stride cs bytes; int8 B tiles at b0 / b1.
 template <int NB>
@@ -250,30 +271,37 @@ __attribute__((always_inline)) inline void tile_2xN(const int8_t* a0, const int8
 
 // 64 pixels (4 A tiles from a, 16 pixels = 16·as bytes apart) × 16 out channels, accumulated over every tap
 // and chunk into tmm0-3; A through tmm4/5, B (tmm6) expanded from its bit masks into one of two L1 buffers
-// right before its single use. Results to c (row stride cs bytes).
+// one step ahead of its use (expanded right before it, the tile load seemingly waits on the fresh stores:
+// 7×7×512 → 512 was ~20 % slower); w8 (not null): the B tiles pre-expanded.
+// Results to c (row stride cs bytes).
 __attribute__((always_inline)) inline void tile_4x1(const int8_t* a, int64_t as, const int64_t* off, int64_t ntap,
-                                                    int64_t nkc, const uint64_t* mb, int8_t* buf, int32_t* c,
-                                                    int64_t cs) {
+                                                    int64_t nkc, const uint64_t* mb, const int8_t* w8, int8_t* buf,
+                                                    int32_t* c, int64_t cs) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  const int64_t a16 = 16 * as;
-  int64_t k = 0;
-  for (int64_t t = 0; t < ntap; ++t) {
-    const int8_t* pa = a + off[t];
-    for (int64_t q = 0; q < nkc; ++q, ++k, mb += kTile) {
-      int8_t* b = buf + (k & 1) * kTileBytes;
-      expand_tile(mb, b);
-      _tile_loadd(6, b, 64);
-      _tile_loadd(4, pa + 64 * q, as);
-      _tile_dpbssd(0, 4, 6);
-      _tile_loadd(5, pa + a16 + 64 * q, as);
-      _tile_dpbssd(1, 5, 6);
-      _tile_loadd(4, pa + 2 * a16 + 64 * q, as);
-      _tile_dpbssd(2, 4, 6);
-      _tile_loadd(5, pa + 3 * a16 + 64 * q, as);
-      _tile_dpbssd(3, 5, 6);
+  const int64_t a16 = 16 * as, nk = ntap * nkc;
+  if (!w8) expand_tile(mb, buf);
+  const int8_t* pa = a + off[0];
+  for (int64_t k = 0, q = 0, t = 0; k < nk; ++k) {
+    if (w8) {
+      _tile_loadd(6, w8 + k * kTileBytes, 64);
+    } else {
+      if (k + 1 < nk) expand_tile(mb + (k + 1) * kTile, buf + ((k + 1) & 1) * kTileBytes);
+      _tile_loadd(6, buf + (k & 1) * kTileBytes, 64);
+    }
+    _tile_loadd(4, pa + 64 * q, as);
+    _tile_dpbssd(0, 4, 6);
+    _tile_loadd(5, pa + a16 + 64 * q, as);
+    _tile_dpbssd(1, 5, 6);
+    _tile_loadd(4, pa + 2 * a16 + 64 * q, as);
+    _tile_dpbssd(2, 4, 6);
+    _tile_loadd(5, pa + 3 * a16 + 64 * q, as);
+    _tile_dpbssd(3, 5, 6);
+    if (++q == nkc) {
+      q = 0;
+      if (++t < ntap) pa = a + off[t];
     }
   }
   const int64_t c16 = 16 * (cs / 4);
@@ -319,43 +347,49 @@ void amx_conv_block(const ConvPlan& p, const int8_t* img, int64_t n, int64_t blk
   if (M <= kSmallBlock) {
     for (int64_t m = 0; m < M; m += 64)
       for (int64_t ob = 0; ob < nob; ++ob)
-        tile_4x1(base(P0 + m), as, offs, g.taps, g.nkc, p.wamx + ob * tiles * kTile, bscr, dot + m * Opad + ob * kTile,
-                 cs);
+        tile_4x1(base(P0 + m), as, offs, g.taps, g.nkc, p.wamx + ob * tiles * kTile,
+                 p.wamx8 ? p.wamx8 + ob * tiles * kTileBytes : nullptr, bscr, dot + m * Opad + ob * kTile, cs);
   } else {
     for (int64_t ob = 0; ob < nob; ob += 2) {
       const bool two = ob + 1 < nob;
-      const uint64_t* m0 = p.wamx + ob * tiles * kTile;
-      for (int64_t i = 0; i < (two ? 2 * tiles : tiles); ++i) expand_tile(m0 + i * kTile, bscr + i * kTileBytes);
+      const int8_t* b0 = bscr;
+      if (p.wamx8) {
+        b0 = p.wamx8 + ob * tiles * kTileBytes;
+      } else {
+        const uint64_t* m0 = p.wamx + ob * tiles * kTile;
+        for (int64_t i = 0; i < (two ? 2 * tiles : tiles); ++i) expand_tile(m0 + i * kTile, bscr + i * kTileBytes);
+      }
       for (int64_t m = 0; m < M; m += 32) {
         const int8_t* a0 = base(P0 + m);
         const int8_t* a1 = base(P0 + m + 16);
         int32_t* c0 = dot + m * Opad + ob * kTile;
         int32_t* c1 = c0 + 16 * Opad;
         if (two)
-          tile_2xN<2>(a0, a1, as, offs, g.taps, g.nkc, bscr, bscr + tapstride, c0, c1, cs);
+          tile_2xN<2>(a0, a1, as, offs, g.taps, g.nkc, b0, b0 + tapstride, c0, c1, cs);
         else
-          tile_2xN<1>(a0, a1, as, offs, g.taps, g.nkc, bscr, nullptr, c0, c1, cs);
+          tile_2xN<1>(a0, a1, as, offs, g.taps, g.nkc, b0, nullptr, c0, c1, cs);
       }
     }
   }
   _tile_release();
   if (offs != off) delete[] offs;
 
-  // the epilogue row by row, straight from the dot products (D = E - Kbits + dot); the general-direction
-  // bits case goes through popcounts (popcount = Kbits/2 - dot/2, dot is even) and the scalar epilogue
+  // the epilogue of the block's rows, straight from the dot products (D = E - Kbits + dot); the
+  // general-direction bits case goes through popcounts (popcount = Kbits/2 - dot/2, dot is even) and the
+  // scalar epilogue, row by row
   const bool direct = !p.bits || p.small_dir;
-  const __m512i kh = _mm512_set1_epi32(static_cast<int>(g.taps * p.Cw * 16 + amx_pad_dot(p) / 2));
-  for (int64_t y = y0; y < y1; ++y) {
-    int32_t* row = dot + (y - y0) * g.V * Opad;
-    if (direct) {
-      epilogue_dot_row_avx512(p, n, y, row);
-      continue;
+  if (direct) {
+    epilogue_dot_rows_avx512(p, n, y0, y1, dot, g.V);
+  } else {
+    const __m512i kh = _mm512_set1_epi32(static_cast<int>(g.taps * p.Cw * 16 + amx_pad_dot(p) / 2));
+    for (int64_t y = y0; y < y1; ++y) {
+      int32_t* row = dot + (y - y0) * g.V * Opad;
+      for (int64_t i = 0; i < p.OW * Opad; i += 16) {
+        const __m512i d = _mm512_loadu_si512(row + i);
+        _mm512_storeu_si512(row + i, _mm512_sub_epi32(kh, _mm512_srai_epi32(d, 1)));
+      }
+      epilogue_scalar(p, n, y, 0, p.OW, row);
     }
-    for (int64_t i = 0; i < p.OW * Opad; i += 16) {
-      const __m512i d = _mm512_loadu_si512(row + i);
-      _mm512_storeu_si512(row + i, _mm512_sub_epi32(kh, _mm512_srai_epi32(d, 1)));
-    }
-    epilogue_scalar(p, n, y, 0, p.OW, row);
   }
   (void)fbuf;
 }

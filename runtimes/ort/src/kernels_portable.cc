@@ -226,12 +226,19 @@ void prepare_plan(ConvPlan& p, ConvStorage& st, const int32_t* e, int64_t NR, in
   p.wt = st.wt.data();
   p.et = st.et.data();
   p.wamx = nullptr;
+  p.wamx8 = nullptr;
   p.etamx = nullptr;
 #if defined(__x86_64__)
   if (amx) {
     st.wamx.assign(static_cast<size_t>(amx_weight_bytes(p)) / 8, 0);
     amx_pack_weights(p, st.wamx.data());
     p.wamx = st.wamx.data();
+    if (const int64_t nb = amx_int8_weight_bytes(p)) {
+      st.wamx8.assign(static_cast<size_t>(nb + 64), 0);
+      int8_t* w8 = st.wamx8.data() + (64 - reinterpret_cast<uintptr_t>(st.wamx8.data()) % 64) % 64;
+      amx_expand_weights(p, w8);
+      p.wamx8 = w8;
+    }
     const int32_t kbits = static_cast<int32_t>(p.KH * p.KW * 32 * p.Cw + amx_pad_dot(p));
     st.etamx.resize(st.et.size());
     for (size_t i = 0; i < st.et.size(); ++i) st.etamx[i] = st.et[i] - kbits;
@@ -274,6 +281,7 @@ void attach_plan(ConvPlan& p, const ConvPlan& q) {
   p.NC = q.NC;
   p.wt = q.wt;
   p.wamx = q.wamx;
+  p.wamx8 = q.wamx8;
   p.et = q.et;
   p.etamx = q.etamx;
   p.small_dir = q.small_dir;

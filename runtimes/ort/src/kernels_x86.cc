@@ -136,45 +136,67 @@ __attribute__((always_inline)) inline __m512i d16(const int32_t* e, const int32_
   return Dot ? _mm512_add_epi32(ev, cv) : _mm512_sub_epi32(ev, _mm512_slli_epi32(cv, 1));
 }
 
+// Output rows [y0, y1) of image n; the counts / dot products of row y, pixel x at pc + ((y - y0)·pc_row + x)·Opad.
 template <bool Dot>
-void epilogue512(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, const int32_t* et) {
+void epilogue512(const ConvPlan& p, int64_t n, int64_t y0, int64_t y1, const int32_t* pc, int64_t pc_row,
+                 const int32_t* et) {
   const int64_t nvec = p.Opad / 16, Opad = p.Opad;
-  const int64_t r = p.rc[y];
   if (p.bits) {
-    uint32_t* out = static_cast<uint32_t*>(p.y) + ((n * p.OH + y) * p.OW) * p.Ow;
-    for (int64_t x = 0; x < p.OW; ++x) {
-      const int32_t* e = et + (r * p.NC + p.cc[x]) * Opad;
-      const int32_t* c = pc + x * Opad;
-      uint32_t* ow = out + x * p.Ow;
-      uint32_t word = 0;
-      for (int64_t v = 0; v < nvec; ++v) {
-        const __m512i d = d16<Dot>(e + 16 * v, c + 16 * v);
-        const __m512i t = _mm512_mullo_epi32(_mm512_loadu_si512(p.p0i + 16 * v), d);
-        const uint32_t m = static_cast<uint32_t>(_mm512_cmpge_epi32_mask(t, _mm512_loadu_si512(p.p1i + 16 * v)));
-        if ((v & 1) == 0) {
-          word = m;
-        } else {
-          ow[v >> 1] = word | (m << 16);
+    for (int64_t y = y0; y < y1; ++y) {
+      const int64_t r = p.rc[y];
+      const int32_t* prow = pc + (y - y0) * pc_row * Opad;
+      uint32_t* out = static_cast<uint32_t*>(p.y) + ((n * p.OH + y) * p.OW) * p.Ow;
+      for (int64_t x = 0; x < p.OW; ++x) {
+        const int32_t* e = et + (r * p.NC + p.cc[x]) * Opad;
+        const int32_t* c = prow + x * Opad;
+        uint32_t* ow = out + x * p.Ow;
+        uint32_t word = 0;
+        for (int64_t v = 0; v < nvec; ++v) {
+          const __m512i d = d16<Dot>(e + 16 * v, c + 16 * v);
+          const __m512i t = _mm512_mullo_epi32(_mm512_loadu_si512(p.p0i + 16 * v), d);
+          const uint32_t m = static_cast<uint32_t>(_mm512_cmpge_epi32_mask(t, _mm512_loadu_si512(p.p1i + 16 * v)));
+          if ((v & 1) == 0) {
+            word = m;
+          } else {
+            ow[v >> 1] = word | (m << 16);
+          }
         }
+        if (nvec & 1) ow[nvec >> 1] = word;
       }
-      if (nvec & 1) ow[nvec >> 1] = word;
     }
     return;
   }
-  // 16 pixels × 16 channels at a time (the last pixel block masked), transposed in registers, run through
-  // the fused chain and stored straight into the NCHW planes
+  // 16 output pixels × 16 channels at a time, transposed in registers, run through the fused chain and
+  // stored straight into the NCHW planes. The pixels run over all rows [y0, y1) as one flat range (the
+  // rows are consecutive in every plane), so only the range's last vector is partial (7×7 maps: 4 vectors
+  // instead of 7 half-empty ones). The fused PackSign compares the same registers and ORs channel c's bit
+  // into 16 pixel lanes, one packed word per two channel vectors.
   float* out = static_cast<float*>(p.y);
-  const int64_t plane = p.OH * p.OW;
-  for (int64_t x0 = 0; x0 < p.OW; x0 += 16) {
-    const int64_t cnt = p.OW - x0 < 16 ? p.OW - x0 : 16;
+  const int64_t plane = p.OH * p.OW, Ow = (p.O + 31) / 32, total = (y1 - y0) * p.OW;
+  const __m512i lane = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int>(Ow)));
+  uint32_t* bits0 = p.ybits ? p.ybits + (n * plane + y0 * p.OW) * Ow : nullptr;
+  int64_t gy = y0, gx = 0;  // row and column of the group's first pixel
+  for (int64_t f0 = 0; f0 < total; f0 += 16) {
+    const int64_t cnt = total - f0 < 16 ? total - f0 : 16;
     const __mmask16 m = static_cast<__mmask16>(cnt == 16 ? 0xffffu : (1u << cnt) - 1u);
+    const int32_t* ep[16];
+    const int32_t* cp[16];
+    for (int64_t q = 0; q < cnt; ++q) {
+      ep[q] = et + (p.rc[gy] * p.NC + p.cc[gx]) * Opad;
+      cp[q] = pc + ((gy - y0) * pc_row + gx) * Opad;
+      if (++gx == p.OW) {
+        gx = 0;
+        ++gy;
+      }
+    }
+    __m512i word = _mm512_setzero_si512();
     for (int64_t v = 0; v < nvec; ++v) {
       const __m512 s0 = _mm512_loadu_ps(p.p0f + 16 * v), s1 = _mm512_loadu_ps(p.p1f + 16 * v);
       __m512 t[16];
       for (int q = 0; q < 16; ++q) {
         if (q < cnt) {
-          const int32_t* e = et + (r * p.NC + p.cc[x0 + q]) * Opad + 16 * v;
-          const __m512i d = d16<Dot>(e, pc + (x0 + q) * Opad + 16 * v);
+          const __m512i d = d16<Dot>(ep[q] + 16 * v, cp[q] + 16 * v);
           t[q] = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), s0), s1);
         } else {
           t[q] = _mm512_setzero_ps();
@@ -182,20 +204,30 @@ void epilogue512(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, con
       }
       transpose16(t);
       const int64_t o0 = 16 * v, oend = p.O - o0 < 16 ? p.O - o0 : 16;
-      const int64_t off = (n * p.O + o0) * plane + y * p.OW + x0;
+      const int64_t off = (n * p.O + o0) * plane + y0 * p.OW + f0;
       float* dst = out + off;
-      if (p.nchain) {
-        const float* res = p.res ? p.res + off : nullptr;
-        for (int64_t j = 0; j < oend; ++j)
-          _mm512_mask_storeu_ps(dst + j * plane, m, chain16(p, t[j], o0 + j, res ? res + j * plane : nullptr, m));
-      } else {
+      if (!p.nchain && !bits0) {
         for (int64_t j = 0; j < oend; ++j) _mm512_mask_storeu_ps(dst + j * plane, m, t[j]);
+        continue;
+      }
+      const float* res = p.res ? p.res + off : nullptr;
+      for (int64_t j = 0; j < oend; ++j) {
+        const __m512 val = p.nchain ? chain16(p, t[j], o0 + j, res ? res + j * plane : nullptr, m) : t[j];
+        _mm512_mask_storeu_ps(dst + j * plane, m, val);
+        if (bits0) {
+          const __m512 th = _mm512_set1_ps(p.tpack ? p.tpack[o0 + j] : 0.0f);
+          word = _mm512_mask_or_epi32(word, _mm512_cmp_ps_mask(val, th, _CMP_GE_OQ), word,
+                                      _mm512_set1_epi32(static_cast<int>(1u << ((o0 + j) & 31))));
+        }
+      }
+      if (bits0 && ((v & 1) || v + 1 == nvec)) {  // word v / 2 of the 16 pixels complete
+        uint32_t* yo = bits0 + f0 * Ow + (v >> 1);
+        if (Ow == 1) _mm512_mask_storeu_epi32(yo, m, word);
+        else _mm512_mask_i32scatter_epi32(yo, m, lane, word, 4);
+        word = _mm512_setzero_si512();
       }
     }
   }
-  if (p.ybits)  // the fused PackSign of the finished row, while it is in L1
-    pack_sign_strided_avx512(out + n * p.O * plane + y * p.OW, plane, p.tpack, p.O, p.OW,
-                             p.ybits + (n * p.OH + y) * p.OW * ((p.O + 31) / 32));
 }
 
 }  // namespace
@@ -205,11 +237,12 @@ void epilogue_row_avx512(const ConvPlan& p, int64_t n, int64_t y, const int32_t*
     epilogue_scalar(p, n, y, 0, p.OW, pc);
     return;
   }
-  epilogue512<false>(p, n, y, pc, p.et);
+  epilogue512<false>(p, n, y, y + 1, pc, p.OW, p.et);
 }
 
-void epilogue_dot_row_avx512(const ConvPlan& p, int64_t n, int64_t y, const int32_t* dot) {
-  epilogue512<true>(p, n, y, dot, p.etamx);
+void epilogue_dot_rows_avx512(const ConvPlan& p, int64_t n, int64_t y0, int64_t y1, const int32_t* dot,
+                              int64_t dot_row) {
+  epilogue512<true>(p, n, y0, y1, dot, dot_row, p.etamx);
 }
 
 // PackSign: 16 positions per vector; per channel one compare into a mask and one masked OR of the

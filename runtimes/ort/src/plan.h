@@ -12,6 +12,7 @@ struct ConvStorage {
   std::vector<int32_t> et, etamx, p0i, p1i;
   std::vector<float> p0f, p1f;
   std::vector<uint64_t> wamx;  // AMX B tiles as bit masks
+  std::vector<int8_t> wamx8;   // small weights: the B tiles as ±1 int8 (+ 64 bytes for alignment)
 };
 
 // Expects p.{Cw, O, KH, KW, w, bits} set (the rest of p is not read); fills K, Opad, NC, wt, et, wamx + etamx
