@@ -353,3 +353,51 @@ def test_graph_fuses_chain_into_amx_conv(stride, bit_weights, monkeypatch):
         un = compile_model(m, batch_size=2, fuse=False).run(x)
         assert np.array_equal(got.view(np.uint32), want[out].view(np.uint32)), out
         assert np.array_equal(got.view(np.uint32), un.view(np.uint32)), out
+
+
+@pytest.mark.parametrize("v1_is_output", [False, True])
+def test_residual_written_in_place_only_when_dead(v1_is_output, monkeypatch):
+    """Two residual blocks (conv → + residual): the second block's AMX kernel writes its float result over the
+    first block's output v1 (call_tir_inplace), which nothing reads afterwards — unless v1 is also a graph
+    output. Never over the model input. Outputs equal NumPy's op-by-op result either way."""
+    from onnx import TensorProto as TP
+    from onnx import helper as oh
+    from onnx import numpy_helper as nh
+
+    from bnnc.ops import DOMAIN
+    from bnnc.runtimes.tvm import graph as G
+    from tests.test_tvm_runtime import _conv_inputs
+
+    if not amx.target_has_amx(None) or not amx.enabled():
+        pytest.skip("host target without AMX, or BNNC_TVM_AMX=0")
+    monkeypatch.setattr(amx, "MIN_INPUT_POSITIONS", 0)
+    rng = np.random.default_rng(31)
+    c, h = 64, 9
+    inits = {}
+    for b in ("1", "2"):
+        args, at = _conv_inputs(rng, 1, c, h, h, c, 3, 1, 1, "float")
+        inits.update({nm + b: a for nm, a in zip(["w", "e", "rc", "cc", "p0", "p1"], args[1:])})
+    battrs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in at.items()}
+    conv = lambda b, xin, out: oh.make_node(  # noqa: E731
+        "BinaryConv2dPacked", [xin] + [nm + b for nm in ["w", "e", "rc", "cc", "p0", "p1"]], [out],
+        name="bconv" + b, domain=DOMAIN, **battrs)
+    nodes = [oh.make_node("PackSign", ["x"], ["pk0"], domain=DOMAIN), conv("1", "pk0", "c1"),
+             oh.make_node("Add", ["c1", "x"], ["v1"]), oh.make_node("PackSign", ["v1"], ["pk1"], domain=DOMAIN),
+             conv("2", "pk1", "c2"), oh.make_node("Add", ["c2", "v1"], ["y"])]
+    outs = [oh.make_tensor_value_info("y", TP.FLOAT, None)]
+    if v1_is_output:
+        outs.append(oh.make_tensor_value_info("v1", TP.FLOAT, None))
+    model = oh.make_model(oh.make_graph(nodes, "two_blocks", [oh.make_tensor_value_info("x", TP.FLOAT, [2, c, h, h])],
+                                       outs, [nh.from_array(np.asarray(v), k) for k, v in inits.items()]),
+                          opset_imports=[oh.make_opsetid("", 18), oh.make_opsetid(DOMAIN, 1)], ir_version=10)
+    t = G._Translator(model, 2, "x86")
+    t.target = None
+    t.run()
+    assert [ch["inplace"] for ch in t.fused_chains] == [False, not v1_is_output]  # block 1 reads x: never
+    x = rng.standard_normal((2, c, h, h)).astype(np.float32)
+    g = lambda b: [inits[nm + b] for nm in ["w", "e", "rc", "cc", "p0", "p1"]]  # noqa: E731
+    v1 = ref.binary_conv2d_packed(ref.pack_sign(x), *g("1"), **at) + x
+    y = ref.binary_conv2d_packed(ref.pack_sign(v1), *g("2"), **at) + v1
+    x_copy = x.copy()
+    got = G.compile_model(model, batch_size=2).run(x)
+    assert np.array_equal(got, y) and np.array_equal(x, x_copy)

@@ -162,6 +162,7 @@ class _Translator:
         self.values: dict[str, Any] = {}  # name → relax expr
         self.consts: dict[str, np.ndarray] = {}  # name → numpy value (initializers, Constant nodes)
         self.nfunc = 0
+        self.owned: list = []  # Relax vars of kernel outputs (fresh tensors: may be overwritten in place)
         self.kernels: dict[tuple, list] = {}  # (base, structural hash) → [(GlobalVar, PrimFunc)]
         self.orig_batch = None
         # real (float) layers get bnnc's scheduled CPU kernels; CUDA keeps legalization + dlight
@@ -200,8 +201,10 @@ class _Translator:
             return self.bb.emit_te(K.multiply_te, x, y, self.family, primfunc_name_hint="multiply")
         return self.emit(relax.op.multiply(x, y))
 
-    def call_kernel(self, func, base: str, args, out_shape, out_dtype):
-        """``call_tir`` of a (shared) kernel; ``out_shape``/``out_dtype`` may be lists (several outputs)."""
+    def call_kernel(self, func, base: str, args, out_shape, out_dtype, inplace=None):
+        """``call_tir`` of a (shared) kernel; ``out_shape``/``out_dtype`` may be lists (several outputs).
+        ``inplace``: per output, the index of the argument it is written over (-1: a new tensor) —
+        ``call_tir_inplace``; only for arguments :meth:`_dead_after` vouches for."""
         # one PrimFunc per distinct kernel: layers of the same shape (a ResNet stage) share their code,
         # which divides the LLVM work of compile time (weights are arguments, not part of the kernel)
         key = (base, tvm_ffi.structural_hash(func))
@@ -215,13 +218,41 @@ class _Translator:
             gv = self.bb.add_func(func.with_attr("global_symbol", name), name)
             self.kernels.setdefault(key, []).append((gv, func))
             self.nfunc += 1
+        def call(sinfo):
+            if inplace is None:
+                return relax.call_tir(gv, list(args), sinfo)
+            return relax.op.call_tir_inplace(gv, list(args), list(inplace), sinfo)
+
         if isinstance(out_dtype, (list, tuple)):
             sinfo = [relax.TensorType(s, d) for s, d in zip(out_shape, out_dtype)]
             if len(sinfo) == 1:
-                return [self.emit(relax.call_tir(gv, list(args), sinfo[0]))]
-            res = self.emit(relax.call_tir(gv, list(args), sinfo))
-            return [self.emit(relax.TupleGetItem(res, k)) for k in range(len(sinfo))]
-        return self.emit(relax.call_tir(gv, list(args), relax.TensorType(out_shape, out_dtype)))
+                outs = [self.emit(call(sinfo[0]))]
+            else:
+                res = self.emit(call(sinfo))
+                outs = [self.emit(relax.TupleGetItem(res, k)) for k in range(len(sinfo))]
+            self.owned += outs
+            return outs
+        out = self.emit(call(relax.TensorType(out_shape, out_dtype)))
+        self.owned.append(out)
+        return out
+
+    def _dead_after(self, name: str, plan: dict) -> bool:
+        """Whether value ``name`` may be overwritten by the kernel of ``plan`` (emitted now): a tensor one of
+        our kernels made (not the model input, a constant or a view), bound to no other name, not a graph
+        output, and every reader is in ``plan`` or already translated (none in a chain still pending)."""
+        var = self.values.get(name)
+        if var is None or name in self.graph_outputs or not any(var.same_as(o) for o in self.owned):
+            return False
+        if sum(1 for v in self.values.values() if v.same_as(var)) != 1:
+            return False
+        pending = set()
+        for p in self.deferred.values():
+            pending.update(p["nodes"])
+            pending.add(p["conv"])
+            if p["pack"] is not None:
+                pending.add(p["pack"])
+        mine = set(plan["nodes"])
+        return all(j in mine or (j < self.cur and j not in pending) for j in self.consumers.get(name, []))
 
     # -- driver --------------------------------------------------------------------------------
     def run(self):
@@ -584,11 +615,20 @@ class _Translator:
             if len(pn.input) > 1 and pn.input[1]:
                 with_t = True
                 args.append(self.const(pn.input[1], "float32"))
+        inplace = None
         if ac is not None:
+            if ac["layout"] == "amx" and plan["want_float"]:
+                # the float result over a residual operand nothing reads afterwards: one buffer for the
+                # residual stream instead of two (amx.binary_conv2d_amx_chain_primfunc, inplace)
+                for k, e in enumerate(plan["extras"]):
+                    if isinstance(e, str) and list(shapes[k]) == list(shape) and self._dead_after(e, plan):
+                        inplace = k
+                        break
             f = K.binary_conv2d_packed_chain_primfunc(ac["xs"], ac["ws"], ac["es"], extra_shapes=shapes,
                                                       steps=plan["steps"], want_float=plan["want_float"],
                                                       pack=pack is not None, with_threshold=with_t,
-                                                      weight_layout=ac["layout"], target=self.family, **ac["attrs"])
+                                                      weight_layout=ac["layout"], target=self.family,
+                                                      inplace=inplace, **ac["attrs"])
             args = list(ac["args"]) + args[1:]
             base = "chain_pack_bconv" if pack is not None else "chain_bconv"  # the chain fused into the conv
         else:
@@ -602,7 +642,10 @@ class _Translator:
         if pack is not None:
             oshapes.append([shape[0], shape[2], shape[3], K.num_words(shape[1])])
             odtypes.append("uint32")
-        outs = self.call_kernel(f, base, args, oshapes, odtypes)
+        ip = None
+        if inplace is not None:  # the float output aliases argument 7 + k (after X, W, E, RC, CC, P0, P1)
+            ip = [7 + inplace] + ([-1] if pack is not None else [])
+        outs = self.call_kernel(f, base, args, oshapes, odtypes, inplace=ip)
         k = 0
         if plan["want_float"]:
             self.values[plan["value"]] = outs[0]
@@ -612,7 +655,7 @@ class _Translator:
         self.fused_chains.append(dict(conv=g.node[plan["conv"]].name, ops=[g.node[j].op_type for j in plan["nodes"]],
                                       steps=[s[0] for s in plan["steps"]], pack=pack is not None,
                                       float_out=plan["want_float"], amx=ac is not None and ac["layout"] == "amx",
-                                      in_conv=ac is not None))
+                                      in_conv=ac is not None, inplace=inplace is not None))
 
     # -- standard ONNX ops ------------------------------------------------------------------------
     def op_Identity(self, node, a):

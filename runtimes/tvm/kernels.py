@@ -874,7 +874,7 @@ def _has_block(sch, name: str) -> bool:
 def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels, kernel_shape, strides, pads,
                                         dilations, extra_shapes=(), steps=(), want_float=True, pack=False,
                                         with_threshold=False, weight_layout: str = "OHWC", target=None,
-                                        **_ignored) -> tirx.PrimFunc:
+                                        inplace: int | None = None, **_ignored) -> tirx.PrimFunc:
     """A float-output ``BinaryConv2dPacked`` followed by the element-wise chain ``steps`` over operands of
     ``extra_shapes`` (:data:`CHAIN_OPS`, semantics of :func:`chain_value_te`) and the ``PackSign``
     (``v >= T[c]``, T = 0 without threshold) of the result, as one x86 kernel.
@@ -883,7 +883,7 @@ def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channe
     float32, the chain's value) when ``want_float``, ``Ybits`` (NHWC uint32 words) when ``pack``. W as
     ``weight_layout`` says (:func:`conv_weight_layout`; ``"amx"``: the AMX kernel with the chain fused,
     :func:`runtimes.tvm.amx.binary_conv2d_amx_chain_primfunc`). Bit-identical to the float conv followed by
-    :func:`chain_pack_primfunc`."""
+    :func:`chain_pack_primfunc`. ``inplace`` (AMX kernel only): the float result over chain operand ``k``."""
     attrs = {"out_channels": out_channels, "kernel_shape": kernel_shape, "strides": strides, "pads": pads,
              "dilations": dilations}
     if not (want_float or pack):
@@ -893,7 +893,9 @@ def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channe
 
         return binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, extra_shapes=extra_shapes, steps=steps,
                                                 want_float=want_float, pack=pack, with_threshold=with_threshold,
-                                                **attrs)
+                                                inplace=inplace, **attrs)
+    if inplace is not None:
+        raise ValueError("binary_conv2d_packed_chain_primfunc: inplace only with the AMX kernel")
     fam = _family(target)
     if fam != "x86":
         raise ValueError(f"binary_conv2d_packed_chain_primfunc: x86 schedules only (target family {fam!r}); "
