@@ -300,10 +300,27 @@ def _geometry(x_shape, w_shape, strides, pads, dilations, *, mb=None, og=None, w
     return g
 
 
+def _plane_source(row, c, g, h, w):
+    """Where position ``c`` of phase-plane row ``row`` (image i, phase ph, plane row pr) reads the packed input:
+    padded row pr·sh + ph // sw, column c·sw + ph % sw. Returns ``(i, ph, inside, pixel)``, ``pixel`` clamped
+    into the image (its value is used only ``inside``)."""
+    from tvm import tirx
+
+    nph, lrows, sh, sw, pt, pl = (g[k] for k in ("nph", "lrows", "sh", "sw", "pt", "pl"))
+    i = row // (nph * lrows)
+    ph = row // lrows % nph
+    yy = row % lrows * sh + ph // sw - pt
+    xx = c * sw + ph % sw - pl
+    inside = tirx.And(tirx.And(yy >= 0, yy < h), tirx.And(xx >= 0, xx < w))
+    pix = (i * h + tirx.max(tirx.min(yy, h - 1), 0)) * w + tirx.max(tirx.min(xx, w - 1), 0)
+    return i, ph, inside, pix
+
+
 def _amx_macros(g, h, w, cw):
     """TVMScript fragments both AMX kernels use, closed over the geometry ``g`` of :func:`_geometry`:
 
     * ``tile_config(cfg)``: palette 1, eight 16 × 64-byte tiles, loaded (``cfg``: 64 bytes, 64-aligned);
+    * ``zero_tiles()``: the accumulator tiles tmm0-3 set to 0;
     * ``unpack_rows(img, Xf, X64)``: the packed input (``Xf`` its uint32 words, ``X64`` the same memory as
       uint64) as one row of CB bytes (±1) per position of each phase plane: pixels in the A tile rows;
     * ``gemm_bitweights(img, Wq, acc, ti, tg, tp)``: the int32 block ``acc[pixel][channel]`` of task (image
@@ -314,7 +331,7 @@ def _amx_macros(g, h, w, cw):
     from tvm.script import tirx as T
 
     n, nph, lrows, rl, nkc, cb = (g[k] for k in ("n", "nph", "lrows", "rl", "nkc", "cb"))
-    sh, sw, pt, pl, dh, dw, kw = (g[k] for k in ("sh", "sw", "pt", "pl", "dh", "dw", "kw"))
+    sh, sw, dh, dw, kw = (g[k] for k in ("sh", "sw", "dh", "dw", "kw"))
     taps, og, mb, lpos = g["taps"], g["og"], g["mb"], g["lpos"]
     nrows = n * nph * lrows
     x64 = cw % 2 == 0
@@ -332,17 +349,18 @@ def _amx_macros(g, h, w, cw):
         T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0]))
 
     @T.macro
+    def zero_tiles():  # the four accumulator tiles tmm0-3
+        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0))
+        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1))
+        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2))
+        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3))
+
+    @T.macro
     def unpack_rows(img, Xf, X64):
-        # image i, phase ph, plane row pr → padded row pr*sh + ph//sw, columns c*sw + ph%sw
         for row in T.parallel(nrows):
             for c in range(rl):
                 for q in range(nkc):
-                    i = T.meta_var(row // (nph * lrows))
-                    ph = T.meta_var(row // lrows % nph)
-                    yy = T.meta_var(row % lrows * sh + ph // sw - pt)
-                    xx = T.meta_var(c * sw + ph % sw - pl)
-                    inside = T.meta_var(T.And(T.And(yy >= 0, yy < h), T.And(xx >= 0, xx < w)))
-                    pix = T.meta_var((i * h + T.max(T.min(yy, h - 1), 0)) * w + T.max(T.min(xx, w - 1), 0))
+                    _i, _ph, inside, pix = T.meta_var(_plane_source(row, c, g, h, w))
                     if x64:
                         m = T.meta_var(T.if_then_else(inside, X64[pix * cw64 + q], T.uint64(0)))
                     else:
@@ -367,10 +385,7 @@ def _amx_macros(g, h, w, cw):
                     .astype(i8) * T.Broadcast(T.int8(2), 64) - T.Broadcast(T.int8(1), 64))
         for cp in range(og // _TILE):
             for pp in range(mb // 64):
-                T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0))
-                T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1))
-                T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2))
-                T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3))
+                zero_tiles()
                 for t in range(taps):
                     for q in range(nkc):
                         gk = T.meta_var((cp * (mb // 64) + pp) * taps + t)  # tap blocks so far: slot gk % 2
@@ -413,7 +428,7 @@ def _amx_macros(g, h, w, cw):
                                    acc.access_ptr("w", offset=(pp * 64 + 48) * og + cp * _TILE,
                                                   extent=16 * og), T.int64(og * 4))
 
-    return tile_config, unpack_rows, gemm_bitweights
+    return tile_config, zero_tiles, unpack_rows, gemm_bitweights
 
 
 def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kernel_shape, strides, pads,
@@ -443,9 +458,8 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
         raise ValueError(f"BinaryConv2dPacked: E must be [O, R, C], got {list(e_shape)}")
     nr, nc = e_shape[1], e_shape[2]
     oh, ow, rl, nph, cb, nkc = g["oh"], g["ow"], g["rl"], g["nph"], g["cb"], g["nkc"]
-    opad, taps, og, mb, npb, ncg, lrows, lpos = (g[k] for k in ("opad", "taps", "og", "mb", "npb", "ncg",
-                                                                "lrows", "lpos"))
-    sh, sw, pt, pl, dh, dw = (g[k] for k in ("sh", "sw", "pt", "pl", "dh", "dw"))
+    opad, taps, og, mb, npb, ncg, lpos = (g[k] for k in ("opad", "taps", "og", "mb", "npb", "ncg", "lpos"))
+    sh, sw, dh, dw = (g[k] for k in ("sh", "sw", "dh", "dw"))
     kbits = taps * WORD * cw + g["kpad"]
     nwo = num_words(o)
     wshape = (opad // _TILE, taps, nkc, _TILE) if wbits else (opad // _TILE, taps, nkc, _TILE, _TILE, 4)
@@ -454,7 +468,7 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
     cw64 = max(1, cw // 2)
     nimg = n * nph * lpos * cb
     ntask = n * npb * ncg
-    tile_config, unpack_rows, gemm_bitweights = _amx_macros(g, h, w, cw)
+    tile_config, zero_tiles, unpack_rows, gemm_bitweights = _amx_macros(g, h, w, cw)
 
     @T.prim_func
     def amx_conv(X: T.Buffer((n, h, w, cw), "uint32"), Wt: T.Buffer(wshape, wdt),
@@ -502,10 +516,7 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
             else:
                 for cp in range(og // 32):
                     for pp in range(mb // 32):
-                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0))
-                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1))
-                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2))
-                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3))
+                        zero_tiles()
                         for a in range(kh):
                             for b in range(kw):
                                 for q in range(nkc):
@@ -643,7 +654,7 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     # the buffer the float result is written to: YF, the operand written over, or (no float output) any
     ysrc = int(inplace) if inplace is not None else _MAX_EXTRAS if want_float else _MAX_EXTRAS + 1
     opad, taps, og, mb, npb, ncg, lrows = (g[k] for k in ("opad", "taps", "og", "mb", "npb", "ncg", "lrows"))
-    sh, sw, pt, pl, dh, dw = (g[k] for k in ("sh", "sw", "pt", "pl", "dh", "dw"))
+    sh, sw, dh, dw = (g[k] for k in ("sh", "sw", "dh", "dw"))
     lp = _round_up(g["lpos"], _TILE)  # positions per plane (multiple of 16 for the vector unpack)
     kbits = taps * WORD * cw + g["kpad"]
     nwo = num_words(o)
@@ -657,7 +668,7 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     # B operand of 4 consecutive products), on the bits kernel's image, then transposes the int32 block
     cw64 = max(1, cw // 2)
     lpos = g["lpos"]
-    tile_config, unpack_rows, gemm_bitweights = _amx_macros(g, h, w, cw)
+    tile_config, zero_tiles, unpack_rows, gemm_bitweights = _amx_macros(g, h, w, cw)
     nimg8 = n * nph * lpos * cb if wbits else nquads * lp * 4
     nwpl = 1 if wbits else n * nph * cwq * lp
     ntask = n * npb * ncg
@@ -704,19 +715,14 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
         if wbits:
             unpack_rows(img8, Xf, X64)
         else:
-            # word planes: image i, phase ph, word wq, position (plane row pr, column c) → padded row
-            # pr*sh + ph//sw, column c*sw + ph%sw (0 outside the image and for words >= cw)
+            # word planes: image i, phase ph, word wq, position (plane row, column c) (0 outside the image and
+            # for words >= cw)
             for row in T.parallel(nrows):
                 for c in range(rl):
                     for wq in range(cwq):
-                        i = T.meta_var(row // (nph * lrows))
-                        ph = T.meta_var(row // lrows % nph)
-                        yy = T.meta_var(row % lrows * sh + ph // sw - pt)
-                        xx = T.meta_var(c * sw + ph % sw - pl)
-                        inside = T.meta_var(T.And(T.And(T.And(yy >= 0, yy < h), T.And(xx >= 0, xx < w)), wq < cw))
-                        pix = T.meta_var((i * h + T.max(T.min(yy, h - 1), 0)) * w + T.max(T.min(xx, w - 1), 0))
+                        i, ph, inside, pix = T.meta_var(_plane_source(row, c, g, h, w))
                         wpl[((i * nph + ph) * cwq + wq) * lp + row % lrows * rl + c] = T.if_then_else(
-                            inside, Xf[pix * cw + T.min(wq, cw - 1)], T.uint32(0))
+                            T.And(inside, wq < cw), Xf[pix * cw + T.min(wq, cw - 1)], T.uint32(0))
             # VNNI planes: quad r of chunk q = bits 4r..4r+3 of the chunk → 4 bytes of ±1 per position
             # (nibble · 0x00204081 & 0x01010101 spreads the 4 bits to 4 bytes; 0xFF ^ b·0xFE maps 1 → 1, 0 → -1)
             for t in T.parallel(nquads):
@@ -744,10 +750,7 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
             else:
                 for cp in range(og // 32):
                     for pp in range(mb // 32):
-                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0))
-                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1))
-                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2))
-                        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3))
+                        zero_tiles()
                         for a in range(kh):
                             for b in range(kw):
                                 for q in range(nkc):
