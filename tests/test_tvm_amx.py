@@ -355,11 +355,12 @@ def test_graph_fuses_chain_into_amx_conv(stride, bit_weights, monkeypatch):
         assert np.array_equal(got.view(np.uint32), un.view(np.uint32)), out
 
 
-@pytest.mark.parametrize("v1_is_output", [False, True])
+@pytest.mark.parametrize("v1_is_output", [False, True, "view"])
 def test_residual_written_in_place_only_when_dead(v1_is_output, monkeypatch):
     """Two residual blocks (conv → + residual): the second block's AMX kernel writes its float result over the
     first block's output v1 (call_tir_inplace), which nothing reads afterwards — unless v1 is also a graph
-    output. Never over the model input. Outputs equal NumPy's op-by-op result either way."""
+    output, or an earlier Reshape made a view of it that is read later. Never over the model input. Outputs
+    equal NumPy's op-by-op result either way."""
     from onnx import TensorProto as TP
     from onnx import helper as oh
     from onnx import numpy_helper as nh
@@ -385,7 +386,12 @@ def test_residual_written_in_place_only_when_dead(v1_is_output, monkeypatch):
              oh.make_node("Add", ["c1", "x"], ["v1"]), oh.make_node("PackSign", ["v1"], ["pk1"], domain=DOMAIN),
              conv("2", "pk1", "c2"), oh.make_node("Add", ["c2", "v1"], ["y"])]
     outs = [oh.make_tensor_value_info("y", TP.FLOAT, None)]
-    if v1_is_output:
+    if v1_is_output == "view":  # v1 → Reshape (a view) → added to y after the second block
+        inits["flat"] = np.int64([2, c, h, h])
+        nodes.insert(3, oh.make_node("Reshape", ["v1", "flat"], ["v1r"]))
+        nodes[-1].output[0] = "y0"
+        nodes.append(oh.make_node("Add", ["y0", "v1r"], ["y"]))
+    elif v1_is_output:
         outs.append(oh.make_tensor_value_info("v1", TP.FLOAT, None))
     model = oh.make_model(oh.make_graph(nodes, "two_blocks", [oh.make_tensor_value_info("x", TP.FLOAT, [2, c, h, h])],
                                        outs, [nh.from_array(np.asarray(v), k) for k, v in inits.items()]),
@@ -398,6 +404,8 @@ def test_residual_written_in_place_only_when_dead(v1_is_output, monkeypatch):
     g = lambda b: [inits[nm + b] for nm in ["w", "e", "rc", "cc", "p0", "p1"]]  # noqa: E731
     v1 = ref.binary_conv2d_packed(ref.pack_sign(x), *g("1"), **at) + x
     y = ref.binary_conv2d_packed(ref.pack_sign(v1), *g("2"), **at) + v1
+    if v1_is_output == "view":
+        y = y + v1
     x_copy = x.copy()
     got = G.compile_model(model, batch_size=2).run(x)
     assert np.array_equal(got, y) and np.array_equal(x, x_copy)

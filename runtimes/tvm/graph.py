@@ -135,6 +135,12 @@ def _dtype(expr) -> str:
     return str(expr.ty.dtype)
 
 
+# standard ops whose translation always writes a new tensor (never a view of an input): a value they read may
+# be overwritten in place afterwards (Translator._dead_after)
+_FRESH_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Neg", "Abs", "Relu", "PRelu", "LeakyRelu", "Clip",
+                        "Sigmoid", "Tanh", "Conv", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean",
+                        "BatchNormalization", "Gemm", "MatMul", "Slice", "Pad", "Concat"})
+
 # x86: the chain after a float-output popcount conv runs in the conv's epilogue (one kernel); False: the
 # conv, then a chain_pack kernel (kept for comparisons)
 _POPFUSE = True
@@ -252,7 +258,17 @@ class _Translator:
             if p["pack"] is not None:
                 pending.add(p["pack"])
         mine = set(plan["nodes"])
-        return all(j in mine or (j < self.cur and j not in pending) for j in self.consumers.get(name, []))
+        for j in self.consumers.get(name, []):
+            if j in mine:
+                continue
+            nd = self.graph.node[j]
+            if j >= self.cur or j in pending:
+                return False
+            # an earlier reader must have made its own tensor: a view (Reshape, Flatten, ...) of this one
+            # would still see the overwrite
+            if nd.domain != BNNC_DOMAIN and not ((nd.domain or "") in _ONNX_DOMAINS and nd.op_type in _FRESH_OPS):
+                return False
+        return True
 
     # -- driver --------------------------------------------------------------------------------
     def run(self):
