@@ -146,10 +146,6 @@ def _round_up(a: int, m: int) -> int:
     return -(-a // m) * m
 
 
-def _out_size(size, k, stride, pb, pe, dil=1):
-    return (size + pb + pe - dil * (k - 1) - 1) // stride + 1
-
-
 MIN_INPUT_POSITIONS = 100  # smaller input planes stay on the popcount kernels (see use_amx)
 
 
@@ -169,10 +165,10 @@ def use_amx(x_shape, w_shape, *, strides, pads, dilations, target=None) -> bool:
     o, kh, kw, _ = [int(s) for s in w_shape]
     if kh * kw == 1 or cw < 2 or o < 32 or h * w < MIN_INPUT_POSITIONS:
         return False
-    sh, sw = [int(v) for v in strides]
-    pt, pl, pb, pr = [int(v) for v in pads]
-    dh, dw = [int(v) for v in dilations]
-    return _out_size(h, kh, sh, pt, pb, dh) >= 1 and _out_size(w, kw, sw, pl, pr, dw) >= 1
+    from .kernels import conv_geometry
+
+    oh, ow = conv_geometry(h, w, kh, kw, strides, pads, dilations)[3]
+    return oh >= 1 and ow >= 1
 
 
 # int8 weights above this size (bytes) are kept as bits and expanded tile by tile (see weight_bits)
@@ -257,12 +253,11 @@ ACC_BYTES_FLOAT_LARGE = 48 * 1024  # planes of >= 2048 positions
 
 
 def _geometry(x_shape, w_shape, strides, pads, dilations, *, mb=None, og=None, wbits=False, float_out=False):
+    from .kernels import conv_geometry
+
     n, h, w, cw = [int(s) for s in x_shape]
     o, kh, kw, _ = [int(s) for s in w_shape]
-    sh, sw = [int(v) for v in strides]
-    pt, pl, pb, pr = [int(v) for v in pads]
-    dh, dw = [int(v) for v in dilations]
-    oh, ow = _out_size(h, kh, sh, pt, pb, dh), _out_size(w, kw, sw, pl, pr, dw)
+    (sh, sw), (pt, pl, _, pr), (dh, dw), (oh, ow) = conv_geometry(h, w, kh, kw, strides, pads, dilations)
     if oh < 1 or ow < 1:
         raise ValueError(f"BinaryConv2dPacked: empty output {oh}x{ow}")
     wp = w + pl + pr

@@ -610,12 +610,11 @@ class _Translator:
             if isinstance(e, str):
                 val = self.get(e)
                 es = _shape(val)
-                ok = ok and _dtype(val) == "float32" and len(es) <= len(shape) and all(
-                    a in (1, b) for a, b in zip(es, shape[len(shape) - len(es):]))
+                ok = ok and _dtype(val) == "float32" and K.broadcasts_to(es, shape)
                 args.append(val)
                 shapes.append(es)
             else:
-                ok = ok and e.ndim <= len(shape) and all(a in (1, b) for a, b in zip(e.shape, shape[len(shape) - e.ndim:]))
+                ok = ok and K.broadcasts_to(e.shape, shape)
                 args.append(self.const(e))
                 shapes.append(list(e.shape))
         if not ok:  # an operand that does not broadcast to the conv output (or is not float32): op by op

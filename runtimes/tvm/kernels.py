@@ -51,6 +51,15 @@ def _out_size(size, k, stride, pb, pe, dil=1):
     return (size + pb + pe - dil * (k - 1) - 1) // stride + 1
 
 
+def conv_geometry(h, w, kh, kw, strides, pads, dilations):
+    """The attributes of a 2-D conv as ints and its output size:
+    ``((sh, sw), (pt, pl, pb, pr), (dh, dw), (oh, ow))``."""
+    sh, sw = [int(v) for v in strides]
+    pt, pl, pb, pr = [int(v) for v in pads]
+    dh, dw = [int(v) for v in dilations]
+    return (sh, sw), (pt, pl, pb, pr), (dh, dw), (_out_size(h, kh, sh, pt, pb, dh), _out_size(w, kw, sw, pl, pr, dw))
+
+
 def _u32(v: int):
     return tirx.const(int(v) & 0xFFFFFFFF, "uint32")
 
@@ -142,6 +151,12 @@ def _bcast_index(shape, out_rank, idx):
     return [0 if int(s) == 1 else idx[off + d] for d, s in enumerate(shape)]
 
 
+def broadcasts_to(shape, target) -> bool:
+    """Whether an operand of ``shape`` broadcasts (NumPy rules, right-aligned) to ``target`` without changing it."""
+    shape, target = [int(v) for v in shape], [int(v) for v in target]
+    return len(shape) <= len(target) and all(a in (1, b) for a, b in zip(shape, target[len(target) - len(shape):]))
+
+
 def chain_value_te(Y: te.Tensor, extras, steps, name: str = "chain", fence: bool = False,
                    family: str = "x86") -> te.Tensor:
     """The float chain applied to ``Y`` (any rank), one TE stage (``fence``, ``family``: see :func:`chain_step`)."""
@@ -149,7 +164,7 @@ def chain_value_te(Y: te.Tensor, extras, steps, name: str = "chain", fence: bool
     rank = len(shape)
     for k, a in enumerate(extras):
         ash = [int(s) for s in a.shape]
-        if len(ash) > rank or any(s not in (1, t) for s, t in zip(ash, shape[rank - len(ash):])):
+        if not broadcasts_to(ash, shape):
             raise ValueError(f"fused chain: operand {k} of shape {ash} does not broadcast to {shape}")
     return te.compute(tuple(shape), lambda *idx: _chain_apply(Y[idx], extras, steps, idx, rank, fence, family),
                       name=name)
@@ -224,7 +239,7 @@ def check_chain(extra_shapes, steps, y_shape) -> list[tuple]:
     yshape = tuple(int(v) for v in y_shape)
     ext_shapes = [tuple(int(v) for v in s) for s in extra_shapes]
     for k, s in enumerate(ext_shapes):
-        if len(s) > len(yshape) or any(a not in (1, b) for a, b in zip(s, yshape[len(yshape) - len(s):])):
+        if not broadcasts_to(s, yshape):
             raise ValueError(f"fused chain: operand {k} of shape {list(s)} does not broadcast to {list(yshape)}")
     for st in steps:
         if st[0] not in CHAIN_OPS:
@@ -461,10 +476,7 @@ def binary_conv2d_packed_te(X, W, E, RC, CC, P0, P1, *, out_channels, kernel_sha
                             dilations, output, **_ignored):
     """TE stages: weight transpose (→ [KH,KW,Cw,Opad]), zero padding, popcount conv, epilogue."""
     n, h, w, cw, o, kh, kw = check_conv_shapes(X.shape, W.shape, out_channels, kernel_shape)
-    sh, sw = [int(v) for v in strides]
-    pt, pl, pb, pr = [int(v) for v in pads]
-    dh, dw = [int(v) for v in dilations]
-    oh, ow = _out_size(h, kh, sh, pt, pb, dh), _out_size(w, kw, sw, pl, pr, dw)
+    (sh, sw), (pt, pl, pb, pr), (dh, dw), (oh, ow) = conv_geometry(h, w, kh, kw, strides, pads, dilations)
     if int(RC.shape[0]) != oh or int(CC.shape[0]) != ow:
         raise ValueError(f"BinaryConv2dPacked: RowClass/ColClass lengths {RC.shape}/{CC.shape} "
                          f"do not match the output size {oh}x{ow}")
@@ -692,10 +704,7 @@ def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, ke
     fam = _family(target)
     n, h, w, cw = [int(s) for s in x_shape]
     o, kh, kw, _ = [int(s) for s in w_shape]
-    sh, sw = [int(v) for v in strides]
-    pt, pl, pb, pr = [int(v) for v in pads]
-    dh, dw = [int(v) for v in dilations]
-    oh, ow = _out_size(h, kh, sh, pt, pb, dh), _out_size(w, kw, sw, pl, pr, dw)
+    (sh, sw), (pt, pl, pb, pr), (dh, dw), (oh, ow) = conv_geometry(h, w, kh, kw, strides, pads, dilations)
     if weight_layout == "amx":  # W = amx.amx_conv_weights(W); AMX-INT8 kernel (runtimes/tvm/amx.py)
         from .amx import binary_conv2d_amx_primfunc
 
@@ -904,10 +913,7 @@ def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channe
         raise ValueError(f"BinaryConv2dPacked: weight_layout must be 'OHWC', 'blocked' or 'amx', "
                          f"got {weight_layout!r}")
     n, h, w, cw, o, kh, kw = check_conv_shapes(x_shape, w_shape, out_channels, kernel_shape)
-    sh, sw = [int(v) for v in strides]
-    pt, pl, pb, pr = [int(v) for v in pads]
-    dh, dw = [int(v) for v in dilations]
-    oh, ow = _out_size(h, kh, sh, pt, pb, dh), _out_size(w, kw, sw, pl, pr, dw)
+    (sh, sw), (pt, pl, pb, pr), (dh, dw), (oh, ow) = conv_geometry(h, w, kh, kw, strides, pads, dilations)
     ext_shapes = check_chain(extra_shapes, steps, (n, o, oh, ow))
     extras = [te.placeholder(s, "float32", name=f"A{k}") for k, s in enumerate(ext_shapes)]
     T = te.placeholder((o,), "float32", name="T") if (pack and with_threshold) else None
