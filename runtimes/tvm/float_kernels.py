@@ -94,6 +94,21 @@ class _Conv:
         self.B = T.arg("B", T.Buffer((self.o,), F32))
         return T.arg("Y", T.Buffer(out_shape, F32))
 
+    @contextlib.contextmanager
+    def frame(self, out_shape):
+        """The kernel around the conv: ``main(X, W, B, Y[out_shape])`` in block form (as Relax's op-pattern
+        analysis expects) with the padded input stage emitted; yields ``(builder, Y)``."""
+        from tvm.script.ir_builder import IRBuilder
+        from tvm.script.ir_builder import tirx as T
+
+        with IRBuilder() as ib, T.prim_func():
+            T.func_name("main")
+            Y = self.emit_args(T, out_shape)
+            T.func_attr(dict(_ATTRS))
+            with T.sblock("root"):
+                self.emit_input(T)
+                yield ib, Y
+
     def emit_input(self, T):
         """The padded phase-split copy where needed (a parallel loop); sets ``self.x_at``."""
         n, c, h, wd, kh, kw, sh, sw = self.n, self.c, self.h, self.wd, self.kh, self.kw, self.sh, self.sw
@@ -179,41 +194,35 @@ def float_conv2d_primfunc(x_shape, w: np.ndarray, bias: np.ndarray | None, strid
     0.146 ms for the former schedule, whose 7-wide rows ran on 8-lane vectors).
 
     Returns ``(primfunc, [weight_blocked, bias], output_shape)``: the constants to pass after the input."""
-    from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
     cv = _Conv(x_shape, w, bias, strides, pads, vec, oc_tile)
     n, o, oh, ow, ot = cv.n, cv.o, cv.oh, cv.ow, cv.ot
     eh, ew = (1, cv.h * cv.wd) if cv.flat else (oh, ow)
     yt, xv = _conv_tiles(eh, ew, vec, ot, row_tile, col_vecs)
-    with IRBuilder() as ib, T.prim_func():
-        T.func_name("main")
-        Y = cv.emit_args(T, (n, o, oh, ow))
-        T.func_attr(dict(_ATTRS))
-        with T.sblock("root"):  # block form, as Relax's op-pattern analysis expects
-            cv.emit_input(T)
-            Yv = T.decl_buffer((n, o, 1, eh * ew), F32, data=Y.data) if cv.flat else Y
+    with cv.frame((n, o, oh, ow)) as (ib, Y):
+        Yv = T.decl_buffer((n, o, 1, eh * ew), F32, data=Y.data) if cv.flat else Y
 
-            def row_block(i, oo, y0, rows):
-                def store(oi, yi, x, t, value):
-                    T.buffer_store(Yv, value, [i, oo * ot + oi, y0 + yi, _ramp(x, t)])
+        def row_block(i, oo, y0, rows):
+            def store(oi, yi, x, t, value):
+                T.buffer_store(Yv, value, [i, oo * ot + oi, y0 + yi, _ramp(x, t)])
 
-                cv.emit_rows(T, i, oo, [y0 + yi for yi in range(rows)], ew, xv, store)
+            cv.emit_rows(T, i, oo, [y0 + yi for yi in range(rows)], ew, xv, store)
 
-            nyt, yrem = divmod(eh, yt)
-            ntask = nyt + (1 if yrem else 0)
-            with T.parallel(0, n * (o // ot) * ntask) as task:
-                i, oo, yo = task // ((o // ot) * ntask), task // ntask % (o // ot), task % ntask
-                if yrem and nyt:
-                    with T.If(yo < nyt):
-                        with T.Then():
-                            row_block(i, oo, yo * yt, yt)
-                        with T.Else():
-                            row_block(i, oo, nyt * yt, yrem)
-                elif yrem:
-                    row_block(i, oo, 0, yrem)
-                else:
-                    row_block(i, oo, yo * yt, yt)
+        nyt, yrem = divmod(eh, yt)
+        ntask = nyt + (1 if yrem else 0)
+        with T.parallel(0, n * (o // ot) * ntask) as task:
+            i, oo, yo = task // ((o // ot) * ntask), task // ntask % (o // ot), task % ntask
+            if yrem and nyt:
+                with T.If(yo < nyt):
+                    with T.Then():
+                        row_block(i, oo, yo * yt, yt)
+                    with T.Else():
+                        row_block(i, oo, nyt * yt, yrem)
+            elif yrem:
+                row_block(i, oo, 0, yrem)
+            else:
+                row_block(i, oo, yo * yt, yt)
     return ib.get(), [cv.wblk, cv.bias], [n, o, oh, ow]
 
 
@@ -278,7 +287,6 @@ def float_conv2d_maxpool_primfunc(x_shape, w: np.ndarray, bias: np.ndarray | Non
     Conv arguments as :func:`float_conv2d_primfunc`, pool ones as :func:`float_maxpool2d_primfunc`
     (floor mode, dilation 1, pads smaller than the window, kernel not smaller than the stride).
     Returns ``(primfunc, [weight_blocked, bias], output_shape)``."""
-    from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
     cv = _Conv(x_shape, w, bias, strides, pads, vec, oc_tile)
@@ -292,49 +300,43 @@ def float_conv2d_maxpool_primfunc(x_shape, w: np.ndarray, bias: np.ndarray | Non
     nband = -(-poh // band)
     chunks = _chunks(ow, vec)
     keep = pkh - psh
-    with IRBuilder() as ib, T.prim_func():
-        T.func_name("main")
-        Y = cv.emit_args(T, (n, o, poh, pow_))
-        T.func_attr(dict(_ATTRS))
-        with T.sblock("root"):  # block form, as Relax's op-pattern analysis expects
-            cv.emit_input(T)
-            with T.parallel(0, n * (o // ot) * nband) as task:
-                i, oo, bo = task // ((o // ot) * nband), task // nband % (o // ot), task % nband
-                win = T.alloc_buffer((ot, pkh, ow), F32, scope="local")  # the conv rows of one window
+    with cv.frame((n, o, poh, pow_)) as (ib, Y), T.parallel(0, n * (o // ot) * nband) as task:
+        i, oo, bo = task // ((o // ot) * nband), task // nband % (o // ot), task % nband
+        win = T.alloc_buffer((ot, pkh, ow), F32, scope="local")  # the conv rows of one window
 
-                def conv_rows(py, first: int):
-                    """conv rows ``first..pkh-1`` of pool row ``py``'s window (clamped to real rows: a
-                    repeated row is in the same window, the max is unchanged)"""
-                    ys = [tirx.max(tirx.min(py * psh - ppt + q, oh - 1), 0) for q in range(first, pkh)]
+        def conv_rows(py, first: int):
+            """conv rows ``first..pkh-1`` of pool row ``py``'s window (clamped to real rows: a
+            repeated row is in the same window, the max is unchanged)"""
+            ys = [tirx.max(tirx.min(py * psh - ppt + q, oh - 1), 0) for q in range(first, pkh)]
 
-                    def store(oi, yi, x, t, value):
-                        T.buffer_store(win, value, [oi, first + yi, _ramp(x, t)])
+            def store(oi, yi, x, t, value):
+                T.buffer_store(win, value, [oi, first + yi, _ramp(x, t)])
 
-                    cv.emit_rows(T, i, oo, ys, ow, 1, store)
+            cv.emit_rows(T, i, oo, ys, ow, 1, store)
 
-                def pool(py):
-                    for oi in range(ot):
-                        vmax = []
-                        for s, t in chunks:
-                            m = None
-                            for q in range(pkh):
-                                v = win[oi, q, _ramp(s, t)]
-                                m = v if m is None else tirx.max(m, v)
-                            vmax.append(m)
-                        for x0, t, m in _pool_columns(vmax, chunks, ow, pow_, pkw, psw, ppl, vec):
-                            T.buffer_store(Y, m, [i, oo * ot + oi, py, _ramp(x0, t)])
+        def pool(py):
+            for oi in range(ot):
+                vmax = []
+                for s, t in chunks:
+                    m = None
+                    for q in range(pkh):
+                        v = win[oi, q, _ramp(s, t)]
+                        m = v if m is None else tirx.max(m, v)
+                    vmax.append(m)
+                for x0, t, m in _pool_columns(vmax, chunks, ow, pow_, pkw, psw, ppl, vec):
+                    T.buffer_store(Y, m, [i, oo * ot + oi, py, _ramp(x0, t)])
 
-                p0 = bo * band
-                conv_rows(p0, 0)
-                pool(p0)
-                with T.serial(1, tirx.min(band, poh - p0)) as dp:
-                    py = p0 + dp
-                    for oi in range(ot):
-                        for q in range(keep):
-                            for s, t in chunks:
-                                T.buffer_store(win, win[oi, q + psh, _ramp(s, t)], [oi, q, _ramp(s, t)])
-                    conv_rows(py, keep)
-                    pool(py)
+        p0 = bo * band
+        conv_rows(p0, 0)
+        pool(p0)
+        with T.serial(1, tirx.min(band, poh - p0)) as dp:
+            py = p0 + dp
+            for oi in range(ot):
+                for q in range(keep):
+                    for s, t in chunks:
+                        T.buffer_store(win, win[oi, q + psh, _ramp(s, t)], [oi, q, _ramp(s, t)])
+            conv_rows(py, keep)
+            pool(py)
     return ib.get(), [cv.wblk, cv.bias], [n, o, poh, pow_]
 
 
