@@ -236,14 +236,6 @@ def test_whole_model_with_amx(tmp_path, monkeypatch):
     assert np.array_equal(TVMModel.load(str(so), tm.meta()).run(x), y)
 
 
-def _run(mod, ins, outs):
-    dev = tvm.cpu()
-    ts = [tvm.runtime.tensor(np.ascontiguousarray(v), dev) for v in ins]
-    os_ = [tvm.runtime.tensor(np.empty(s, d), dev) for s, d in outs]
-    mod(*ts, *os_)
-    return [o.numpy() for o in os_]
-
-
 CHAIN_CASES = [
     # n, c, h, w, o, stride, want_float, with_threshold, bit weights
     (1, 64, 9, 11, 64, 1, True, True, False),
@@ -259,6 +251,8 @@ def test_amx_fused_chain_matches_unfused(case):
     """conv(float) → chain (every step kind, operands of every broadcast shape) → PackSign in the AMX
     epilogue: floats and bits bit-identical to the AMX float conv followed by the chain_pack kernel and to
     NumPy float32; values on a 1/4 grid so that many land exactly on the thresholds (v >= T gives 1)."""
+    from tests.test_tvm_runtime import _run_outs
+
     n, c, h, w, o, s, want_float, with_t, wbits = case
     rng = np.random.default_rng(sum(case[:6]))
     args, attrs = _case(rng, n, c, h, w, o, 3, s, (1, 1, 1, 1), 1, "float")
@@ -294,7 +288,7 @@ def test_amx_fused_chain_matches_unfused(case):
     wf = amx.amx_conv_weights(args[1], "float", bits=wbits)
     pshape = bits_ref.shape
     outs = ([(yshape, "float32")] if want_float else []) + [(pshape, "uint32")]
-    got = _run(fused, [args[0], wf, *args[2:], *extras] + ([thr] if with_t else []), outs)
+    got = _run_outs(fused, [args[0], wf, *args[2:], *extras] + ([thr] if with_t else []), outs)
     # unfused: AMX float conv, then the chain_pack kernel
     kc = K.build_kernel(amx.binary_conv2d_amx_primfunc(args[0].shape, args[1].shape, args[2].shape, wbits=wbits,
                                                        **a), AMX_TARGET)
@@ -303,7 +297,7 @@ def test_amx_fused_chain_matches_unfused(case):
     cp = tvm.compile(tvm.IRModule({"main": K.chain_pack_primfunc(yshape, [e.shape for e in extras], steps,
                                                                  with_threshold=with_t, target=AMX_TARGET)}),
                      target=AMX_TARGET)
-    un = _run(cp, [y, *extras] + ([thr] if with_t else []), [(yshape, "float32"), (pshape, "uint32")])
+    un = _run_outs(cp, [y, *extras] + ([thr] if with_t else []), [(yshape, "float32"), (pshape, "uint32")])
     assert np.array_equal(un[0].view(np.uint32), v.view(np.uint32)) and np.array_equal(un[1], bits_ref)
     if want_float:
         assert np.array_equal(got[0].view(np.uint32), v.view(np.uint32))

@@ -35,14 +35,6 @@ def _conv_case(rng, n, c, h, w, o, s):
     return args, attrs, q
 
 
-def _run(lib, ins, outs):
-    dev = tvm.cpu()
-    targs = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in ins]
-    touts = [tvm.runtime.tensor(np.zeros(s, d), dev) for s, d in outs]
-    lib(*targs, *touts)
-    return [t.numpy() for t in touts]
-
-
 CASES = [
     # n, c, h, w, o, stride, want_float, with_threshold — schedule (by conv_weight_layout)
     (2, 33, 21, 23, 64, 1, True, True),    # pixel-vectorized, stride 1, whole words
@@ -56,6 +48,8 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c))
 def test_fused_conv_chain_matches_unfused_and_reference(case):
+    from tests.test_tvm_runtime import _run_outs
+
     n, c, h, w, o, s, want_float, with_t = case
     rng = np.random.default_rng(sum(case[:6]))
     args, attrs, q = _conv_case(rng, n, c, h, w, o, s)
@@ -87,13 +81,13 @@ def test_fused_conv_chain_matches_unfused_and_reference(case):
                                               weight_layout=layout)
     tail = [thr] if with_t else []
     outs = ([(ys, "float32")] if want_float else []) + [(bits_ref.shape, "uint32")]
-    got = _run(K.build_kernel(f).lib, [args[0], wk, *args[2:], *extras] + tail, outs)
+    got = _run_outs(K.build_kernel(f).lib, [args[0], wk, *args[2:], *extras] + tail, outs)
     # unfused: the float conv kernel, then the chain_pack kernel
     y = K.build_kernel(K.binary_conv2d_packed_primfunc(args[0].shape, args[1].shape, args[2].shape, **attrs,
                                                         weight_layout=layout))(args[0], wk, *args[2:])
     assert np.array_equal(y.view(np.uint32), conv.view(np.uint32))
     cp = K.chain_pack_primfunc(ys, [e.shape for e in extras], steps, with_threshold=with_t)
-    un = _run(K.build_kernel(cp).lib, [y, *extras] + tail, [(ys, "float32"), (bits_ref.shape, "uint32")])
+    un = _run_outs(K.build_kernel(cp).lib, [y, *extras] + tail, [(ys, "float32"), (bits_ref.shape, "uint32")])
     assert np.array_equal(un[0].view(np.uint32), v.view(np.uint32)) and np.array_equal(un[1], bits_ref)
     if want_float:
         assert np.array_equal(got[0].view(np.uint32), v.view(np.uint32))

@@ -31,6 +31,16 @@ def _rand_packed(rng, shape_prefix, channels):
     return ref.pack_bits(bits)
 
 
+def _run_outs(mod, ins, outs):
+    """Call a compiled kernel (``mod``: its function) on NumPy inputs with fresh uninitialised outputs
+    ``[(shape, dtype), ...]`` (an element the kernel fails to write shows up as garbage); returns them."""
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(np.ascontiguousarray(v), dev) for v in ins]
+    res = [tvm.runtime.tensor(np.empty(s, d), dev) for s, d in outs]
+    mod(*args, *res)
+    return [r.numpy() for r in res]
+
+
 def _conv_inputs(rng, n, c, h, w, o, k, s, p, output):
     xp = _rand_packed(rng, (n, h, w), c)
     wp = _rand_packed(rng, (o, k, k), c)
