@@ -403,3 +403,110 @@ def test_residual_written_in_place_only_when_dead(v1_is_output, monkeypatch):
     x_copy = x.copy()
     got = G.compile_model(model, batch_size=2).run(x)
     assert np.array_equal(got, y) and np.array_equal(x, x_copy)
+
+
+def _float_conv_nodes(rng, inits, name, cin, cout, k, s, p, x, out):
+    """A float Conv (weights and bias as initializers ``name``_w/_b)."""
+    from onnx import helper as oh
+
+    inits[name + "_w"] = (0.3 * rng.standard_normal((cout, cin, k, k))).astype(np.float32)
+    inits[name + "_b"] = (0.1 * rng.standard_normal(cout)).astype(np.float32)
+    return oh.make_node("Conv", [x, name + "_w", name + "_b"], [out], kernel_shape=[k, k], strides=[s, s],
+                        pads=[p] * 4)
+
+
+def _bnnc_model(nodes, inits, x_shape, outs):
+    from onnx import TensorProto as TP
+    from onnx import helper as oh
+    from onnx import numpy_helper as nh
+
+    from bnnc.ops import DOMAIN
+
+    return oh.make_model(oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", TP.FLOAT, list(x_shape))],
+                                       [oh.make_tensor_value_info(o, TP.FLOAT, None) for o in outs],
+                                       [nh.from_array(np.asarray(v), k) for k, v in inits.items()]),
+                         opset_imports=[oh.make_opsetid("", 18), oh.make_opsetid(DOMAIN, 1)], ir_version=10)
+
+
+def _bconv_node(rng, inits, b, n, c, h, o, s, xin, out):
+    from onnx import helper as oh
+
+    from bnnc.ops import DOMAIN
+    from tests.test_tvm_runtime import _conv_inputs
+
+    args, at = _conv_inputs(rng, n, c, h, h, o, 3, s, 1, "float")
+    inits.update({nm + b: a for nm, a in zip(["w", "e", "rc", "cc", "p0", "p1"], args[1:])})
+    battrs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in at.items()}
+    return oh.make_node("BinaryConv2dPacked", [xin] + [nm + b for nm in ["w", "e", "rc", "cc", "p0", "p1"]], [out],
+                        name="bconv" + b, domain=DOMAIN, **battrs)
+
+
+def test_stem_pool_output_written_in_place_by_first_block(monkeypatch):
+    """Conv → MaxPool (one fused kernel whose result is bound to both the conv's and the pool's output names)
+    → residual block: the block's AMX kernel writes over the pool output (the conv's name has no reader left
+    once the pool node is fused away). Results equal the unfused translation bit for bit; the input is kept."""
+    from onnx import helper as oh
+
+    from bnnc.ops import DOMAIN
+    from bnnc.runtimes.tvm import graph as G
+
+    if not amx.target_has_amx(None) or not amx.enabled():
+        pytest.skip("host target without AMX, or BNNC_TVM_AMX=0")
+    monkeypatch.setattr(amx, "MIN_INPUT_POSITIONS", 0)
+    rng = np.random.default_rng(41)
+    inits = {}
+    nodes = [_float_conv_nodes(rng, inits, "stem", 3, 64, 3, 2, 1, "x", "s"),
+             oh.make_node("MaxPool", ["s"], ["v0"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             oh.make_node("PackSign", ["v0"], ["pk0"], domain=DOMAIN),
+             _bconv_node(rng, inits, "1", 2, 64, 8, 64, 1, "pk0", "c1"),
+             oh.make_node("Add", ["c1", "v0"], ["y"])]
+    model = _bnnc_model(nodes, inits, (2, 3, 32, 32), ["y"])
+    t = G._Translator(model, 2, "x86")
+    t.target = None
+    t.run()
+    assert [ch["inplace"] for ch in t.fused_chains] == [True]
+    assert "conv_maxpool" in [base for base, _ in t.kernels]
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    x_copy = x.copy()
+    got = G.compile_model(model, batch_size=2).run(x)
+    want = G.compile_model(model, batch_size=2, fuse=False).run(x)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32)) and np.array_equal(x, x_copy)
+
+
+def test_downsample_shortcut_fused_into_strided_block_conv(monkeypatch):
+    """A ResNet downsample block in Bi-Real's node order: the shortcut (AveragePool → 1×1 float Conv) comes
+    before the stride-2 binary conv, and both meet in an Add → PackSign. The Add (+ pack) goes into the
+    binary conv's AMX epilogue, over the shortcut's tensor, not into a separate chain kernel after the float
+    conv. Results (float value and packed bits) equal the unfused translation bit for bit."""
+    from onnx import TensorProto as TP
+    from onnx import helper as oh
+
+    from bnnc.ops import DOMAIN
+    from bnnc.runtimes.tvm import graph as G
+    from tests.test_tvm_runtime import _with_output
+
+    if not amx.target_has_amx(None) or not amx.enabled():
+        pytest.skip("host target without AMX, or BNNC_TVM_AMX=0")
+    monkeypatch.setattr(amx, "MIN_INPUT_POSITIONS", 0)
+    rng = np.random.default_rng(43)
+    inits = {}
+    nodes = [oh.make_node("AveragePool", ["x"], ["xa"], kernel_shape=[2, 2], strides=[2, 2]),
+             _float_conv_nodes(rng, inits, "down", 64, 128, 1, 1, 0, "xa", "d"),
+             oh.make_node("PackSign", ["x"], ["pk0"], domain=DOMAIN),
+             _bconv_node(rng, inits, "1", 2, 64, 16, 128, 2, "pk0", "c1"),
+             oh.make_node("Add", ["c1", "d"], ["v"]),
+             oh.make_node("PackSign", ["v"], ["pk1"], domain=DOMAIN),
+             _bconv_node(rng, inits, "2", 2, 128, 8, 128, 1, "pk1", "c2"),
+             oh.make_node("Add", ["c2", "v"], ["y"])]
+    model = _bnnc_model(nodes, inits, (2, 64, 16, 16), ["y"])
+    t = G._Translator(model, 2, "x86")
+    t.target = None
+    t.run()
+    assert [(ch["conv"], ch["inplace"]) for ch in t.fused_chains] == [("bconv1", True), ("bconv2", True)]
+    assert "chain_pack" not in [base for base, _ in t.kernels]  # no separate chain kernel
+    x = rng.standard_normal((2, 64, 16, 16)).astype(np.float32)
+    for out, elem in (("pk1", TP.UINT32), ("v", TP.FLOAT), ("y", TP.FLOAT)):
+        m = _with_output(model, out, elem) if out != "y" else model
+        got = G.compile_model(m, batch_size=2).run(x)
+        want = G.compile_model(m, batch_size=2, fuse=False).run(x)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), out

@@ -249,7 +249,11 @@ class _Translator:
         var = self.values.get(name)
         if var is None or name in self.graph_outputs or not any(var.same_as(o) for o in self.owned):
             return False
-        if sum(1 for v in self.values.values() if v.same_as(var)) != 1:
+        # another name of the same tensor: only one no node reads any more (the conv output of a fused
+        # conv + max pool, whose pool node is skipped)
+        if any(v.same_as(var) and n != name and (n in self.graph_outputs
+                                                 or any(j not in self.skip for j in self.consumers.get(n, [])))
+               for n, v in self.values.items()):
             return False
         pending = set()
         for p in self.deferred.values():
@@ -557,6 +561,10 @@ class _Translator:
             v = g.node[j].output[0]
         if not nodes:
             return None
+        if any(isinstance(e, str) and self._later_bconv_output(e) for e in extras):
+            # an operand is the float output of a binary conv translated later (a ResNet's downsample
+            # shortcut added to the block's conv): that conv takes the chain into its epilogue instead
+            return None
         pack = None
         for j in self.consumers.get(v, []):
             nd = g.node[j]
@@ -578,6 +586,14 @@ class _Translator:
             self.skip.add(pack)
         self.deferred[nodes[-1]] = plan
         return plan
+
+    def _later_bconv_output(self, name: str) -> bool:
+        """Whether value ``name`` is the output of a ``BinaryConv2dPacked`` node not translated yet."""
+        k = self.producer.get(name)
+        if k is None or k <= self.cur or name in self.values:
+            return False
+        nd = self.graph.node[k]
+        return nd.domain == BNNC_DOMAIN and nd.op_type == "BinaryConv2dPacked"
 
     def _made_by_plain_ops(self, name: str, before: int, depth: int = 8) -> bool:
         """Whether value ``name`` exists by the time node ``before`` is translated without waiting for any
