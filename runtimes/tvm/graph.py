@@ -1342,6 +1342,7 @@ class TVMModel:
         self.dev = device
         self.vm = None
         self._main = None
+        self._inputs: dict = {}
         if self.runnable:
             self.vm = relax.VirtualMachine(executable, self.dev)
             self._main = self.vm["main"]
@@ -1371,7 +1372,14 @@ class TVMModel:
     def _run_batch(self, x: np.ndarray) -> np.ndarray:
         if self._main is None:
             raise RuntimeError(f"this model cannot run here: {self._why_not}")
-        out = self._main(tvm.runtime.tensor(x, self.dev))
+        # the input goes into a tensor kept between calls (one per shape and dtype): a new one per call costs
+        # an allocation and fresh pages (Bi-Real-18 at 224², batch 1: 0.08 of 4.4 ms)
+        key = (x.shape, str(x.dtype))
+        xt = self._inputs.get(key)
+        if xt is None:
+            xt = self._inputs[key] = tvm.runtime.empty(x.shape, str(x.dtype), self.dev)
+        xt.copyfrom(x)
+        out = self._main(xt)
         if isinstance(out, (tuple, list)) or hasattr(out, "__getitem__") and not hasattr(out, "numpy"):
             out = out[0]
         return out.numpy()
