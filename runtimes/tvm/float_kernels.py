@@ -124,8 +124,8 @@ class _Conv:
         hp = (self.oh - 1) * sh + kh  # padded rows read
         wq = self.ow + (kw - 1) // sw  # columns per phase
         xp = T.alloc_buffer((n, c, hp, sw, wq), F32)
-        with T.parallel(0, n * c * hp) as r:
-            i, ch, yp = r // (c * hp), r // hp % c, r % hp
+        with T.parallel(0, n * c * hp) as r:  # rows outer: a thread copies the rows its bands read (below)
+            i, yp, ch = r // (c * hp), r // c % hp, r % c
             yy = yp - pt
             for ph in range(sw):
                 with T.serial(0, wq) as j:
@@ -301,7 +301,10 @@ def float_conv2d_maxpool_primfunc(x_shape, w: np.ndarray, bias: np.ndarray | Non
     chunks = _chunks(ow, vec)
     keep = pkh - psh
     with cv.frame((n, o, poh, pow_)) as (ib, Y), T.parallel(0, n * (o // ot) * nband) as task:
-        i, oo, bo = task // ((o // ot) * nband), task // nband % (o // ot), task % nband
+        # bands outer: with T threads, thread k takes the k-th share of the bands (all channels), whose input
+        # rows it copied in the padded-input stage, not another core's cache lines (stem at 224², 2 threads:
+        # 0.81 → 0.75 ms, 1.87× → 1.98× over 1 thread)
+        i, bo, oo = task // ((o // ot) * nband), task // (o // ot) % nband, task % (o // ot)
         win = T.alloc_buffer((ot, pkh, ow), F32, scope="local")  # the conv rows of one window
 
         def conv_rows(py, first: int):
