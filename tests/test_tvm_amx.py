@@ -304,6 +304,24 @@ def test_amx_fused_chain_matches_unfused(case):
     assert np.array_equal(got[-1], bits_ref)
 
 
+def test_amx_float_conv_channel_groups_read_their_image_copy():
+    """With several channel groups per call the AMX float kernel unpacks the image twice and each task reads
+    one copy (by its position in the task loop): every grouping gives the reference conv bit for bit."""
+    from tests.test_tvm_runtime import _run_outs
+
+    rng = np.random.default_rng(51)
+    args, attrs = _case(rng, 2, 64, 7, 9, 128, 3, 1, (1, 1, 1, 1), 1, "float")
+    a = {k: v for k, v in attrs.items() if k != "in_channels"}
+    conv = ref.binary_conv2d_packed(*args, **attrs)
+    wf = amx.amx_conv_weights(args[1], "float", bits=False)
+    for og, mb in ((128, 32), (64, 32), (32, 64)):  # 1, 2 and 4 channel groups; 8, 8 and 4 pixel blocks
+        f = amx.binary_conv2d_amx_chain_primfunc(args[0].shape, args[1].shape, args[2].shape, **a, og=og,
+                                                 mb=mb, wbits=False)
+        got = _run_outs(tvm.compile(tvm.IRModule({"main": f}), target=AMX_TARGET), [args[0], wf, *args[2:]],
+                        [(conv.shape, "float32")])[0]
+        assert np.array_equal(got.view(np.uint32), conv.view(np.uint32)), og
+
+
 def test_amx_chain_rejects_bad_operands():
     kw = dict(out_channels=64, kernel_shape=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dilations=(1, 1))
     with pytest.raises(ValueError, match="does not broadcast"):
