@@ -231,6 +231,7 @@ class RemoteTVMModel(TVMModel):
         self.family = family
         self.runnable, self._why_not = True, ""
         self.dev = dev
+        self._inputs = {}  # the input tensors kept on the device between calls (TVMModel._run_batch)
         self.vm = relax.VirtualMachine(rlib, dev)
         self._main = self.vm["main"]
 
@@ -239,6 +240,7 @@ class RemoteTVMModel(TVMModel):
         import gc
 
         self.vm = self._main = self.executable = self.remote = self.dev = None  # the device holds the session too
+        self._inputs = {}
         gc.collect()
         self._why_not = f"the RPC session with {self.address} is closed"
 
