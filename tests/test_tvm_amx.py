@@ -408,9 +408,7 @@ def test_residual_written_in_place_only_when_dead(v1_is_output, monkeypatch):
     model = oh.make_model(oh.make_graph(nodes, "two_blocks", [oh.make_tensor_value_info("x", TP.FLOAT, [2, c, h, h])],
                                        outs, [nh.from_array(np.asarray(v), k) for k, v in inits.items()]),
                           opset_imports=[oh.make_opsetid("", 18), oh.make_opsetid(DOMAIN, 1)], ir_version=10)
-    t = G._Translator(model, 2, "x86")
-    t.target = None
-    t.run()
+    t = _translated(model)
     assert [ch["inplace"] for ch in t.fused_chains] == [False, not v1_is_output]  # block 1 reads x: never
     x = rng.standard_normal((2, c, h, h)).astype(np.float32)
     g = lambda b: [inits[nm + b] for nm in ["w", "e", "rc", "cc", "p0", "p1"]]  # noqa: E731
@@ -421,6 +419,16 @@ def test_residual_written_in_place_only_when_dead(v1_is_output, monkeypatch):
     x_copy = x.copy()
     got = G.compile_model(model, batch_size=2).run(x)
     assert np.array_equal(got, y) and np.array_equal(x, x_copy)
+
+
+def _translated(model, batch=2):
+    """The x86 translator run on ``model`` for this host's target (what it fused, and how)."""
+    from bnnc.runtimes.tvm import graph as G
+
+    t = G._Translator(model, batch, "x86")
+    t.target = None
+    t.run()
+    return t
 
 
 def _float_conv_nodes(rng, inits, name, cin, cout, k, s, p, x, out):
@@ -479,9 +487,7 @@ def test_stem_pool_output_written_in_place_by_first_block(monkeypatch):
              _bconv_node(rng, inits, "1", 2, 64, 8, 64, 1, "pk0", "c1"),
              oh.make_node("Add", ["c1", "v0"], ["y"])]
     model = _bnnc_model(nodes, inits, (2, 3, 32, 32), ["y"])
-    t = G._Translator(model, 2, "x86")
-    t.target = None
-    t.run()
+    t = _translated(model)
     assert [ch["inplace"] for ch in t.fused_chains] == [True]
     assert "conv_maxpool" in [base for base, _ in t.kernels]
     x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
@@ -517,9 +523,7 @@ def test_downsample_shortcut_fused_into_strided_block_conv(monkeypatch):
              _bconv_node(rng, inits, "2", 2, 128, 8, 128, 1, "pk1", "c2"),
              oh.make_node("Add", ["c2", "v"], ["y"])]
     model = _bnnc_model(nodes, inits, (2, 64, 16, 16), ["y"])
-    t = G._Translator(model, 2, "x86")
-    t.target = None
-    t.run()
+    t = _translated(model)
     assert [(ch["conv"], ch["inplace"]) for ch in t.fused_chains] == [("bconv1", True), ("bconv2", True)]
     assert "chain_pack" not in [base for base, _ in t.kernels]  # no separate chain kernel
     x = rng.standard_normal((2, 64, 16, 16)).astype(np.float32)
