@@ -316,6 +316,8 @@ def _amx_macros(g, h, w, cw):
 
     * ``tile_config(cfg)``: palette 1, eight 16 × 64-byte tiles, loaded (``cfg``: 64 bytes, 64-aligned);
     * ``zero_tiles()``: the accumulator tiles tmm0-3 set to 0;
+    * ``store_2x2(acc, cbase, rs)``: the accumulators of a 2 × 2 register block into ``acc`` (rows of ``rs``
+      int32 from ``cbase``): tmm0 at (0, 0), tmm1 16 rows down, tmm2 16 columns right, tmm3 both;
     * ``unpack_rows(img, Xf, X64)``: the packed input (``Xf`` its uint32 words, ``X64`` the same memory as
       uint64) as one row of CB bytes (±1) per position of each phase plane: pixels in the A tile rows;
     * ``gemm_bitweights(img, Wq, acc, ti, tg, tp)``: the int32 block ``acc[pixel][channel]`` of task (image
@@ -344,11 +346,16 @@ def _amx_macros(g, h, w, cw):
         T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(cfg[0]))
 
     @T.macro
-    def zero_tiles():  # the four accumulator tiles tmm0-3
-        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(0))
-        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(1))
-        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(2))
-        T.call_llvm_intrin("void", "llvm.x86.tilezero", T.int8(3))
+    def zero_tiles():  # the four accumulator tiles tmm0-3 (unrolled: tile ids are immediates)
+        for k in T.unroll(4):
+            T.call_llvm_intrin("void", "llvm.x86.tilezero", T.Cast("int8", k))
+
+    @T.macro
+    def store_2x2(acc, cbase, rs):
+        for k in T.unroll(4):
+            T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.Cast("int8", k),
+                               acc.access_ptr("w", offset=cbase + (k % 2) * 16 * rs + (k // 2) * 16, extent=16 * rs),
+                               T.int64(rs * 4))
 
     @T.macro
     def unpack_rows(img, Xf, X64):
@@ -398,32 +405,18 @@ def _amx_macros(g, h, w, cw):
                                             + tp * mb + pp * 64 + ((a * dh) // sh) * rl
                                             + (b * dw) // sw) * cb + q * 64)
                         T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(4), wt, T.int64(64))
-                        T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5),
-                                           T.address_of(img[abase + 0 * cb]), T.int64(cb))
-                        T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(0), T.int8(5), T.int8(4))
-                        T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(6),
-                                           T.address_of(img[abase + 16 * cb]), T.int64(cb))
-                        T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(1), T.int8(6), T.int8(4))
-                        T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(7),
-                                           T.address_of(img[abase + 32 * cb]), T.int64(cb))
-                        T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(2), T.int8(7), T.int8(4))
-                        T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.int8(5),
-                                           T.address_of(img[abase + 48 * cb]), T.int64(cb))
-                        T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(3), T.int8(5), T.int8(4))
-                T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(0),
-                                   acc.access_ptr("w", offset=(pp * 64 + 0) * og + cp * _TILE,
-                                                  extent=16 * og), T.int64(og * 4))
-                T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(1),
-                                   acc.access_ptr("w", offset=(pp * 64 + 16) * og + cp * _TILE,
-                                                  extent=16 * og), T.int64(og * 4))
-                T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(2),
-                                   acc.access_ptr("w", offset=(pp * 64 + 32) * og + cp * _TILE,
-                                                  extent=16 * og), T.int64(og * 4))
-                T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(3),
-                                   acc.access_ptr("w", offset=(pp * 64 + 48) * og + cp * _TILE,
-                                                  extent=16 * og), T.int64(og * 4))
+                        # pixel tile k through tmm5/6/7/5 into accumulator k (unrolled: immediate tile ids)
+                        for k in T.unroll(4):
+                            T.call_llvm_intrin("void", "llvm.x86.tileloadd64", T.Cast("int8", 5 + k % 3),
+                                               T.address_of(img[abase + k * 16 * cb]), T.int64(cb))
+                            T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.Cast("int8", k),
+                                               T.Cast("int8", 5 + k % 3), T.int8(4))
+                for k in T.unroll(4):
+                    T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.Cast("int8", k),
+                                       acc.access_ptr("w", offset=(pp * 64 + k * 16) * og + cp * _TILE,
+                                                      extent=16 * og), T.int64(og * 4))
 
-    return tile_config, zero_tiles, unpack_rows, gemm_bitweights
+    return tile_config, zero_tiles, store_2x2, unpack_rows, gemm_bitweights
 
 
 def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kernel_shape, strides, pads,
@@ -463,7 +456,7 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
     cw64 = max(1, cw // 2)
     nimg = n * nph * lpos * cb
     ntask = n * npb * ncg
-    tile_config, zero_tiles, unpack_rows, gemm_bitweights = _amx_macros(g, h, w, cw)
+    tile_config, zero_tiles, store_2x2, unpack_rows, gemm_bitweights = _amx_macros(g, h, w, cw)
 
     @T.prim_func
     def amx_conv(X: T.Buffer((n, h, w, cw), "uint32"), Wt: T.Buffer(wshape, wdt),
@@ -533,15 +526,7 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
                                     T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(1), T.int8(5), T.int8(6))
                                     T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(2), T.int8(4), T.int8(7))
                                     T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(3), T.int8(5), T.int8(7))
-                        cbase = T.meta_var(pp * 32 * og + cp * 32)
-                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(0), acc.access_ptr("w", offset=cbase, extent=16 * og),
-                                           T.int64(og * 4))
-                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(1),
-                                           acc.access_ptr("w", offset=cbase + 16 * og, extent=16 * og), T.int64(og * 4))
-                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(2), acc.access_ptr("w", offset=cbase + 16, extent=16 * og),
-                                           T.int64(og * 4))
-                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(3),
-                                           acc.access_ptr("w", offset=cbase + 16 * og + 16, extent=16 * og), T.int64(og * 4))
+                        store_2x2(acc, pp * 32 * og + cp * 32, og)
             T.call_llvm_intrin("void", "llvm.x86.tilerelease")
             # epilogue on the task's block
             for vl in range(mb):
@@ -663,7 +648,7 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     # B operand of 4 consecutive products), on the bits kernel's image, then transposes the int32 block
     cw64 = max(1, cw // 2)
     lpos = g["lpos"]
-    tile_config, zero_tiles, unpack_rows, gemm_bitweights = _amx_macros(g, h, w, cw)
+    tile_config, zero_tiles, store_2x2, unpack_rows, gemm_bitweights = _amx_macros(g, h, w, cw)
     # int8 weights with several channel groups: the VNNI image twice. With T threads the runtime gives thread k
     # the k-th contiguous share of a parallel loop's iterations: thread k writes copy k (of the unpack loop
     # below) and its GEMM tasks (every pixel block of its channel groups) read copy k, in its own cache, not
@@ -774,16 +759,7 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
                                     T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(1), T.int8(5), T.int8(6))
                                     T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(2), T.int8(4), T.int8(7))
                                     T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(3), T.int8(5), T.int8(7))
-                        cbase = T.meta_var(cp * 32 * mb + pp * 32)
-                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(0),
-                                           acc.access_ptr("w", offset=cbase, extent=16 * mb), T.int64(mb * 4))
-                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(1),
-                                           acc.access_ptr("w", offset=cbase + 16 * mb, extent=16 * mb), T.int64(mb * 4))
-                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(2),
-                                           acc.access_ptr("w", offset=cbase + 16, extent=16 * mb), T.int64(mb * 4))
-                        T.call_llvm_intrin("void", "llvm.x86.tilestored64", T.int8(3),
-                                           acc.access_ptr("w", offset=cbase + 16 * mb + 16, extent=16 * mb),
-                                           T.int64(mb * 4))
+                        store_2x2(acc, cp * 32 * mb + pp * 32, mb)
             T.call_llvm_intrin("void", "llvm.x86.tilerelease")
             if wbits:  # [pixel][channel] → [channel][pixel]
                 for c in range(og):
