@@ -162,10 +162,7 @@ def chain_value_te(Y: te.Tensor, extras, steps, name: str = "chain", fence: bool
     """The float chain applied to ``Y`` (any rank), one TE stage (``fence``, ``family``: see :func:`chain_step`)."""
     shape = [int(s) for s in Y.shape]
     rank = len(shape)
-    for k, a in enumerate(extras):
-        ash = [int(s) for s in a.shape]
-        if not broadcasts_to(ash, shape):
-            raise ValueError(f"fused chain: operand {k} of shape {ash} does not broadcast to {shape}")
+    check_chain([a.shape for a in extras], steps, shape)
     return te.compute(tuple(shape), lambda *idx: _chain_apply(Y[idx], extras, steps, idx, rank, fence, family),
                       name=name)
 
@@ -234,8 +231,8 @@ def chain_step(kind: str, v, av=None, fence: bool = False, lanes: int = 1, famil
 
 
 def check_chain(extra_shapes, steps, y_shape) -> list[tuple]:
-    """Validate a fused chain of a conv epilogue: every operand broadcasts to the NCHW output ``y_shape``,
-    every step is one of :data:`CHAIN_OPS` and names an existing operand. Returns the operand shapes."""
+    """Validate a fused chain: every operand broadcasts to the output ``y_shape``, every step is one of
+    :data:`CHAIN_OPS` and names an existing operand. Returns the operand shapes."""
     yshape = tuple(int(v) for v in y_shape)
     ext_shapes = [tuple(int(v) for v in s) for s in extra_shapes]
     for k, s in enumerate(ext_shapes):
@@ -250,13 +247,12 @@ def check_chain(extra_shapes, steps, y_shape) -> list[tuple]:
 
 
 def _chain_apply(v, extras, steps, idx, rank: int, fence: bool = False, family: str = "x86"):
-    """The chain ``steps`` applied to the float32 scalar expression ``v`` at output index ``idx``."""
+    """The chain ``steps`` (validated by :func:`check_chain`) applied to the float32 scalar expression ``v`` at
+    output index ``idx``."""
     for st in steps:
         if st[0] in ("relu", "neg"):
             v = chain_step(st[0], v, fence=fence, family=family)
             continue
-        if st[0] not in CHAIN_OPS:
-            raise ValueError(f"fused chain: unknown step {st[0]!r}")
         a = extras[st[1]]
         av = a[tuple(_bcast_index(a.shape, rank, idx))] if len(a.shape) else a[()]
         v = chain_step(st[0], v, av, fence=fence, family=family)
