@@ -155,7 +155,7 @@ def _merge_terms(rows: list[dict]) -> list[dict]:
         merged = out[index[layer]]
         merged["terms"] += 1
         merged["deploy_bops"] += r["bops"]
-    for layer, i in index.items():
+    for i in index.values():
         r = out[i]
         r["form"] = f"{r['terms']} binary terms (multi-level activation), each {r.pop('term_form')}"
     return out
