@@ -5,6 +5,8 @@ bit (floats and bits), with many values exactly on their thresholds (``v >= T`` 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -43,11 +45,24 @@ CASES = [
     (2, 70, 9, 7, 50, 1, True, True),      # channels in lanes (small plane), O % 32 != 0
     (2, 64, 8, 8, 64, 1, False, True),     # channels in lanes, bits only
     (2, 20, 6, 10, 20, 1, True, False),    # channels in lanes, O < 32
+    # few input channels: several taps per word (4-bit fields: 8 taps, 8-bit: 4, 16-bit: 2)
+    (2, 3, 17, 19, 32, 1, True, True),     # pixel-vectorized (blocked weights), 4-bit fields
+    (3, 8, 16, 16, 32, 1, True, False),    # 8-bit fields; image by image (16x16 rows)
+    (2, 16, 32, 32, 32, 2, True, True),    # 16-bit fields, stride 2 (phase planes), image by image
 ]
 
 
+# the cases whose batch runs image by image (pixel-vectorized, whole rows of >= 256 flat positions, whole
+# words or one partial word)
+PER_IMAGE = {(2, 16, 32, 32, 16, 1), (3, 8, 16, 16, 32, 1), (2, 16, 32, 32, 32, 2)}
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c))
-def test_fused_conv_chain_matches_unfused_and_reference(case):
+@pytest.mark.parametrize("compiled", [False, True], ids=["e-classes", "e-columns+in-channels"])
+def test_fused_conv_chain_matches_unfused_and_reference(case, compiled):
+    """``compiled``: as the graph translator calls it, E given by output column (``e_by_column``; a batch then
+    runs image by image where the plane is large enough) and the input channel count given (<= 16 channels:
+    several taps per word)."""
     from tests.test_tvm_runtime import _run_outs
 
     n, c, h, w, o, s, want_float, with_t = case
@@ -75,13 +90,20 @@ def test_fused_conv_chain_matches_unfused_and_reference(case):
 
     layout = K.conv_weight_layout(args[0].shape, args[1].shape, **a)
     wk = K.block_conv_weights(args[1]) if layout == "blocked" else args[1]
-    f = K.binary_conv2d_packed_chain_primfunc(args[0].shape, args[1].shape, args[2].shape, **a,
+    e_arg = K.e_by_column(args[2], args[4]) if compiled else args[2]
+    f = K.binary_conv2d_packed_chain_primfunc(args[0].shape, args[1].shape, e_arg.shape, **a,
                                               extra_shapes=[e.shape for e in extras], steps=steps,
                                               want_float=want_float, pack=True, with_threshold=with_t,
-                                              weight_layout=layout)
+                                              weight_layout=layout, e_columns=compiled,
+                                              in_channels=c if compiled else None)
+    script = f.script()
+    # the paths under test are taken: taps packed into shared words; accumulators per image ([rows, RL])
+    assert ('T.sblock("zt")' in script) == (compiled and c <= 16)
+    per_image = re.search(r'pc = T.sblock_alloc_buffer\(\((\d+), (\d+), (\d+), (\d+)\)', script) is not None
+    assert per_image == (compiled and case[:6] in PER_IMAGE)
     tail = [thr] if with_t else []
     outs = ([(ys, "float32")] if want_float else []) + [(bits_ref.shape, "uint32")]
-    got = _run_outs(K.build_kernel(f).lib, [args[0], wk, *args[2:], *extras] + tail, outs)
+    got = _run_outs(K.build_kernel(f).lib, [args[0], wk, e_arg, *args[3:], *extras] + tail, outs)
     # unfused: the float conv kernel, then the chain_pack kernel
     y = K.build_kernel(K.binary_conv2d_packed_primfunc(args[0].shape, args[1].shape, args[2].shape, **attrs,
                                                         weight_layout=layout))(args[0], wk, *args[2:])

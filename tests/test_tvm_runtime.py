@@ -93,6 +93,10 @@ CONV_CASES = [
     (1, 64, 10, 10, 64, 3, 1, 1, "float"),
     (1, 64, 6, 7, 31, 1, 2, 0, "bits"),
     (1, 64, 12, 12, 96, 3, 1, 1, "bits"),
+    # few input channels on the pixel-vectorized kernel: taps packed several to a word (x86)
+    (2, 16, 21, 23, 40, 3, 1, 1, "bits"),   # 16-bit fields (pairs)
+    (1, 5, 20, 20, 32, 3, 2, 1, "float"),   # 8-bit fields, stride 2 (phase planes)
+    (1, 2, 22, 22, 8, 5, 1, 2, "bits"),     # 2-bit fields, 5x5: 25 taps in two words
 ]
 
 

@@ -467,16 +467,22 @@ class _Translator:
                 args[1] = self.const(amx_conv_weights(wnp, output))
             elif layout == "blocked":
                 args[1] = self.const(K.block_conv_weights(wnp))
+        cin = int(a["in_channels"]) if "in_channels" in a else None
         f = K.binary_conv2d_packed_primfunc(xs, ws, es, out_channels=o, kernel_shape=ks, strides=st, pads=pads,
                                             dilations=dil, output=output, target=self.family,
-                                            weight_layout=layout)
+                                            weight_layout=layout, in_channels=cin)
         oshape, odtype = K.output_spec(f)
         if output == "float" and self.fuse and len(oshape) == 4:
             conv = None
             if layout == "amx" or (_POPFUSE and self.family == "x86"):
                 # the chain (+ PackSign) goes into the conv's epilogue (AMX or popcount kernel): emitted with it
                 conv = dict(f=f, args=args, oshape=oshape, xs=xs, ws=ws, es=es, layout=layout,
-                            attrs=dict(out_channels=o, kernel_shape=ks, strides=st, pads=pads, dilations=dil))
+                            attrs=dict(out_channels=o, kernel_shape=ks, strides=st, pads=pads, dilations=dil,
+                                       in_channels=cin))
+                e_name, cc_name = node.input[2], node.input[4]
+                if layout != "amx" and all(nm in self.consts and nm not in self.values for nm in (e_name, cc_name)):
+                    # the popcount kernels take E by output column, made here once (not per call)
+                    conv["e_columns"] = K.e_by_column(self.consts[e_name], self.consts[cc_name])
             plan = self._plan_chain(self.cur, node.output[0], conv)
             if plan is not None and plan["fused_conv"] is not None:
                 return []
@@ -655,12 +661,17 @@ class _Translator:
                     if isinstance(e, str) and list(shapes[k]) == list(shape) and self._dead_after(e, plan):
                         inplace = k
                         break
-            f = K.binary_conv2d_packed_chain_primfunc(ac["xs"], ac["ws"], ac["es"], extra_shapes=shapes,
+            conv_args, es = list(ac["args"]), ac["es"]
+            if ac.get("e_columns") is not None:
+                conv_args[2] = self.const(ac["e_columns"])
+                es = list(ac["e_columns"].shape)
+            f = K.binary_conv2d_packed_chain_primfunc(ac["xs"], ac["ws"], es, extra_shapes=shapes,
                                                       steps=plan["steps"], want_float=plan["want_float"],
                                                       pack=pack is not None, with_threshold=with_t,
                                                       weight_layout=ac["layout"], target=self.family,
-                                                      inplace=inplace, **ac["attrs"])
-            args = list(ac["args"]) + args[1:]
+                                                      inplace=inplace, e_columns=ac.get("e_columns") is not None,
+                                                      **ac["attrs"])
+            args = conv_args + args[1:]
             base = "chain_pack_bconv" if pack is not None else "chain_bconv"  # the chain fused into the conv
         else:
             f = K.chain_pack_primfunc(shape, shapes, plan["steps"], want_float=plan["want_float"],

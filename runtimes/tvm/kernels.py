@@ -691,7 +691,7 @@ def block_conv_weights(w: np.ndarray, ot: int | None = None) -> np.ndarray:
 
 def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, kernel_shape, strides, pads,
                                   dilations, output, target=None, weight_layout: str = "OHWC",
-                                  **_ignored) -> tirx.PrimFunc:
+                                  in_channels: int | None = None, **_ignored) -> tirx.PrimFunc:
     """Scheduled PrimFunc with arguments (X, W, E, RowClass, ColClass, P0, P1, Y).
 
     ``weight_layout="blocked"``: W is passed as :func:`block_conv_weights` of the ``[O, KH, KW, Cw]``
@@ -743,7 +743,7 @@ def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, ke
     else:
         if (sh, sw) == (1, 1) or _STRIDED_PIXEL_VEC:
             return _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, o=o, kh=kh, kw=kw, pads=(pt, pl, pb, pr),
-                                       dil=(dh, dw), output=output, strides=(sh, sw))
+                                       dil=(dh, dw), output=output, strides=(sh, sw), in_channels=in_channels)
         ot = min(op, 4 * VEC) if op % (4 * VEC) == 0 else 2 * VEC  # op is a multiple of 32
         vec = VEC
         xt = _best_tile(ow, max(1, 20 // (ot // VEC)))
@@ -814,16 +814,21 @@ def _chain_outputs(value, n: int, o: int, oh: int, ow: int, chain: dict, materia
     return outs
 
 
+def _vectorize_x(sch, loop) -> None:
+    """Vectorize an output-column loop (split to at most ``VEC`` lanes; left scalar below 4)."""
+    ext = _extent(sch, loop)
+    if ext and ext >= 4:
+        if ext > VEC:
+            _, loop = sch.split(loop, [None, _best_tile(ext, VEC)])
+        sch.vectorize(loop)
+
+
 def _schedule_chain_epilogue(sch, blk, chain: dict, ow: int, o: int) -> None:
     """Schedule the chain stages: under ``blk`` (the conv's parallel loop over image x channel block), or
     with ``blk=None`` as their own parallel loop over (image, block of 32 channels) after the conv; both
     vectorized along the output columns."""
     def vec_x(loop):
-        ext = _extent(sch, loop)
-        if ext and ext >= 4:
-            if ext > VEC:
-                _, loop = sch.split(loop, [None, _best_tile(ext, VEC)])
-            sch.vectorize(loop)
+        _vectorize_x(sch, loop)
 
     exact = o % WORD == 0 or o < WORD
     if blk is not None:
@@ -843,7 +848,7 @@ def _schedule_chain_epilogue(sch, blk, chain: dict, ow: int, o: int) -> None:
             sch.reorder(i, k, y, x)
             sch.parallel(sch.fuse(i, k))
         return
-    outer = None
+    outer = row = None
     if chain["want_float"]:
         b = sch.get_sblock("chain")
         i, c, y, x = sch.get_loops(b)
@@ -852,13 +857,18 @@ def _schedule_chain_epilogue(sch, blk, chain: dict, ow: int, o: int) -> None:
             sch.reorder(i, cb, ci, y, x)
             outer = sch.fuse(i, cb)
         else:
+            sch.reorder(i, y, c, x)
             outer = i
+        # one block: its rows in turn, each row's word packed right after the row's float values (in L1;
+        # several blocks at batch 128 measured faster channel by channel, their word after all rows)
+        row = y if o <= WORD else outer
         sch.parallel(outer)
         vec_x(x)
     if chain["pack"]:
         b = sch.get_sblock("chain_bits")
-        if outer is not None and exact:  # the word of the block's channels, packed while they are in cache
-            sch.reverse_compute_at(b, outer)
+        if outer is not None and exact:
+            # the word of the block's channels
+            sch.reverse_compute_at(b, row)
             if ow > 1:
                 vec_x(sch.get_loops(b)[-1])
         else:
@@ -879,7 +889,8 @@ def _has_block(sch, name: str) -> bool:
 def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels, kernel_shape, strides, pads,
                                         dilations, extra_shapes=(), steps=(), want_float=True, pack=False,
                                         with_threshold=False, weight_layout: str = "OHWC", target=None,
-                                        inplace: int | None = None, **_ignored) -> tirx.PrimFunc:
+                                        inplace: int | None = None, in_channels: int | None = None,
+                                        e_columns: bool = False, **_ignored) -> tirx.PrimFunc:
     """A float-output ``BinaryConv2dPacked`` followed by the element-wise chain ``steps`` over operands of
     ``extra_shapes`` (:data:`CHAIN_OPS`, semantics of :func:`chain_value_te`) and the ``PackSign``
     (``v >= T[c]``, T = 0 without threshold) of the result, as one x86 kernel.
@@ -888,7 +899,11 @@ def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channe
     float32, the chain's value) when ``want_float``, ``Ybits`` (NHWC uint32 words) when ``pack``. W as
     ``weight_layout`` says (:func:`conv_weight_layout`; ``"amx"``: the AMX kernel with the chain fused,
     :func:`runtimes.tvm.amx.binary_conv2d_amx_chain_primfunc`). Bit-identical to the float conv followed by
-    :func:`chain_pack_primfunc`. ``inplace`` (AMX kernel only): the float result over chain operand ``k``."""
+    :func:`chain_pack_primfunc`. ``inplace`` (AMX kernel only): the float result over chain operand ``k``.
+    ``in_channels``: the input's channel count (<= 16 packs several taps to a word, see
+    :func:`_conv_x86_pixel_vec`). ``e_columns`` (popcount kernels): E is given by output column,
+    ``E[o, row class, x] = E[o, row class, ColClass[x]]`` (:func:`e_by_column`, made once at compile time;
+    a batch then runs image by image)."""
     attrs = {"out_channels": out_channels, "kernel_shape": kernel_shape, "strides": strides, "pads": pads,
              "dilations": dilations}
     if not (want_float or pack):
@@ -896,6 +911,8 @@ def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channe
     if weight_layout == "amx":
         from .amx import binary_conv2d_amx_chain_primfunc
 
+        if e_columns:
+            raise ValueError("binary_conv2d_packed_chain_primfunc: e_columns only with the popcount kernels")
         return binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, extra_shapes=extra_shapes, steps=steps,
                                                 want_float=want_float, pack=pack, with_threshold=with_threshold,
                                                 inplace=inplace, **attrs)
@@ -911,6 +928,9 @@ def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channe
     n, h, w, cw, o, kh, kw = check_conv_shapes(x_shape, w_shape, out_channels, kernel_shape)
     (sh, sw), (pt, pl, pb, pr), (dh, dw), (oh, ow) = conv_geometry(h, w, kh, kw, strides, pads, dilations)
     ext_shapes = check_chain(extra_shapes, steps, (n, o, oh, ow))
+    if e_columns and (len(e_shape) != 3 or int(e_shape[0]) != o or int(e_shape[2]) != ow):
+        raise ValueError(f"binary_conv2d_packed_chain_primfunc: E by column must be [{o}, row classes, {ow}], "
+                         f"got {list(e_shape)}")
     extras = [te.placeholder(s, "float32", name=f"A{k}") for k, s in enumerate(ext_shapes)]
     T = te.placeholder((o,), "float32", name="T") if (pack and with_threshold) else None
     chain = {"extras": extras, "steps": [tuple(st) for st in steps], "T": T, "want_float": bool(want_float),
@@ -921,7 +941,7 @@ def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channe
                          "schedule (stride 1, dilation 1, small output plane); see conv_weight_layout()")
     if want == "blocked" and oh * ow < _X86_CHAIN_CHAN_VEC_MAX_POSITIONS:
         return _conv_x86_chan_vec(n, h, w, cw, o, kh, kw, (pt, pl, pb, pr), tuple(int(s) for s in e_shape),
-                                  "float", pre_blocked=weight_layout == "blocked", chain=chain)
+                                  "float", pre_blocked=weight_layout == "blocked", chain=chain, e_columns=e_columns)
     X = te.placeholder((n, h, w, cw), "uint32", name="X")
     if weight_layout == "blocked":
         W = te.placeholder((-(-o // _X86_CV_OT), kh, kw, cw, _X86_CV_OT), "uint32", name="W")
@@ -933,7 +953,8 @@ def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channe
     P0 = te.placeholder((o,), "float32", name="P0")
     P1 = te.placeholder((o,), "float32", name="P1")
     return _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, o=o, kh=kh, kw=kw, pads=(pt, pl, pb, pr), dil=(dh, dw),
-                               output="float", strides=(sh, sw), chain=chain)
+                               output="float", strides=(sh, sw), chain=chain, in_channels=in_channels,
+                               e_columns=e_columns)
 
 
 # x86, stride 1: output positions in the vector lanes ------------------------------------------------
@@ -966,14 +987,33 @@ _X86_CV_OT = 32
 _X86_CHAN_VEC_MAX_POSITIONS = 400
 
 
+def _x86_scale(d, p0, k_bits: int):
+    """``float32(float32(d) * p0)`` for the x86 epilogues: ``d`` (int32, |d| <= ``k_bits``) converts to float32
+    exactly below 2**24, so one float32 product with its rounding kept (:func:`no_contract`: no FMA with the
+    following add) equals the float64 product rounded once (the contract above), on 16 lanes instead of two
+    halves of 8 (CIFAR ResNet-20's 32²×16 layer with its chain, one image: 9.2 → 8.5 µs); above 2**24 the
+    float64 form."""
+    if k_bits >= 1 << 24:
+        return (d.astype("float64") * p0.astype("float64")).astype("float32")
+    return no_contract(d.astype("float32") * p0)
+
+
+def e_by_column(e: np.ndarray, col_class: np.ndarray) -> np.ndarray:
+    """``E[o, r, ColClass[x]]`` as ``[O, row classes, OW]``: the E argument of the popcount chain kernels with
+    ``e_columns=True`` (made once at compile time from constant E and ColClass)."""
+    e = np.asarray(e, np.int32)
+    return np.ascontiguousarray(e[:, :, np.asarray(col_class, np.int64)])
+
+
 def _conv_x86_chan_vec(n, h, w, cw, o, kh, kw, pads, e_shape, output, *, pre_blocked: bool,
-                       chain=None) -> tirx.PrimFunc:
+                       chain=None, e_columns: bool = False) -> tirx.PrimFunc:
     pt, pl, pb, pr = pads
     hp, wp = h + pt + pb, w + pl + pr
     oh, ow = hp - kh + 1, wp - kw + 1
     ot = _X86_CV_OT
     nob = -(-o // ot)
     xt = _best_tile(ow, 8)
+    k_bits = kh * kw * cw * WORD  # bound on |D|
     X = te.placeholder((n, h, w, cw), "uint32", name="X")
     E = te.placeholder(e_shape, "int32", name="E")
     RC = te.placeholder((oh,), "int32", name="RowClass")
@@ -1003,14 +1043,14 @@ def _conv_x86_chan_vec(n, h, w, cw, o, kh, kw, pads, e_shape, output, *, pre_blo
         name="pc")
     if chain is not None:
         def value(i, c, cc, y, x):
-            d = E[cc, RC[y], CC[x]] - 2 * pc[i, c // ot, y, x, c % ot]
-            return (d.astype("float64") * P0[cc].astype("float64")).astype("float32") + P1[cc]
+            d = E[cc, RC[y], x if e_columns else CC[x]] - 2 * pc[i, c // ot, y, x, c % ot]
+            return _x86_scale(d, P0[cc], k_bits) + P1[cc]
 
         outs = _chain_outputs(value, n, o, oh, ow, chain, materialize=True)
     elif output == "float":
         def ff(i, oo, y, x):
-            d = E[oo, RC[y], CC[x]] - 2 * pc[i, oo // ot, y, x, oo % ot]
-            return (d.astype("float64") * P0[oo].astype("float64")).astype("float32") + P1[oo]
+            d = E[oo, RC[y], x if e_columns else CC[x]] - 2 * pc[i, oo // ot, y, x, oo % ot]
+            return _x86_scale(d, P0[oo], k_bits) + P1[oo]
 
         Y = te.compute((n, o, oh, ow), ff, name="epilogue")
     else:
@@ -1019,7 +1059,7 @@ def _conv_x86_chan_vec(n, h, w, cw, o, kh, kw, pads, e_shape, output, *, pre_blo
             for bb in range(WORD):
                 ch = k * WORD + bb
                 chc = tirx.min(ch, o - 1)
-                d = E[chc, RC[y], CC[x]] - 2 * pc[i, ch // ot, y, x, ch % ot]
+                d = E[chc, RC[y], x if e_columns else CC[x]] - 2 * pc[i, ch // ot, y, x, ch % ot]
                 bit = tirx.all(ch < o, P0[chc].astype("int64") * d.astype("int64") >= P1[chc].astype("int64"))
                 terms.append(tirx.Select(bit, _u32(1 << bb), _u32(0)))
             return _or_all(terms)
@@ -1071,8 +1111,25 @@ def _pick_qv(nq: int) -> int:
 _STRIDED_PIXEL_VEC = True
 
 
+# image-by-image batches from this many flat positions per image (16x16 planes and up); at 8x8x64 the
+# batch's accumulators (2.6 MB at batch 128) stay near L2 and the image-by-image form was slower (0.66 vs
+# 0.57 ms at batch 128)
+_PER_IMAGE_MIN_POSITIONS = 256
+
+
+def _tap_field_bits(cw: int, in_channels) -> int | None:
+    """Bits of one tap's field when several taps share a 32-bit word (``in_channels`` <= 16 in one packed
+    word: 16, 8, 4, 2 or 1 bits, the next power of two), else None."""
+    if cw != 1 or in_channels is None or not 0 < int(in_channels) <= WORD // 2:
+        return None
+    b = 1
+    while b < int(in_channels):
+        b *= 2
+    return b
+
+
 def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output, strides=(1, 1),
-                        chain=None) -> tirx.PrimFunc:
+                        chain=None, in_channels=None, e_columns: bool = False) -> tirx.PrimFunc:
     w_blocked = len(W.shape) == 5  # block_conv_weights layout [O/32, KH, KW, Cw, 32] (zero filters appended)
     n, h, w, cw = [int(s) for s in X.shape]
     pt, pl, pb, pr = pads
@@ -1080,6 +1137,7 @@ def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output
     sh, sw = strides
     hp, wp = h + pt + pb, w + pl + pr
     oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    k_bits = kh * kw * cw * WORD  # bound on |D|
     # Stride > 1: the padded input is split into sh*sw phase planes (plane (a, b) holds rows a, a+sh, ...
     # and columns b, b+sw, ...), each flattened with row length rl; tap (rk, rw) of output q = y*rl + x
     # then reads plane ((rk*dh) % sh, (rw*dw) % sw) at q + ((rk*dh)//sh)*rl + (rw*dw)//sw: contiguous
@@ -1095,6 +1153,26 @@ def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output
     qv = _pick_qv(nq)
     qp = -(-nq // qv) * qv * VEC
     length = -(-(qp + ((kh - 1) * dh // sh) * rl + (kw - 1) * dw // sw) // rl) * rl
+    # A batch with a fused chain runs image by image: one parallel task per (image, channel block) makes
+    # the image's padded copy, its popcount block and then the chain over it, so the block's int32
+    # accumulators (70 KB at 32x32x16) are read back from L1/L2; the chain's own parallel loop after the
+    # whole batch's accumulators (9 MB at batch 128) went through memory (CIFAR ResNet-20, batch 128,
+    # kernels alone: 32²×16 1.39 -> 1.04 ms, 32²→16²×32 0.75 -> 0.55, 16²×32 0.84 -> 0.67). The
+    # accumulators are then [rows, RL] instead of flat positions (the region analysis that moves the
+    # chain under the task maps each index to one loop variable), so this needs whole rows (qp a
+    # multiple of RL: every ResNet-20 layer but 16²→8²) and E by output column (a chain producer made per
+    # call outside the task would block the move).
+    per_image = (e_columns and chain is not None and n > 1 and qp % rl == 0 and qp >= _PER_IMAGE_MIN_POSITIONS
+                 and (o % WORD == 0 or o < WORD))
+
+    def pc_shape():
+        return (n, opad, qp // rl, rl) if per_image else (n, opad, qp)
+
+    def pc_q(*idx):  # (i, oo, flat q) of the accumulator stage's indices
+        return (idx[0], idx[1], idx[2] * rl + idx[3]) if per_image else idx
+
+    def pc_at(i, c, y, x):
+        return pc[i, c, y, x] if per_image else pc[i, c, y * rl + x]
 
     def xt_f(i, c, pos):
         r, x = pos // wp, pos % wp
@@ -1113,39 +1191,81 @@ def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output
         xt = te.compute((n, cw, sh * sw, length), xt_phase, name="xt")
     else:
         xt = te.compute((n, cw, length), xt_f, name="xt")
-    rk = te.reduce_axis((0, kh), name="rk")
-    rw = te.reduce_axis((0, kw), name="rw")
-    rc = te.reduce_axis((0, cw), name="rc")
 
-    def wsel(oo):
+    def w_at(oo, a, b, c):
         if w_blocked:  # opad <= 32 * blocks: no clamping
-            return W[oo // _X86_CV_OT, rk, rw, rc, oo % _X86_CV_OT]
-        return W[tirx.min(oo, o - 1) if opad != o else oo, rk, rw, rc]
+            return W[oo // _X86_CV_OT, a, b, c, oo % _X86_CV_OT]
+        return W[tirx.min(oo, o - 1) if opad != o else oo, a, b, c]
 
-    def tap(i, q):
+    def x_at(i, c, a, b, q):
+        """input word ``c`` of tap (a, b) for output position q (a, b: ints or loop variables)"""
         if not strided:
-            return xt[i, rc, q + rk * (dh * wp) + rw * dw]
-        return xt[i, rc, ((rk * dh) % sh) * sw + (rw * dw) % sw, q + ((rk * dh) // sh) * rl + (rw * dw) // sw]
+            return xt[i, c, q + a * (dh * wp) + b * dw]
+        return xt[i, c, ((a * dh) % sh) * sw + (b * dw) % sw, q + ((a * dh) // sh) * rl + (b * dw) // sw]
 
-    pc = te.compute(
-        (n, opad, qp),
-        lambda i, oo, q: te.sum(
-            tirx.popcount(tap(i, q) ^ wsel(oo)).astype("int32"),
-            axis=[rk, rw, rc]),
-        name="pc")
+    tf = _tap_field_bits(cw, in_channels)
+    if tf is None:
+        rk = te.reduce_axis((0, kh), name="rk")
+        rw = te.reduce_axis((0, kw), name="rw")
+        rc = te.reduce_axis((0, cw), name="rc")
+        def pc_f(*idx):
+            i, oo, q = pc_q(*idx)
+            return te.sum(tirx.popcount(x_at(i, rc, rk, rw, q) ^ w_at(oo, rk, rw, rc)).astype("int32"),
+                          axis=[rk, rw, rc])
+
+        pc = te.compute(pc_shape(), pc_f, name="pc")
+        red = [rk, rw, rc]
+    else:
+        # Few input channels (<= 16 in a 32-bit word, the rest of the word zero by the packing contract):
+        # the taps are packed 32 // tf to a word, tap j of a group in bits [j*tf, (j+1)*tf) of the group's
+        # image word zt[g, q] and weight word wg[o, g]. The fields do not overlap, so the popcount of the
+        # group's xor is the sum of its taps' popcounts: a 3x3 conv on 16 channels takes 5 xor+popcount+add
+        # per output instead of 9 (the images are made once per call, 5 x 4 KB at 32x32).
+        per = WORD // tf
+        taps = [(a, b) for a in range(kh) for b in range(kw)]
+        groups = [taps[j:j + per] for j in range(0, len(taps), per)]
+
+        def pick(g, words):  # the word of group g (g is unrolled below: the selects fold)
+            val = words[-1]
+            for gi in range(len(words) - 2, -1, -1):
+                val = tirx.Select(g == gi, words[gi], val)
+            return val
+
+        field = _u32((1 << int(in_channels)) - 1)  # the channels' bits only ("masked, never counted")
+
+        def packed(words):
+            v = words[0] & field
+            for j, wj in enumerate(words[1:], 1):
+                v = v | ((wj & field) << _u32(j * tf))
+            return v
+
+        zt = te.compute((n, len(groups), qp),
+                        lambda i, g, q: pick(g, [packed([x_at(i, 0, a, b, q) for a, b in grp]) for grp in groups]),
+                        name="zt")
+        wg = te.compute((opad, len(groups)),
+                        lambda oo, g: pick(g, [packed([w_at(oo, a, b, 0) for a, b in grp]) for grp in groups]),
+                        name="wg")
+        rg = te.reduce_axis((0, len(groups)), name="rg")
+        def pc_f(*idx):
+            i, oo, q = pc_q(*idx)
+            return te.sum(tirx.popcount(zt[i, rg, q] ^ wg[oo, rg]).astype("int32"), axis=[rg])
+
+        pc = te.compute(pc_shape(), pc_f, name="pc")
+        red = [rg]
     stages = [X, W, E, RC, CC, P0, P1]
-    # E by output column (E[o, row class, ColClass[x]]), so the epilogues read it contiguously along x
-    ecol = te.compute((o, int(E.shape[1]), ow), lambda oo, r, x: E[oo, r, CC[x]], name="ecol")
+    # E by output column (E[o, row class, ColClass[x]]), so the epilogues read it contiguously along x: given
+    # so (``e_columns``, made at compile time), else a stage per call
+    ecol = E if e_columns else te.compute((o, int(E.shape[1]), ow), lambda oo, r, x: E[oo, r, CC[x]], name="ecol")
     if chain is not None:
         def value(i, c, cc, y, x):
-            d = ecol[cc, RC[y], x] - 2 * pc[i, c, y * rl + x]
-            return (d.astype("float64") * P0[cc].astype("float64")).astype("float32") + P1[cc]
+            d = ecol[cc, RC[y], x] - 2 * pc_at(i, c, y, x)
+            return _x86_scale(d, P0[cc], k_bits) + P1[cc]
 
         outs = _chain_outputs(value, n, o, oh, ow, chain)
     elif output == "float":
         def ff(i, oo, y, x):
-            d = ecol[oo, RC[y], x] - 2 * pc[i, oo, y * rl + x]
-            return (d.astype("float64") * P0[oo].astype("float64")).astype("float32") + P1[oo]
+            d = ecol[oo, RC[y], x] - 2 * pc_at(i, oo, y, x)
+            return _x86_scale(d, P0[oo], k_bits) + P1[oo]
 
         Y = te.compute((n, o, oh, ow), ff, name="epilogue")
     elif output == "bits":
@@ -1156,7 +1276,7 @@ def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output
             for b in range(WORD):
                 ch = k * WORD + b
                 chc = tirx.min(ch, o - 1)
-                d = ecol[chc, RC[y], x] - 2 * pc[i, ch, y * rl + x]
+                d = ecol[chc, RC[y], x] - 2 * pc_at(i, ch, y, x)
                 bit = tirx.all(ch < o, P0[chc].astype("int64") * d.astype("int64") >= P1[chc].astype("int64"))
                 terms.append(tirx.Select(bit, _u32(1 << b), _u32(0)))
             return _or_all(terms)
@@ -1169,40 +1289,81 @@ def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output
     sch = tvm.s_tir.Schedule(te.create_prim_func(stages + (outs if chain is not None else [Y])))
 
     b_pc = sch.get_sblock("pc")
-    i, oo, q, r_k, r_w, r_c = sch.get_loops(b_pc)
+    if per_image:
+        i, oo, qy, qx, *rloops = sch.get_loops(b_pc)
+        q = sch.fuse(qy, qx)
+    else:
+        i, oo, q, *rloops = sch.get_loops(b_pc)
     ob, oio, oi = sch.split(oo, [None, oblk // oc, oc])
     qo, qi, ql = sch.split(q, [None, qv, VEC])
-    sch.reorder(i, ob, oio, qo, r_k, r_w, r_c, oi, qi, ql)
+    sch.reorder(i, ob, oio, qo, *rloops, oi, qi, ql)
     blk = sch.fuse(i, ob)
     sch.parallel(blk)
-    acc = sch.cache_write(b_pc, 0, "local")
-    sch.reverse_compute_at(acc, qo)
+    # the register tile's write-back (a cache stage): with [rows, RL] accumulators a tile of flat positions
+    # is no rectangle, so per image the tile accumulates into its buffer with every reduction loop
+    # unrolled (LLVM keeps the tile in registers and stores it once)
+    acc = None if per_image else sch.cache_write(b_pc, 0, "local")
+    if acc is not None:
+        sch.reverse_compute_at(acc, qo)
     sch.vectorize(ql)
     sch.unroll(qi)
     sch.unroll(oi)
-    if cw <= 4:  # short word loops: unroll the taps of a row and the words (no loop overhead)
-        sch.unroll(r_w)
-        sch.unroll(r_c)
-    sch.decompose_reduction(b_pc, r_k)
-    wl = sch.get_loops(acc)
-    _, last = sch.split(wl[-1], [None, VEC])
-    sch.vectorize(last)
+    if per_image:
+        for r in rloops:
+            sch.unroll(r)
+    if tf is not None:
+        sch.unroll(rloops[0])
+        for name in ("zt", "wg"):  # per image (zt) / per call (wg), groups unrolled, positions vectorized
+            bz = sch.get_sblock(name)
+            if name == "zt":
+                sch.compute_at(bz, blk)
+            zl = sch.get_loops(bz)
+            sch.unroll(zl[-2] if name == "zt" else zl[-1])
+            if name == "zt":
+                _, zv = sch.split(zl[-1], [None, VEC])
+                sch.vectorize(zv)
+    elif cw <= 4:  # short word loops: unroll the taps of a row and the words (no loop overhead)
+        sch.unroll(rloops[1])
+        sch.unroll(rloops[2])
+    sch.decompose_reduction(b_pc, rloops[0])
+    if acc is not None:
+        wl = sch.get_loops(acc)
+        _, last = sch.split(wl[-1], [None, VEC])
+        sch.vectorize(last)
 
     b_xt = sch.get_sblock("xt")
+    if per_image:
+        sch.compute_at(b_xt, blk)
     xpos = sch.get_loops(b_xt)[-1]
     sch.split(xpos, [None, rl])
 
-    b_ec = sch.get_sblock("ecol")
-    el = sch.get_loops(b_ec)
-    if ow >= 4:
-        xl = el[-1]
-        if ow > VEC:
-            _, xl = sch.split(xl, [None, _best_tile(ow, VEC)])
-        sch.vectorize(xl)
+    if not e_columns:
+        el = sch.get_loops(sch.get_sblock("ecol"))
+        if ow >= 4:
+            xl = el[-1]
+            if ow > VEC:
+                _, xl = sch.split(xl, [None, _best_tile(ow, VEC)])
+            sch.vectorize(xl)
 
+    if per_image:
+        # under the task, row by row: the float values of a row's channels, then their packed word (in L1)
+        row = blk
+        if _has_block(sch, "chain"):
+            bc = sch.get_sblock("chain")
+            sch.reverse_compute_at(bc, blk)
+            c, y, x = sch.get_loops(bc)[-3:]
+            sch.reorder(y, c, x)
+            _vectorize_x(sch, x)
+            row = y
+        if chain["pack"]:
+            bb = sch.get_sblock("chain_bits")
+            sch.reverse_compute_at(bb, row)
+            if ow > 1:
+                _vectorize_x(sch, sch.get_loops(bb)[-1])
+        return _finish(sch)
     if chain is not None:
-        # the accumulators are flat positions y*RL + x, which the region analysis of reverse_compute_at cannot
-        # map back to (y, x): the chain runs in its own parallel loop, like the float epilogue
+        # flat accumulator positions y*RL + x, which the region analysis of reverse_compute_at cannot map
+        # back to (y, x): the chain runs in its own parallel loop, like the float epilogue
         _schedule_chain_epilogue(sch, None, chain, ow, o)
         return _finish(sch)
     # Epilogue: its own parallel loop over (n, channel blocks | rows) once the accumulators are complete.
