@@ -592,3 +592,24 @@ def test_library_for_another_arch_is_a_clear_error():
     model, _, _ = _tiny_model()
     with pytest.raises(ort_rt.OrtLibraryError, match="built for aarch64"):
         ort_rt.OrtDeployRunner(model, lib=str(other))
+
+
+def test_large_batch_runs_in_session_calls(lib):
+    """A batch above ``CPU_CALL_BATCH_MAX`` runs as session calls of ``cpu_call_batch`` images (8, 8, 3 here):
+    the same outputs as one call of the whole batch, and the NumPy reference, bit for bit."""
+    from tests.test_tvm_runtime import _residual_block
+
+    model, x, want = _residual_block(np.random.default_rng(78), n=19, c=16, h=8, w=8, stride=1)
+    r = ort_rt.OrtDeployRunner(model, num_threads=1, mode="library", lib=lib)
+    sess, sizes = r.session, []
+
+    class Recording:
+        def run(self, names, feeds):
+            sizes.append(next(iter(feeds.values())).shape[0])
+            return sess.run(names, feeds)
+
+    r.session = Recording()
+    got = r.run(x)
+    assert sizes == [8, 8, 3]
+    _same(got, want["y"], "batch in calls")
+    _same(got, sess.run(None, {r.input_name: x})[0], "one call")

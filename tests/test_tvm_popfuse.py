@@ -221,3 +221,26 @@ def test_option_a_shortcut_block_is_fused(c, h):
     assert np.array_equal(out, ref.pack_sign(v))
     un = G.compile_model(model, batch_size=2, fuse=False).run(x)
     assert np.array_equal(un, out)
+
+
+def test_large_batch_runs_in_cache_sized_calls():
+    """A CPU batch above CPU_CALL_BATCH_MAX is compiled for calls of ``cpu_call_batch`` images (fewer for large
+    inputs), and ``run`` on the whole batch (two full calls and a zero-padded one here) gives the NumPy
+    reference bit for bit, as the model built for the whole batch in one call does."""
+    from bnnc.runtimes.tvm import graph as G
+    from bnnc.util import cpu_call_batch
+
+    from tests.test_tvm_runtime import _residual_block
+
+    assert cpu_call_batch(128, (128, 3, 32, 32)) == 8
+    assert cpu_call_batch(128, (128, 3, 224, 224)) == 1  # 600 KB images: one per call
+    assert cpu_call_batch(6, (6, 3, 224, 224)) == 6  # batches up to 8: one call, as asked
+    rng = np.random.default_rng(77)
+    model, x, want = _residual_block(rng, n=19, c=16, h=8, w=8, stride=1)
+    tm = G.compile_model(model, batch_size=19)
+    assert tm.info["batch_size"] == 8 and tm.info["requested_batch"] == 19
+    got = tm.run(x)
+    assert np.array_equal(got.view(np.uint32), want["y"].view(np.uint32))
+    whole = G.compile_model(model, batch_size=19, call_batch=19)
+    assert whole.info["batch_size"] == 19
+    assert np.array_equal(whole.run(x).view(np.uint32), got.view(np.uint32))

@@ -23,6 +23,8 @@ import tvm_ffi
 from onnx import numpy_helper
 from tvm import relax, tirx
 
+from bnnc.util import cpu_call_batch
+
 from . import kernels as K
 from .float_kernels import (
     float_avgpool2d_primfunc,
@@ -1284,13 +1286,18 @@ def _resolve_target(target, num_threads):
 
 
 def compile_model(model: onnx.ModelProto | str, target="cpu", batch_size: int = 1,
-                  num_threads: int | None = None, fuse: bool = True) -> "TVMModel":
+                  num_threads: int | None = None, fuse: bool = True, call_batch: int | None = None) -> "TVMModel":
     """Compile a deploy-form ONNX model (ai.bnnc + standard ops) with TVM.
 
     ``target``: ``"cpu"`` (the host, runnable here), ``"arm"`` (AArch64 + NEON, cross-compiled: export it
     with :meth:`TVMModel.export_library` and run it on an AArch64 machine with the TVM runtime),
     ``"cuda"`` / ``"cuda:sm_90"`` (CUDA, device code compiled by nvcc; runs where a GPU is), or a TVM
     target dict / ``tvm.target.Target``.
+
+    ``batch_size``: the batch the model is meant for. The kernels are built for ``call_batch`` images per
+    call (default: ``batch_size`` on CUDA, :func:`bnnc.util.cpu_call_batch` on CPUs — a batch above 8 in
+    calls of 8 for 32×32 images, of 1 at 224²); :meth:`TVMModel.run` takes any batch in calls of that size
+    (the last one zero-padded).
     """
     if isinstance(model, (str, os.PathLike)):
         model = onnx.load(str(model))
@@ -1299,7 +1306,16 @@ def compile_model(model: onnx.ModelProto | str, target="cpu", batch_size: int = 
     if family != "cuda":
         set_num_threads(num_threads)
     tgt = tdict if isinstance(tdict, tvm.target.Target) else tvm.target.Target(tdict)
-    mod, info = translate(model, batch_size, target=tdict, fuse=fuse)
+    if call_batch is None:
+        call_batch = batch_size
+        if family != "cuda" and model.graph.input:
+            dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+            if len(dims) > 1 and all(int(d) > 0 for d in dims[1:]):
+                call_batch = cpu_call_batch(batch_size, dims)
+    if int(call_batch) < 1:
+        raise ValueError(f"call_batch must be >= 1, got {call_batch}")
+    mod, info = translate(model, int(call_batch), target=tdict, fuse=fuse)
+    info["requested_batch"] = int(batch_size)
     if family == "cuda":
         with K.nvcc_env():
             ex = tvm.compile(mod, target=tgt, relax_pipeline=_relax_pipeline(tgt))
