@@ -85,7 +85,8 @@ def measure(timers: dict, repeat: int, block_s: float) -> dict:
 
 
 def tvm_op_profile(tvm_model, x, runs: int = 5) -> dict:
-    """Median ms per kernel symbol (summed over calls of one run) via the Relax VM's instrumentation."""
+    """Median ms per kernel symbol (summed over the kernel calls of one call of the model, i.e. of its call
+    batch ``tvm_model.info["batch_size"]`` images) via the Relax VM's instrumentation."""
     import numpy as np
     import tvm
     from tvm import relax
@@ -103,7 +104,7 @@ def tvm_op_profile(tvm_model, x, runs: int = 5) -> dict:
 
     vm = relax.VirtualMachine(tvm_model.executable, tvm.cpu())
     vm.set_instrument(instrument)
-    xt = tvm.runtime.tensor(np.ascontiguousarray(x))
+    xt = tvm.runtime.tensor(np.ascontiguousarray(x[: int(tvm_model.info.get("batch_size", len(x)))]))
     for _ in range(runs + 1):
         cur.clear()
         vm["main"](xt)
@@ -134,6 +135,7 @@ def bench_model(path: str, batch: int, repeat: int, block_s: float, tvm_threads=
     t0 = time.perf_counter()
     tvm_m = bnnc.compile(deploy, runtime="tvm", batch_size=batch, num_threads=max(tvm_threads))
     res["tvm_compile_s_in_process"] = time.perf_counter() - t0
+    res["tvm_call_batch"] = int(tvm_m._executor.info.get("batch_size", batch))  # images per kernel call
     # element-wise chains (residual add, bias, PReLU, Clip) fused with the PackSign after float binary convs
     res["tvm_fused_chains"] = getattr(tvm_m._executor, "info", {}).get("fused_chains")
     y = tvm_m.run(x)
@@ -165,7 +167,7 @@ def bench_model(path: str, batch: int, repeat: int, block_s: float, tvm_threads=
     res["ratios"] = ratios
     if profile:
         set_num_threads(1)
-        res["tvm_op_profile_ms_1t"] = tvm_op_profile(tvm_m._executor, x)
+        res["tvm_op_profile_ms_1t"] = tvm_op_profile(tvm_m._executor, x)  # one call of tvm_call_batch images
     return res
 
 
