@@ -90,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", default="tvm", help="tvm (default, bit-packed kernels), ort (ONNX Runtime + "
                    "bnnc's custom-op library), ort-portable (standard ONNX ops only), reference (stock ONNX "
                    "Runtime on the export form), numpy (deploy-form reference executor)")
-    p.add_argument("--batch-size", type=int, default=1, help="batch size the kernels are built for (default 1); "
-                                                             "any batch runs, in chunks")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="batch the model is compiled for (default 1; any batch runs, in calls of the compiled "
+                        "size). On CPUs a batch above 8 is built for calls of up to 8 images (fewer for large "
+                        "inputs) so activations stay in cache; CUDA builds the whole batch")
     _threads(p)
 
     p = sub.add_parser("eval", help="evaluate a model: top-1, top-5, loss, n",

@@ -149,6 +149,9 @@ def compile(model, target: str = "cpu", runtime: str = "tvm", *, batch_size: int
     """Compile an ONNX model (path or ``ModelProto``) for ``runtime`` on ``target``.
 
     ``reference`` runs the export form as given; ``tvm`` and ``numpy`` first run the deploy passes.
+    ``batch_size``: the batch the model is meant for; any batch runs. On CPUs a batch above 8 runs in calls of
+    up to 8 images (fewer for large inputs, :func:`bnnc.util.cpu_call_batch`), which keeps each call's
+    activations in cache.
     """
     from bnnc.passes.pipeline import check_bnnc_ops, form_of, to_deploy
 
