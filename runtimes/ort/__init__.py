@@ -195,11 +195,10 @@ class OrtDeployRunner:
         calls of ``cpu_call_batch`` images (activations stay in cache between layers; IR-Net ResNet-20,
         ONNX Runtime library, batch 128, 1 thread: 29.4 → 28.1 ms)."""
         x = np.asarray(x, np.float32)
-        c = cpu_call_batch(x.shape[0], x.shape) if x.ndim > 1 and self._free_batch else x.shape[0] if x.ndim else 1
-        if x.ndim < 2 or c >= x.shape[0]:
+        if x.ndim < 2 or not self._free_batch or (c := cpu_call_batch(len(x), x.shape)) >= len(x):
             return self.session.run(None, {self.input_name: x})[0]
         return np.concatenate([self.session.run(None, {self.input_name: x[s:s + c]})[0]
-                               for s in range(0, x.shape[0], c)], axis=0)
+                               for s in range(0, len(x), c)], axis=0)
 
     def run_feeds(self, feeds: dict) -> list[np.ndarray]:
         """All outputs for an explicit feed dict (any input dtypes), e.g. single-op test graphs."""

@@ -667,6 +667,21 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     L = _TILE
     f32v, i32v = f"float32x{L}", f"int32x{L}"
 
+    @T.macro
+    def unpack_quad16(img, wpl, dst, t, pos):
+        # quad plane t (image·phase, chunk q, quad r) at 16 positions from pos → ±1 bytes of plane dst of img:
+        # quad r of chunk q = bits 4r..4r+3 of the chunk → 4 bytes per position (nibble · 0x00204081 &
+        # 0x01010101 spreads the 4 bits to 4 bytes; 0xFF ^ b·0xFE maps 1 → 1, 0 → -1)
+        iph = T.meta_var(t // (nkc * L))
+        q = T.meta_var(t // L % nkc)
+        r = T.meta_var(t % L)
+        wv = T.meta_var(wpl[T.Ramp((iph * cwq + 2 * q + r // 8) * lp + pos, 1, L)])
+        nib = T.meta_var(T.shift_right(wv, T.Broadcast(T.Cast("uint32", (r % 8) * 4), L))
+                         & T.Broadcast(T.uint32(15), L))
+        spread = T.meta_var((nib * T.Broadcast(T.uint32(0x00204081), L)) & T.Broadcast(T.uint32(0x01010101), L))
+        img[T.Ramp(dst * lp + pos, 1, L)] = T.bitwise_xor(
+            spread * T.Broadcast(T.uint32(0xFE), L), T.Broadcast(T.uint32(0xFFFFFFFF), L))
+
     @T.prim_func
     def amx_conv_chain(X: T.Buffer((n, h, w, cw), "uint32"), Wt: T.Buffer(wshape, wdt),
                        E: T.Buffer(e_shape, "int32"), RC: T.Buffer((oh,), "int32"), CC: T.Buffer((ow,), "int32"),
@@ -710,8 +725,7 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
                         i, ph, inside, pix = T.meta_var(_plane_source(row, c, g, h, w))
                         wpl[((i * nph + ph) * cwq + wq) * lp + row % lrows * rl + c] = T.if_then_else(
                             T.And(inside, wq < cw), Xf[pix * cw + T.min(wq, cw - 1)], T.uint32(0))
-            # VNNI planes: quad r of chunk q = bits 4r..4r+3 of the chunk → 4 bytes of ±1 per position
-            # (nibble · 0x00204081 & 0x01010101 spreads the 4 bits to 4 bytes; 0xFF ^ b·0xFE maps 1 → 1, 0 → -1)
+            # VNNI planes (unpack_quad16)
             if by_pixels:
                 # one channel group, stride 1: the GEMM tasks split the pixel blocks over the threads, so the
                 # unpack does too (task k unpacks pixel block k's positions of every quad), and each thread's
@@ -725,31 +739,11 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
                         for pb in range(T.if_then_else(ck % npb == npb - 1, lp // L, (ck % npb + 1) * (mb // L))
                                         - ck % npb * (mb // L)):
                             t = T.meta_var(ck // npb * (nph * nkc * L) + t0)
-                            iph = T.meta_var(t // (nkc * L))
-                            q = T.meta_var(t // L % nkc)
-                            r = T.meta_var(t % L)
-                            pos = T.meta_var((ck % npb * (mb // L) + pb) * L)
-                            wv = T.meta_var(wpl[T.Ramp((iph * cwq + 2 * q + r // 8) * lp + pos, 1, L)])
-                            nib = T.meta_var(T.shift_right(wv, T.Broadcast(T.Cast("uint32", (r % 8) * 4), L))
-                                             & T.Broadcast(T.uint32(15), L))
-                            spread = T.meta_var((nib * T.Broadcast(T.uint32(0x00204081), L))
-                                                & T.Broadcast(T.uint32(0x01010101), L))
-                            img[T.Ramp(t * lp + pos, 1, L)] = T.bitwise_xor(
-                                spread * T.Broadcast(T.uint32(0xFE), L), T.Broadcast(T.uint32(0xFFFFFFFF), L))
+                            unpack_quad16(img, wpl, t, t, (ck % npb * (mb // L) + pb) * L)
             else:
                 for tt in T.parallel(ncopy * nquads):  # copy tt // nquads, quad t
                     for pb in range(lp // L):
-                        t = T.meta_var(tt % nquads)
-                        iph = T.meta_var(t // (nkc * L))
-                        q = T.meta_var(t // L % nkc)
-                        r = T.meta_var(t % L)
-                        wv = T.meta_var(wpl[T.Ramp((iph * cwq + 2 * q + r // 8) * lp + pb * L, 1, L)])
-                        nib = T.meta_var(T.shift_right(wv, T.Broadcast(T.Cast("uint32", (r % 8) * 4), L))
-                                         & T.Broadcast(T.uint32(15), L))
-                        spread = T.meta_var((nib * T.Broadcast(T.uint32(0x00204081), L))
-                                            & T.Broadcast(T.uint32(0x01010101), L))
-                        img[T.Ramp(tt * lp + pb * L, 1, L)] = T.bitwise_xor(
-                            spread * T.Broadcast(T.uint32(0xFE), L), T.Broadcast(T.uint32(0xFFFFFFFF), L))
+                        unpack_quad16(img, wpl, tt, tt % nquads, pb * L)
         for task in T.parallel(ntask):
             cfg = T.alloc_buffer((64,), "uint8", align=64)
             acc = T.alloc_buffer((og * mb,), "int32", align=64)

@@ -827,9 +827,6 @@ def _schedule_chain_epilogue(sch, blk, chain: dict, ow: int, o: int) -> None:
     """Schedule the chain stages: under ``blk`` (the conv's parallel loop over image x channel block), or
     with ``blk=None`` as their own parallel loop over (image, block of 32 channels) after the conv; both
     vectorized along the output columns."""
-    def vec_x(loop):
-        _vectorize_x(sch, loop)
-
     exact = o % WORD == 0 or o < WORD
     if blk is not None:
         # reverse_compute_at leaves out loops of extent 1: "chain" gets (c, y, x) under blk, "chain_bits"
@@ -841,7 +838,7 @@ def _schedule_chain_epilogue(sch, blk, chain: dict, ow: int, o: int) -> None:
                 b = sch.get_sblock(name)
                 sch.reverse_compute_at(b, blk)
                 if ow > 1:
-                    vec_x(sch.get_loops(b)[-1])
+                    _vectorize_x(sch, sch.get_loops(b)[-1])
         if chain["pack"] and not exact:
             b = sch.get_sblock("chain_bits")
             i, y, x, k = sch.get_loops(b)
@@ -863,19 +860,19 @@ def _schedule_chain_epilogue(sch, blk, chain: dict, ow: int, o: int) -> None:
         # several blocks at batch 128 measured faster channel by channel, their word after all rows)
         row = y if o <= WORD else outer
         sch.parallel(outer)
-        vec_x(x)
+        _vectorize_x(sch, x)
     if chain["pack"]:
         b = sch.get_sblock("chain_bits")
         if outer is not None and exact:
             # the word of the block's channels
             sch.reverse_compute_at(b, row)
             if ow > 1:
-                vec_x(sch.get_loops(b)[-1])
+                _vectorize_x(sch, sch.get_loops(b)[-1])
         else:
             i, y, x, k = sch.get_loops(b)
             sch.reorder(i, k, y, x)
             sch.parallel(sch.fuse(i, k))
-            vec_x(x)
+            _vectorize_x(sch, x)
 
 
 def _has_block(sch, name: str) -> bool:
@@ -1218,7 +1215,6 @@ def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output
                           axis=[rk, rw, rc])
 
         pc = te.compute(pc_shape(), pc_f, name="pc")
-        red = [rk, rw, rc]
     else:
         # Few input channels (<= 16 in a 32-bit word, the rest of the word zero by the packing contract):
         # the taps are packed 32 // tf to a word, tap j of a group in bits [j*tf, (j+1)*tf) of the group's
@@ -1255,7 +1251,6 @@ def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output
             return te.sum(tirx.popcount(zt[i, rg, q] ^ wg[oo, rg]).astype("int32"), axis=[rg])
 
         pc = te.compute(pc_shape(), pc_f, name="pc")
-        red = [rg]
     stages = [X, W, E, RC, CC, P0, P1]
     # E by output column (E[o, row class, ColClass[x]]), so the epilogues read it contiguously along x: given
     # so (``e_columns``, made at compile time), else a stage per call
@@ -1312,23 +1307,20 @@ def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output
     sch.vectorize(ql)
     sch.unroll(qi)
     sch.unroll(oi)
-    if per_image:
+    if per_image or tf is not None:  # every reduction loop (packed taps: the groups, a single loop)
         for r in rloops:
             sch.unroll(r)
-    if tf is not None:
-        sch.unroll(rloops[0])
-        for name in ("zt", "wg"):  # per image (zt) / per call (wg), groups unrolled, positions vectorized
-            bz = sch.get_sblock(name)
-            if name == "zt":
-                sch.compute_at(bz, blk)
-            zl = sch.get_loops(bz)
-            sch.unroll(zl[-2] if name == "zt" else zl[-1])
-            if name == "zt":
-                _, zv = sch.split(zl[-1], [None, VEC])
-                sch.vectorize(zv)
     elif cw <= 4:  # short word loops: unroll the taps of a row and the words (no loop overhead)
         sch.unroll(rloops[1])
         sch.unroll(rloops[2])
+    if tf is not None:
+        # the group words: the image's per task (groups unrolled, positions vectorized), the weights' per call
+        bz = sch.get_sblock("zt")
+        sch.compute_at(bz, blk)
+        zg, zq = sch.get_loops(bz)[-2:]
+        sch.unroll(zg)
+        sch.vectorize(sch.split(zq, [None, VEC])[1])
+        sch.unroll(sch.get_loops(sch.get_sblock("wg"))[-1])
     sch.decompose_reduction(b_pc, rloops[0])
     if acc is not None:
         wl = sch.get_loops(acc)
@@ -1342,12 +1334,7 @@ def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output
     sch.split(xpos, [None, rl])
 
     if not e_columns:
-        el = sch.get_loops(sch.get_sblock("ecol"))
-        if ow >= 4:
-            xl = el[-1]
-            if ow > VEC:
-                _, xl = sch.split(xl, [None, _best_tile(ow, VEC)])
-            sch.vectorize(xl)
+        _vectorize_x(sch, sch.get_loops(sch.get_sblock("ecol"))[-1])
 
     if per_image:
         # under the task, row by row: the float values of a row's channels, then their packed word (in L1)
@@ -1375,11 +1362,7 @@ def _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, *, o, kh, kw, pads, dil, output
     el = sch.get_loops(b_epi)
     last = el[-1]
     if output == "float":
-        ext = _extent(sch, last)
-        if ext and ext >= 4:
-            if ext > VEC:
-                _, last = sch.split(last, [None, _best_tile(ext, VEC)])
-            sch.vectorize(last)
+        _vectorize_x(sch, last)
     else:
         # loops: blk, y, x, k → vectorize over x (k is the block's single word)
         xl = el[-2]
