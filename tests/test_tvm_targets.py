@@ -12,6 +12,7 @@ tvm = pytest.importorskip("tvm")
 onnx = pytest.importorskip("onnx")
 
 from onnx import TensorProto as TP  # noqa: E402
+from onnx import helper as oh  # noqa: E402
 
 from bnnc.ops import deploy as ref  # noqa: E402
 from bnnc.runtimes.tvm import kernels as K  # noqa: E402
@@ -236,8 +237,66 @@ def test_compile_model_cuda(tmp_path):
     assert open(so, "rb").read(4) == b"\x7fELF"
 
 
+def _float_pool_model():
+    """Float pooling as a BNN's shortcuts and heads use it: 2×2 average pools, a padded 3×3 max pool, a 3×3
+    average pool without the padding counted, a global average pool."""
+    nodes = [
+        oh.make_node("AveragePool", ["x"], ["a"], kernel_shape=[2, 2], strides=[2, 2]),
+        oh.make_node("MaxPool", ["a"], ["m"], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]),
+        oh.make_node("AveragePool", ["m"], ["a2"], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1],
+                     count_include_pad=0),
+        oh.make_node("Add", ["a2", "a"], ["s"]),
+        oh.make_node("GlobalAveragePool", ["s"], ["g"]),
+        oh.make_node("Flatten", ["g"], ["y"]),
+    ]
+    g = oh.make_graph(nodes, "pools", [oh.make_tensor_value_info("x", TP.FLOAT, ["N", 8, 14, 14])],
+                      [oh.make_tensor_value_info("y", TP.FLOAT, ["N", 8])])
+    return oh.make_model(g, opset_imports=[oh.make_opsetid("", 18)], ir_version=10)
+
+
+def _kernel_launch_bounds(src: str) -> dict:
+    import re
+
+    return {m.group(2): int(m.group(1)) for m in re.finditer(r"__launch_bounds__\((\d+)\)\s+(\w+)\(", src)}
+
+
+@needs_nvcc
+def test_cuda_pooling_one_thread_per_output():
+    """Pooling windows (≤ 64 terms) are summed by one thread per output: blocks of many threads, not one
+    block of window-size threads per output (dlight's GeneralReduction: 4 threads for a 2×2 pool)."""
+    from bnnc.runtimes.tvm import compile_model
+
+    tm = compile_model(_float_pool_model(), target="cuda:sm_90", batch_size=4)
+    bounds = {k: v for k, v in _kernel_launch_bounds(K.cuda_source(tm.executable)).items() if "pool" in k}
+    assert len(bounds) >= 3, bounds
+    assert min(bounds.values()) >= 128, bounds
+
+
+@needs_nvcc
+@pytest.mark.parametrize("graph", [True, False])
+def test_cuda_graph_capture(graph):
+    from bnnc.runtimes.tvm import compile_model
+
+    model, _, _ = _deploy_model(np.random.default_rng(11))
+    tm = compile_model(model, target="cuda:sm_90", batch_size=2, cuda_graph=graph)
+    assert ("vm.builtin.cuda_graph.run_or_capture" in tm.executable.as_text()) == graph
+
+
 # --------------------------------------------------------------------------------------------------
 # CUDA: runs (GPU only)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_float_pooling_matches_onnxruntime():
+    import onnxruntime as ort
+    from bnnc.runtimes.tvm import compile_model
+
+    model = _float_pool_model()
+    x = np.random.default_rng(5).standard_normal((6, 8, 14, 14)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = compile_model(model, target="cuda", batch_size=4).run(x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.cuda
@@ -264,5 +323,8 @@ def test_cuda_whole_graph(tmp_path):
     tm = compile_model(model, target="cuda", batch_size=2)
     y = tm.run(x)
     np.testing.assert_allclose(y, want["y"], rtol=1e-4, atol=1e-4 * np.abs(want["y"]).max())
+    # the CUDA graph replays the same kernels: same output as launching them one by one, call after call
+    assert np.array_equal(compile_model(model, target="cuda", batch_size=2, cuda_graph=False).run(x), y)
+    assert np.array_equal(tm.run(x[::-1].copy()), y[::-1])
     so = tm.export_library(str(tmp_path / "m.so"))
     assert np.array_equal(TVMModel.load(so, tm.meta()).run(x), y)
