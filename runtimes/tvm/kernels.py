@@ -1424,32 +1424,48 @@ def _schedule_conv_cpu(sch, op: int, output: str, *, ot: int, vec: int, xt: int)
     return _finish(sch)
 
 
+CUDA_SMS = 132  # streaming multiprocessors of the largest target GPU (H100 SXM): the grid should fill them
+
+
 def _schedule_conv_cuda(sch, op: int) -> tirx.PrimFunc:
     """Three kernels: weight transpose, popcount conv, epilogue.
 
-    Popcount stage: threadIdx.x runs over 32/64 consecutive (padded) output channels, so the transposed
-    weight words ``wt[rk, rw, rc, o]`` are read coalesced and every thread of a warp reads the same input
-    word (a broadcast); threadIdx.y over output pixels; the int32 sum of ``__popc(x ^ w)`` stays in a
-    register. The zero padding is inlined (a predicated load), so no padded copy of X is materialized.
+    Popcount stage: a thread block of 32 × 8 threads covers 32·``orr`` (padded) output channels and
+    8·``pr`` output pixels; each thread keeps a ``pr`` × ``orr`` register tile of int32 sums of
+    ``__popc(x ^ w)``, so every weight word it loads serves ``pr`` pixels and every input word ``orr``
+    channels (a 1 × 1 tile loads two words per popcount). threadIdx.x runs over consecutive channels, so
+    the transposed weight words ``wt[rk, rw, rc, o]`` are read coalesced and the threads of a warp read the
+    same input word (a broadcast). The tile shrinks where the grid would leave SMs idle (batch 1, late
+    layers). The zero padding is inlined (a predicated load), so no padded copy of X is materialized.
     """
     sch.compute_inline(sch.get_sblock("xpad"))
     _bind_flat(sch, sch.get_sblock("wt"))
 
     b_pc = sch.get_sblock("pc")
     i, y, x, oo, rk, rw, rc = sch.get_loops(b_pc)
-    to = 64 if op % 64 == 0 else 32
-    ty = max(1, CUDA_THREADS // to)
-    pix = sch.fuse(i, y, x)
-    pix_o, pix_i = sch.split(pix, [None, ty])
-    o_o, o_i = sch.split(oo, [None, to])
-    sch.reorder(pix_o, o_o, pix_i, o_i, rk, rw, rc)
+    ow = _extent(sch, x)
+    npix = _extent(sch, i) * _extent(sch, y) * ow
+    tx, ty = 32, CUDA_THREADS // 32
+    orr = 2 if op % 64 == 0 else 1
+    pr = 4  # a thread's pixels are consecutive columns of one output row (a compact register tile)
+    while pr > 1 and (ow % pr or -(-npix // (ty * pr)) * (op // (tx * orr)) < 2 * CUDA_SMS):
+        pr //= 2
+    if orr > 1 and pr == 1 and -(-npix // ty) * (op // (tx * orr)) < 2 * CUDA_SMS:
+        orr = 1
+    x_o, pix_r = sch.split(x, [None, pr])
+    pix = sch.fuse(i, y, x_o)
+    pix_o, pix_t = sch.split(pix, [None, ty])
+    o_o, o_t, o_r = sch.split(oo, [None, tx, orr])
+    sch.reorder(pix_o, o_o, pix_t, o_t, rk, rw, rc, pix_r, o_r)
     bx = sch.fuse(pix_o, o_o)
     sch.bind(bx, "blockIdx.x")
-    sch.bind(pix_i, "threadIdx.y")
-    sch.bind(o_i, "threadIdx.x")
+    sch.bind(pix_t, "threadIdx.y")
+    sch.bind(o_t, "threadIdx.x")
     acc = sch.cache_write(b_pc, 0, "local")
-    sch.reverse_compute_at(acc, o_i)
+    sch.reverse_compute_at(acc, o_t)
     sch.decompose_reduction(b_pc, rk)
+    sch.unroll(pix_r)
+    sch.unroll(o_r)
 
     _bind_flat(sch, sch.get_sblock("epilogue"))
     return _finish(sch, gpu=True)
