@@ -1390,7 +1390,12 @@ def runnable_here(family: str) -> tuple[bool, str]:
     """Whether code of this schedule family can run on this machine, and why not."""
     if family == "cuda":
         if not tvm.runtime.enabled("cuda"):
-            return False, "this TVM build has no CUDA runtime (needs a CUDA-enabled TVM and a CUDA GPU)"
+            from tvm import support as tvm_support
+
+            if str(tvm_support.libinfo().get("USE_CUDA", "OFF")).upper() in ("OFF", "0", "FALSE", ""):
+                return False, "this TVM build has no CUDA runtime (needs a CUDA-enabled TVM and a CUDA GPU)"
+            return False, ("TVM's CUDA runtime cannot start here: no NVIDIA driver (libcuda) or no CUDA GPU "
+                           "on this machine")
         if not tvm.cuda(0).exist:
             return False, "no CUDA GPU on this machine"
         return True, ""
