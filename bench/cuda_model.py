@@ -71,7 +71,9 @@ def bench_bnnc(path: str, batch: int, repeat: int, number: int, no_graph_too: bo
         tg = compile_model(cm.model, target=f"cuda:{arch}", batch_size=batch, cuda_graph=False)
         res["same_without_cuda_graph"] = bool(np.array_equal(tg.run(x), y))
         res["device_ms_without_cuda_graph"] = round(_median_ms(lambda: tg._main(xt), tm.dev.sync, repeat, number), 4)
-        res["kernels_ms"] = kernel_profile(tg, xt)
+        from run_model import tvm_op_profile
+
+        res["kernels_ms"] = tvm_op_profile(tg, x, dev=tm.dev, sync=True, min_ms=0.002)
     return res
 
 
@@ -99,34 +101,6 @@ def bench_torch(name: str, size: int, batch: int, repeat: int, number: int) -> d
         graph = _median_ms(g.replay, torch.cuda.synchronize, repeat, number)
     return dict(torch=torch.__version__, eager_ms=round(eager, 4), cuda_graph_ms=round(graph, 4),
                 device_ms=round(min(eager, graph), 4))
-
-
-def kernel_profile(tm, xt, runs: int = 5) -> dict:
-    """Median ms per kernel symbol of one call (the device synchronized around each kernel call)."""
-    import collections
-    import re
-
-    from tvm import relax
-
-    per_run, cur, start = [], collections.Counter(), {}
-
-    def instrument(func, sym, before, ret, *args):
-        tm.dev.sync()
-        if before:
-            start[sym] = time.perf_counter()
-        else:
-            cur[re.sub(r"_\d+$", "", str(sym))] += time.perf_counter() - start.pop(sym)
-        return 0
-
-    vm = relax.VirtualMachine(tm.executable, tm.dev)
-    vm.set_instrument(instrument)
-    for _ in range(runs + 1):
-        cur.clear()
-        vm["main"](xt)
-        per_run.append(dict(cur))
-    keys = set().union(*per_run[1:])
-    prof = {k: statistics.median(r.get(k, 0.0) for r in per_run[1:]) * 1e3 for k in keys}
-    return dict(sorted(((k, round(v, 4)) for k, v in prof.items() if v >= 0.002), key=lambda kv: -kv[1]))
 
 
 def main(argv=None) -> int:

@@ -84,34 +84,38 @@ def measure(timers: dict, repeat: int, block_s: float) -> dict:
     return {n: dict(p50_ms=statistics.median(v) * 1e3, p90_ms=percentile(v, 90) * 1e3) for n, v in rounds.items()}
 
 
-def tvm_op_profile(tvm_model, x, runs: int = 5) -> dict:
+def tvm_op_profile(tvm_model, x, runs: int = 5, dev=None, sync: bool = False, min_ms: float = 0.001) -> dict:
     """Median ms per kernel symbol (summed over the kernel calls of one call of the model, i.e. of its call
-    batch ``tvm_model.info["batch_size"]`` images) via the Relax VM's instrumentation."""
+    batch ``tvm_model.info["batch_size"]`` images) via the Relax VM's instrumentation, on ``dev`` (default
+    the CPU); ``sync``: synchronize the device around each kernel (GPUs run them asynchronously)."""
     import numpy as np
     import tvm
     from tvm import relax
 
+    dev = tvm.cpu() if dev is None else dev
     per_run = []
     cur: dict = collections.Counter()
     start = {}
 
     def instrument(func, sym, before, ret, *args):
+        if sync:
+            dev.sync()
         if before:
             start[sym] = time.perf_counter()
         else:
             cur[re.sub(r"_\d+$", "", str(sym))] += time.perf_counter() - start.pop(sym)
         return 0
 
-    vm = relax.VirtualMachine(tvm_model.executable, tvm.cpu())
+    vm = relax.VirtualMachine(tvm_model.executable, dev)
     vm.set_instrument(instrument)
-    xt = tvm.runtime.tensor(np.ascontiguousarray(x[: int(tvm_model.info.get("batch_size", len(x)))]))
+    xt = tvm.runtime.tensor(np.ascontiguousarray(x[: int(tvm_model.info.get("batch_size", len(x)))]), dev)
     for _ in range(runs + 1):
         cur.clear()
         vm["main"](xt)
         per_run.append(dict(cur))
     keys = set().union(*per_run[1:])
     prof = {k: statistics.median(r.get(k, 0.0) for r in per_run[1:]) * 1e3 for k in keys}
-    return dict(sorted(((k, round(v, 4)) for k, v in prof.items() if v >= 0.001), key=lambda kv: -kv[1]))
+    return dict(sorted(((k, round(v, 4)) for k, v in prof.items() if v >= min_ms), key=lambda kv: -kv[1]))
 
 
 def bench_model(path: str, batch: int, repeat: int, block_s: float, tvm_threads=(1,), ort_lib: bool = True,
