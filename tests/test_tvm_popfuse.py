@@ -57,21 +57,16 @@ CASES = [
 PER_IMAGE = {(2, 16, 32, 32, 16, 1), (3, 8, 16, 16, 32, 1), (2, 16, 32, 32, 32, 2)}
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c))
-@pytest.mark.parametrize("compiled", [False, True], ids=["e-classes", "e-columns+in-channels"])
-def test_fused_conv_chain_matches_unfused_and_reference(case, compiled):
-    """``compiled``: as the graph translator calls it, E given by output column (``e_by_column``; a batch then
-    runs image by image where the plane is large enough) and the input channel count given (<= 16 channels:
-    several taps per word)."""
-    from tests.test_tvm_runtime import _run_outs
-
+def chain_reference(case):
+    """A conv + chain + PackSign case (``CASES`` row) and its NumPy reference: ``(args, attrs, conv kwargs,
+    extras, steps, v, thr, bits)`` — the residual add, bias, PReLU and Clip of a ResNet block plus every
+    other step kind and broadcast shape, many values exactly on their thresholds."""
     n, c, h, w, o, s, want_float, with_t = case
     rng = np.random.default_rng(sum(case[:6]))
     args, attrs, q = _conv_case(rng, n, c, h, w, o, s)
     a = {k: v for k, v in attrs.items() if k not in ("in_channels", "output")}
     conv = ref.binary_conv2d_packed(*args, **attrs)
     ys = conv.shape
-    # residual add, bias, PReLU, Clip (the ResNet block) plus every other step kind and broadcast shape
     extras = [q(ys, -8, 8), q((1, o, 1, 1), -2, 2), q((o, 1, 1), 0, 2), np.float32([-1.0]), np.float32([1.0]),
               q((1, 1, 1, ys[3]), -1, 1), q((ys[2], 1), -1, 1)]
     steps = [("add", 0), ("add", 1), ("prelu", 2), ("sub", 5), ("rsub", 6), ("neg",), ("mul", 2), ("relu",),
@@ -87,6 +82,22 @@ def test_fused_conv_chain_matches_unfused_and_reference(case, compiled):
     t_eff = thr if with_t else np.zeros(o, np.float32)
     bits_ref = ref.pack_sign(v, thr if with_t else None)
     assert int((v == t_eff.reshape(1, -1, 1, 1)).sum()) > 20  # ties at the threshold are exercised
+    return args, attrs, a, extras, steps, v, thr, bits_ref
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c))
+@pytest.mark.parametrize("compiled", [False, True], ids=["e-classes", "e-columns+in-channels"])
+def test_fused_conv_chain_matches_unfused_and_reference(case, compiled):
+    """``compiled``: as the graph translator calls it, E given by output column (``e_by_column``; a batch then
+    runs image by image where the plane is large enough) and the input channel count given (<= 16 channels:
+    several taps per word)."""
+    from tests.test_tvm_runtime import _run_outs
+
+    n, c, h, w, o, s, want_float, with_t = case
+    args, attrs, a, extras, steps, v, thr, bits_ref = chain_reference(case)
+    ys = v.shape
+    tail = [thr] if with_t else []
+    conv = ref.binary_conv2d_packed(*args, **attrs)
 
     layout = K.conv_weight_layout(args[0].shape, args[1].shape, **a)
     wk = K.block_conv_weights(args[1]) if layout == "blocked" else args[1]
@@ -101,7 +112,6 @@ def test_fused_conv_chain_matches_unfused_and_reference(case, compiled):
     assert ('T.sblock("zt")' in script) == (compiled and c <= 16)
     per_image = re.search(r'pc = T.sblock_alloc_buffer\(\((\d+), (\d+), (\d+), (\d+)\)', script) is not None
     assert per_image == (compiled and case[:6] in PER_IMAGE)
-    tail = [thr] if with_t else []
     outs = ([(ys, "float32")] if want_float else []) + [(bits_ref.shape, "uint32")]
     got = _run_outs(K.build_kernel(f).lib, [args[0], wk, e_arg, *args[3:], *extras] + tail, outs)
     # unfused: the float conv kernel, then the chain_pack kernel
@@ -128,7 +138,7 @@ def test_chain_kernel_rejects_bad_input():
         K.binary_conv2d_packed_chain_primfunc(*shapes, extra_shapes=[(1,)], steps=[("add", 1)], **kw)
     with pytest.raises(ValueError, match="nothing to produce"):
         K.binary_conv2d_packed_chain_primfunc(*shapes, want_float=False, **kw)
-    with pytest.raises(ValueError, match="x86 schedules only"):
+    with pytest.raises(ValueError, match="x86 and CUDA schedules only"):
         K.binary_conv2d_packed_chain_primfunc(*shapes, steps=[("relu",)], target="arm", **kw)
     with pytest.raises(ValueError, match="out_channels"):
         K.binary_conv2d_packed_chain_primfunc(*shapes, steps=[("relu",)], **{**kw, "out_channels": 16})

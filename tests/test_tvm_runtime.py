@@ -31,10 +31,11 @@ def _rand_packed(rng, shape_prefix, channels):
     return ref.pack_bits(bits)
 
 
-def _run_outs(mod, ins, outs):
+def _run_outs(mod, ins, outs, dev=None):
     """Call a compiled kernel (``mod``: its function) on NumPy inputs with fresh uninitialised outputs
-    ``[(shape, dtype), ...]`` (an element the kernel fails to write shows up as garbage); returns them."""
-    dev = tvm.cpu()
+    ``[(shape, dtype), ...]`` (an element the kernel fails to write shows up as garbage) on ``dev`` (default
+    the CPU); returns them."""
+    dev = tvm.cpu() if dev is None else dev
     args = [tvm.runtime.tensor(np.ascontiguousarray(v), dev) for v in ins]
     res = [tvm.runtime.tensor(np.empty(s, d), dev) for s, d in outs]
     mod(*args, *res)

@@ -282,8 +282,81 @@ def test_cuda_graph_capture(graph):
     assert ("vm.builtin.cuda_graph.run_or_capture" in tm.executable.as_text()) == graph
 
 
+# conv + chain + PackSign cases (tests/test_tvm_popfuse.py rows): whole words, stride 2 with a partial last
+# word, one partial word with bits only, O % 32 != 0 on a small plane
+CUDA_CHAIN_CASES = [(2, 33, 21, 23, 64, 1, True, True), (2, 40, 20, 21, 40, 2, True, False),
+                    (2, 16, 32, 32, 16, 1, False, True), (2, 70, 9, 7, 50, 1, True, True)]
+
+
+def _cuda_chain_kernel(case):
+    from .test_tvm_popfuse import chain_reference
+
+    args, attrs, a, extras, steps, v, thr, bits = chain_reference(case)
+    f = K.binary_conv2d_packed_chain_primfunc(args[0].shape, args[1].shape, args[2].shape, **a,
+                                              extra_shapes=[e.shape for e in extras], steps=steps,
+                                              want_float=case[6], pack=True, with_threshold=case[7], target="cuda")
+    return f, list(args) + list(extras) + ([thr] if case[7] else []), v, bits
+
+
+@needs_nvcc
+@pytest.mark.parametrize("case", CUDA_CHAIN_CASES[:2], ids=lambda c: "-".join(str(v) for v in c))
+def test_cuda_fused_chain_kernel_layout(case):
+    """The float epilogue and the chain are one kernel (the conv's float value is never stored): popcount,
+    chain (+ its float output), pack; without the float output the chain is inside the pack."""
+    f, _, _, _ = _cuda_chain_kernel(case)
+    src = K.cuda_source(f)
+    assert "__popc(" in src and "__fmul_rn(" in src
+    assert len(_kernel_launch_bounds(src)) == (4 if case[6] else 3)  # weight transpose, popcount, chain, pack
+    assert 'T.sblock("epilogue")' not in f.script()
+
+
+def test_graph_fuses_chain_into_cuda_conv():
+    from bnnc.runtimes.tvm import graph as G
+
+    from .test_tvm_runtime import _residual_block
+
+    model, _, _ = _residual_block(np.random.default_rng(3), n=2, c=64, h=7, w=9, stride=1)
+    mod, _ = G.translate(model, batch_size=2, target="cuda")
+    names = [gv.name_hint for gv in mod.functions]
+    assert any(nm.startswith("bnnc_chain_pack_bconv") for nm in names)
+    assert any(nm.startswith("bnnc_chain_bconv") for nm in names)  # bconv2 + bias add (the graph output)
+    assert not any(nm.startswith(("bnnc_chain_pack_", "bnnc_chain_")) and "bconv" not in nm for nm in names)
+    assert not any(nm.startswith("bnnc_bconv") for nm in names)
+
+
 # --------------------------------------------------------------------------------------------------
 # CUDA: runs (GPU only)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("case", CUDA_CHAIN_CASES, ids=lambda c: "-".join(str(v) for v in c))
+def test_cuda_fused_chain_kernel_matches_reference(case):
+    from .test_tvm_runtime import _run_outs
+
+    f, ins, v, bits = _cuda_chain_kernel(case)
+    outs = ([(v.shape, "float32")] if case[6] else []) + [(bits.shape, "uint32")]
+    got = _run_outs(K.build_kernel(f, target="cuda").lib, ins, outs, dev=tvm.cuda(0))
+    if case[6]:
+        assert np.array_equal(got[0].view(np.uint32), v.view(np.uint32))
+    assert np.array_equal(got[-1], bits)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("geom", [(64, 7, 9, 1), (40, 21, 23, 2)], ids=["s1", "s2-c40"])
+def test_cuda_residual_block_fused_matches_reference(geom):
+    from onnx import TensorProto as TPx
+
+    from bnnc.runtimes.tvm import compile_model
+
+    from .test_tvm_runtime import _residual_block
+
+    c, h, w, stride = geom
+    model, x, want = _residual_block(np.random.default_rng(40 + c + stride), n=2, c=c, h=h, w=w, stride=stride)
+    for out, elem in (("pk1", TPx.UINT32), ("v", TPx.FLOAT), ("y", TPx.FLOAT)):
+        got = compile_model(_with_output(model, out, elem), target="cuda", batch_size=2).run(x)
+        assert got.dtype == want[out].dtype and np.array_equal(got.view(np.uint32), want[out].view(np.uint32)), out
 
 
 @pytest.mark.cuda

@@ -476,13 +476,15 @@ class _Translator:
         oshape, odtype = K.output_spec(f)
         if output == "float" and self.fuse and len(oshape) == 4:
             conv = None
-            if layout == "amx" or (_POPFUSE and self.family == "x86"):
-                # the chain (+ PackSign) goes into the conv's epilogue (AMX or popcount kernel): emitted with it
+            if layout == "amx" or (_POPFUSE and self.family in ("x86", "cuda")):
+                # the chain (+ PackSign) goes into the conv's epilogue (AMX, x86 popcount or CUDA kernel): emitted
+                # with it
                 conv = dict(f=f, args=args, oshape=oshape, xs=xs, ws=ws, es=es, layout=layout,
                             attrs=dict(out_channels=o, kernel_shape=ks, strides=st, pads=pads, dilations=dil,
                                        in_channels=cin))
                 e_name, cc_name = node.input[2], node.input[4]
-                if layout != "amx" and all(nm in self.consts and nm not in self.values for nm in (e_name, cc_name)):
+                if self.family == "x86" and layout != "amx" and \
+                        all(nm in self.consts and nm not in self.values for nm in (e_name, cc_name)):
                     # the popcount kernels take E by output column, made here once (not per call)
                     conv["e_columns"] = K.e_by_column(self.consts[e_name], self.consts[cc_name])
             plan = self._plan_chain(self.cur, node.output[0], conv)
@@ -620,7 +622,7 @@ class _Translator:
     def _emit_chain(self, plan: dict):
         g = self.graph
         conv_out = g.node[plan["conv"]].output[0]
-        ac = plan.get("fused_conv")  # the conv, fused with the chain (AMX or x86 popcount kernel)
+        ac = plan.get("fused_conv")  # the conv, fused with the chain (AMX, x86 popcount or CUDA kernel)
         if ac is not None:
             shape = list(ac["oshape"])
             y = None

@@ -275,6 +275,33 @@ def _rows_lanes(h: int, w: int, vec: int) -> tuple[int, int]:
     return best
 
 
+def _pack_sign_stage(V: te.Tensor, T, shape) -> te.Tensor:
+    """``PackSign(V, T)`` of an NCHW float value ``V`` of ``shape`` as the TE stage ``pack_sign`` (uint32 NHWC
+    words; ``T`` None: threshold 0), channel indices written so that the region analysis of
+    ``reverse_compute_at`` stays exact (whole words, or one partial word)."""
+    def thr(ch):
+        return T[ch] if T is not None else tirx.const(0.0, "float32")
+
+    if shape[1] % WORD == 0:
+        # whole words: no clamped channel index (keeps the region analysis of reverse_compute_at exact)
+        def fp(i, y, x, k):
+            return _or_all([tirx.Select(V[i, k * WORD + b, y, x] >= thr(k * WORD + b), _u32(1 << b), _u32(0))
+                            for b in range(WORD)])
+
+        P = te.compute((shape[0], shape[2], shape[3], shape[1] // WORD), fp, name="pack_sign")
+    elif shape[1] < WORD:
+        # one partial word per pixel (bits >= C stay 0); channel k*C + b with k = 0 (an index the
+        # region analysis of reverse_compute_at can solve for k, unlike a constant or k*32 + b)
+        def f1(i, y, x, k):
+            return _or_all([tirx.Select(V[i, k * shape[1] + b, y, x] >= thr(k * shape[1] + b), _u32(1 << b),
+                                        _u32(0)) for b in range(shape[1])])
+
+        P = te.compute((shape[0], shape[2], shape[3], 1), f1, name="pack_sign")
+    else:
+        P = pack_sign_te(V, T)
+    return P
+
+
 def chain_pack_primfunc(y_shape, extra_shapes, steps, *, want_float: bool = True, pack: bool = True,
                         with_threshold: bool = True, target=None) -> tirx.PrimFunc:
     """One kernel for ``v = chain(Y, extras)`` → (``v`` float32 NCHW if ``want_float``) + (``PackSign(v, T)``
@@ -299,26 +326,7 @@ def chain_pack_primfunc(y_shape, extra_shapes, steps, *, want_float: bool = True
         if with_threshold:
             T = te.placeholder((shape[1],), "float32", name="T")
             args.append(T)
-        def thr(ch):
-            return T[ch] if T is not None else tirx.const(0.0, "float32")
-
-        if shape[1] % WORD == 0:
-            # whole words: no clamped channel index (keeps the region analysis of reverse_compute_at exact)
-            def fp(i, y, x, k):
-                return _or_all([tirx.Select(V[i, k * WORD + b, y, x] >= thr(k * WORD + b), _u32(1 << b), _u32(0))
-                                for b in range(WORD)])
-
-            P = te.compute((shape[0], shape[2], shape[3], shape[1] // WORD), fp, name="pack_sign")
-        elif shape[1] < WORD:
-            # one partial word per pixel (bits >= C stay 0); channel k*C + b with k = 0 (an index the
-            # region analysis of reverse_compute_at can solve for k, unlike a constant or k*32 + b)
-            def f1(i, y, x, k):
-                return _or_all([tirx.Select(V[i, k * shape[1] + b, y, x] >= thr(k * shape[1] + b), _u32(1 << b),
-                                            _u32(0)) for b in range(shape[1])])
-
-            P = te.compute((shape[0], shape[2], shape[3], 1), f1, name="pack_sign")
-        else:
-            P = pack_sign_te(V, T)
+        P = _pack_sign_stage(V, T, shape)
     if want_float:
         outs.append(V)
     if pack:
@@ -916,9 +924,14 @@ def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channe
     if inplace is not None:
         raise ValueError("binary_conv2d_packed_chain_primfunc: inplace only with the AMX kernel")
     fam = _family(target)
+    if fam == "cuda":
+        if e_columns or weight_layout != "OHWC":
+            raise ValueError("binary_conv2d_packed_chain_primfunc: CUDA takes E by class and OHWC weights")
+        return _conv_cuda_chain(x_shape, w_shape, e_shape, attrs, extra_shapes, steps, want_float, pack,
+                                with_threshold)
     if fam != "x86":
-        raise ValueError(f"binary_conv2d_packed_chain_primfunc: x86 schedules only (target family {fam!r}); "
-                         f"use the float conv and chain_pack_primfunc")
+        raise ValueError(f"binary_conv2d_packed_chain_primfunc: x86 and CUDA schedules only (target family "
+                         f"{fam!r}); use the float conv and chain_pack_primfunc")
     if weight_layout not in ("OHWC", "blocked"):
         raise ValueError(f"BinaryConv2dPacked: weight_layout must be 'OHWC', 'blocked' or 'amx', "
                          f"got {weight_layout!r}")
@@ -1427,8 +1440,42 @@ def _schedule_conv_cpu(sch, op: int, output: str, *, ot: int, vec: int, xt: int)
 CUDA_SMS = 132  # streaming multiprocessors of the largest target GPU (H100 SXM): the grid should fill them
 
 
-def _schedule_conv_cuda(sch, op: int) -> tirx.PrimFunc:
-    """Three kernels: weight transpose, popcount conv, epilogue.
+def _conv_cuda_chain(x_shape, w_shape, e_shape, attrs, extra_shapes, steps, want_float, pack, with_threshold):
+    """CUDA form of :func:`binary_conv2d_packed_chain_primfunc`: the popcount stage as in
+    :func:`_schedule_conv_cuda`; the float epilogue, the chain and (without the float output) the PackSign in
+    one element-wise kernel, so the conv's float value never goes to memory; with the float output the bits
+    are packed from it in a third kernel (same expressions as the float conv + ``chain_pack_primfunc``)."""
+    n, h, w, cw, o, kh, kw = check_conv_shapes(x_shape, w_shape, attrs["out_channels"], attrs["kernel_shape"])
+    _, _, _, (oh, ow) = conv_geometry(h, w, kh, kw, attrs["strides"], attrs["pads"], attrs["dilations"])
+    ext_shapes = check_chain(extra_shapes, steps, (n, o, oh, ow))
+    X = te.placeholder((n, h, w, cw), "uint32", name="X")
+    W = te.placeholder((o, kh, kw, cw), "uint32", name="W")
+    E = te.placeholder(tuple(int(s) for s in e_shape), "int32", name="E")
+    RC = te.placeholder((oh,), "int32", name="RowClass")
+    CC = te.placeholder((ow,), "int32", name="ColClass")
+    P0 = te.placeholder((o,), "float32", name="P0")
+    P1 = te.placeholder((o,), "float32", name="P1")
+    Y = binary_conv2d_packed_te(X, W, E, RC, CC, P0, P1, output="float", **attrs)
+    extras = [te.placeholder(s, "float32", name=f"A{k}") for k, s in enumerate(ext_shapes)]
+    V = chain_value_te(Y, extras, [tuple(st) for st in steps], fence=True, family="cuda")
+    T = te.placeholder((o,), "float32", name="T") if (pack and with_threshold) else None
+    outs = ([V] if want_float else []) + ([_pack_sign_stage(V, T, (n, o, oh, ow))] if pack else [])
+    sch = tvm.s_tir.Schedule(te.create_prim_func([X, W, E, RC, CC, P0, P1, *extras]
+                                                 + ([T] if T is not None else []) + outs))
+    _schedule_conv_cuda(sch, _padded_o(o), epilogue=False)
+    sch.compute_inline(sch.get_sblock("epilogue"))
+    if want_float:
+        _bind_flat(sch, sch.get_sblock("chain"))
+    else:
+        sch.compute_inline(sch.get_sblock("chain"))
+    if pack:
+        _bind_flat(sch, sch.get_sblock("pack_sign"), order=lambda l: (l[0], l[1], l[3], l[2]))
+    return _finish(sch, gpu=True)
+
+
+def _schedule_conv_cuda(sch, op: int, epilogue: bool = True) -> tirx.PrimFunc:
+    """Three kernels: weight transpose, popcount conv, epilogue (``epilogue=False``: left unscheduled for
+    the caller, which inlines it into what follows).
 
     Popcount stage: a thread block of 32 × 8 threads covers 32·``orr`` (padded) output channels and
     8·``pr`` output pixels; each thread keeps a ``pr`` × ``orr`` register tile of int32 sums of
@@ -1467,6 +1514,8 @@ def _schedule_conv_cuda(sch, op: int) -> tirx.PrimFunc:
     sch.unroll(pix_r)
     sch.unroll(o_r)
 
+    if not epilogue:
+        return None
     _bind_flat(sch, sch.get_sblock("epilogue"))
     return _finish(sch, gpu=True)
 
