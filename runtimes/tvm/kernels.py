@@ -476,6 +476,17 @@ def _padded_input(X, pads):
         name="xpad")
 
 
+def _conv_placeholders(x_shape, w_shape, e_shape, o: int, oh: int, ow: int, pdtype: str = "float32") -> list:
+    """The TE placeholders ``[X, W, E, RowClass, ColClass, P0, P1]`` of a packed binary conv (``w_shape`` as
+    the kernel takes W, OHWC or blocked; ``pdtype``: of P0/P1, float32, or int32 for bits out)."""
+    def ph(shape, dtype, name):
+        return te.placeholder(tuple(int(v) for v in shape), dtype, name=name)
+
+    return [ph(x_shape, "uint32", "X"), ph(w_shape, "uint32", "W"), ph(e_shape, "int32", "E"),
+            ph((oh,), "int32", "RowClass"), ph((ow,), "int32", "ColClass"), ph((o,), pdtype, "P0"),
+            ph((o,), pdtype, "P1")]
+
+
 def binary_conv2d_packed_te(X, W, E, RC, CC, P0, P1, *, out_channels, kernel_shape, strides, pads,
                             dilations, output, **_ignored):
     """TE stages: weight transpose (→ [KH,KW,Cw,Opad]), zero padding, popcount conv, epilogue."""
@@ -729,13 +740,7 @@ def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, ke
         return _conv_x86_chan_vec(n, h, w, cw, o, kh, kw, (pt, pl, pb, pr), tuple(int(s) for s in e_shape),
                                   output, pre_blocked=weight_layout == "blocked")
     pdtype = "float32" if output == "float" else "int32"
-    X = te.placeholder((n, h, w, cw), "uint32", name="X")
-    W = te.placeholder((o, kh, kw, cw), "uint32", name="W")
-    E = te.placeholder(tuple(int(s) for s in e_shape), "int32", name="E")
-    RC = te.placeholder((oh,), "int32", name="RowClass")
-    CC = te.placeholder((ow,), "int32", name="ColClass")
-    P0 = te.placeholder((o,), pdtype, name="P0")
-    P1 = te.placeholder((o,), pdtype, name="P1")
+    X, W, E, RC, CC, P0, P1 = _conv_placeholders((n, h, w, cw), (o, kh, kw, cw), e_shape, o, oh, ow, pdtype)
     Y = binary_conv2d_packed_te(X, W, E, RC, CC, P0, P1, out_channels=o, kernel_shape=(kh, kw),
                                 strides=(sh, sw), pads=(pt, pl, pb, pr), dilations=(dh, dw), output=output)
     f = te.create_prim_func([X, W, E, RC, CC, P0, P1, Y])
@@ -952,16 +957,8 @@ def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channe
     if want == "blocked" and oh * ow < _X86_CHAIN_CHAN_VEC_MAX_POSITIONS:
         return _conv_x86_chan_vec(n, h, w, cw, o, kh, kw, (pt, pl, pb, pr), tuple(int(s) for s in e_shape),
                                   "float", pre_blocked=weight_layout == "blocked", chain=chain, e_columns=e_columns)
-    X = te.placeholder((n, h, w, cw), "uint32", name="X")
-    if weight_layout == "blocked":
-        W = te.placeholder((-(-o // _X86_CV_OT), kh, kw, cw, _X86_CV_OT), "uint32", name="W")
-    else:
-        W = te.placeholder((o, kh, kw, cw), "uint32", name="W")
-    E = te.placeholder(tuple(int(s) for s in e_shape), "int32", name="E")
-    RC = te.placeholder((oh,), "int32", name="RowClass")
-    CC = te.placeholder((ow,), "int32", name="ColClass")
-    P0 = te.placeholder((o,), "float32", name="P0")
-    P1 = te.placeholder((o,), "float32", name="P1")
+    ws = (-(-o // _X86_CV_OT), kh, kw, cw, _X86_CV_OT) if weight_layout == "blocked" else (o, kh, kw, cw)
+    X, W, E, RC, CC, P0, P1 = _conv_placeholders((n, h, w, cw), ws, e_shape, o, oh, ow)
     return _conv_x86_pixel_vec(X, W, E, RC, CC, P0, P1, o=o, kh=kh, kw=kw, pads=(pt, pl, pb, pr), dil=(dh, dw),
                                output="float", strides=(sh, sw), chain=chain, in_channels=in_channels,
                                e_columns=e_columns)
@@ -1028,19 +1025,12 @@ def _conv_x86_chan_vec(n, h, w, cw, o, kh, kw, pads, e_shape, output, *, pre_blo
     nob = -(-o // ot)
     xt = _best_tile(ow, 8)
     k_bits = kh * kw * cw * WORD  # bound on |D|
-    X = te.placeholder((n, h, w, cw), "uint32", name="X")
-    E = te.placeholder(e_shape, "int32", name="E")
-    RC = te.placeholder((oh,), "int32", name="RowClass")
-    CC = te.placeholder((ow,), "int32", name="ColClass")
     pd = "float32" if output == "float" else "int32"
-    P0 = te.placeholder((o,), pd, name="P0")
-    P1 = te.placeholder((o,), pd, name="P1")
+    ws = (nob, kh, kw, cw, ot) if pre_blocked else (o, kh, kw, cw)
+    X, W, E, RC, CC, P0, P1 = _conv_placeholders((n, h, w, cw), ws, e_shape, o, oh, ow, pd)
     if pre_blocked:
-        W = te.placeholder((nob, kh, kw, cw, ot), "uint32", name="W")
         wb = W
     else:
-        W = te.placeholder((o, kh, kw, cw), "uint32", name="W")
-
         def wb_f(b, a, c, k, ol):
             oo = b * ot + ol
             return tirx.if_then_else(oo < o, W[tirx.min(oo, o - 1), a, c, k], _u32(0))
@@ -1448,13 +1438,7 @@ def _conv_cuda_chain(x_shape, w_shape, e_shape, attrs, extra_shapes, steps, want
     n, h, w, cw, o, kh, kw = check_conv_shapes(x_shape, w_shape, attrs["out_channels"], attrs["kernel_shape"])
     _, _, _, (oh, ow) = conv_geometry(h, w, kh, kw, attrs["strides"], attrs["pads"], attrs["dilations"])
     ext_shapes = check_chain(extra_shapes, steps, (n, o, oh, ow))
-    X = te.placeholder((n, h, w, cw), "uint32", name="X")
-    W = te.placeholder((o, kh, kw, cw), "uint32", name="W")
-    E = te.placeholder(tuple(int(s) for s in e_shape), "int32", name="E")
-    RC = te.placeholder((oh,), "int32", name="RowClass")
-    CC = te.placeholder((ow,), "int32", name="ColClass")
-    P0 = te.placeholder((o,), "float32", name="P0")
-    P1 = te.placeholder((o,), "float32", name="P1")
+    X, W, E, RC, CC, P0, P1 = _conv_placeholders((n, h, w, cw), (o, kh, kw, cw), e_shape, o, oh, ow)
     Y = binary_conv2d_packed_te(X, W, E, RC, CC, P0, P1, output="float", **attrs)
     extras = [te.placeholder(s, "float32", name=f"A{k}") for k, s in enumerate(ext_shapes)]
     V = chain_value_te(Y, extras, [tuple(st) for st in steps], fence=True, family="cuda")
