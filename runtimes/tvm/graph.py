@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from typing import Any
 
@@ -1274,13 +1275,8 @@ def _window_reduction_rule():
             if not infos or not any(b.is_reduction() for b in infos):
                 return None
             for b in infos:
-                r = 1
-                for it in b.iters:
-                    if it.kind == "R":
-                        if not isinstance(it.dom, int):
-                            return None
-                        r *= int(it.dom)
-                if r > 64:
+                terms = [it.dom for it in b.iters if it.kind == "R"]  # extents: int where constant
+                if not all(isinstance(t, int) for t in terms) or math.prod(terms) > 64:
                     return None
             return dl.gpu.Fallback().apply(func, target, tunable)
 
@@ -1289,14 +1285,15 @@ def _window_reduction_rule():
 
 def _relax_pipeline(target):
     if target.kind.name == "cuda":
-        # legalized standard ops get dlight's default GPU schedules (pooling windows our own rule); the
-        # ai.bnnc kernels carry tirx.is_scheduled and are left as scheduled in kernels.py
+        # legalized standard ops get dlight's default GPU schedules, pooling windows first our own rule (what it
+        # schedules is marked tirx.is_scheduled, which the default rules then skip, as they skip the ai.bnnc
+        # kernels scheduled in kernels.py)
         from tvm.relax.backend.cuda import pipeline as CP
         from tvm.s_tir import dlight as dl
 
-        legalize = [p for p in CP.legalize_passes(target) if p.info.name != "ApplyDefaultSchedule"]
-        legalize.append(dl.ApplyDefaultSchedule(_window_reduction_rule(), dl.gpu.Matmul(), dl.gpu.GEMV(),
-                                                dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()))
+        legalize = CP.legalize_passes(target)
+        at = next(i for i, p in enumerate(legalize) if p.info.name == "ApplyDefaultSchedule")
+        legalize.insert(at, dl.ApplyDefaultSchedule(_window_reduction_rule()))
 
         @tvm.transform.module_pass(opt_level=0, name="BnncCudaPipeline")
         def _cuda(mod, _ctx):
@@ -1365,8 +1362,7 @@ def compile_model(model: onnx.ModelProto | str, target="cpu", batch_size: int = 
     if family == "cuda":
         # the kernels of one call are captured once as a CUDA graph and replayed (Relax's RewriteCUDAGraph):
         # no launch per kernel (Bi-Real-18 at batch 1 runs about 60 kernels)
-        with K.nvcc_env(), tvm.transform.PassContext(opt_level=3,
-                                                     config={"relax.backend.use_cuda_graph": bool(cuda_graph)}):
+        with K.nvcc_env(), tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": bool(cuda_graph)}):
             ex = tvm.compile(mod, target=tgt, relax_pipeline=_relax_pipeline(tgt))
     else:
         ex = tvm.compile(mod, target=tgt, relax_pipeline=_relax_pipeline(tgt))
