@@ -302,6 +302,19 @@ def _pack_sign_stage(V: te.Tensor, T, shape) -> te.Tensor:
     return P
 
 
+def _schedule_chain_pack_cuda(sch, want_float: bool, pack: bool) -> tirx.PrimFunc:
+    """CUDA schedule of the ``chain`` and ``pack_sign`` stages (of :func:`chain_pack_primfunc` and the fused
+    conv kernels): the chain a flat grid where its float value is an output, else inlined into the pack; the
+    pack a flat grid with x innermost (neighbouring threads read neighbouring NCHW values)."""
+    if want_float:
+        _bind_flat(sch, sch.get_sblock("chain"))
+    else:
+        sch.compute_inline(sch.get_sblock("chain"))
+    if pack:
+        _bind_flat(sch, sch.get_sblock("pack_sign"), order=lambda l: (l[0], l[1], l[3], l[2]))
+    return _finish(sch, gpu=True)
+
+
 def chain_pack_primfunc(y_shape, extra_shapes, steps, *, want_float: bool = True, pack: bool = True,
                         with_threshold: bool = True, target=None) -> tirx.PrimFunc:
     """One kernel for ``v = chain(Y, extras)`` → (``v`` float32 NCHW if ``want_float``) + (``PackSign(v, T)``
@@ -332,22 +345,14 @@ def chain_pack_primfunc(y_shape, extra_shapes, steps, *, want_float: bool = True
     if pack:
         outs.append(P)
     sch = tvm.s_tir.Schedule(te.create_prim_func(args + outs))
+    if fam == "cuda":
+        return _schedule_chain_pack_cuda(sch, want_float, pack)
     if not pack:
-        if fam == "cuda":
-            _bind_flat(sch, sch.get_sblock("chain"))
-            return _finish(sch, gpu=True)
         _parallel_outer(sch, sch.get_sblock("chain"), 2 if len(shape) >= 3 else 1, vec_last=True,
                         vec_max=_cpu_vec(fam))
         return _finish(sch)
     bp = sch.get_sblock("pack_sign")
     bv = sch.get_sblock("chain")
-    if fam == "cuda":
-        if not want_float:
-            sch.compute_inline(bv)
-        else:
-            _bind_flat(sch, bv)
-        _bind_flat(sch, bp, order=lambda l: (l[0], l[1], l[3], l[2]))
-        return _finish(sch, gpu=True)
     vec = _cpu_vec(fam)
     n, c, h, w = shape
     rows, lanes = _rows_lanes(h, w, vec)
@@ -1432,7 +1437,7 @@ CUDA_SMS = 132  # streaming multiprocessors of the largest target GPU (H100 SXM)
 
 def _conv_cuda_chain(x_shape, w_shape, e_shape, attrs, extra_shapes, steps, want_float, pack, with_threshold):
     """CUDA form of :func:`binary_conv2d_packed_chain_primfunc`: the popcount stage as in
-    :func:`_schedule_conv_cuda`; the float epilogue, the chain and (without the float output) the PackSign in
+    :func:`_schedule_popcount_cuda`; the float epilogue, the chain and (without the float output) the PackSign in
     one element-wise kernel, so the conv's float value never goes to memory; with the float output the bits
     are packed from it in a third kernel (same expressions as the float conv + ``chain_pack_primfunc``)."""
     n, h, w, cw, o, kh, kw = check_conv_shapes(x_shape, w_shape, attrs["out_channels"], attrs["kernel_shape"])
@@ -1446,20 +1451,20 @@ def _conv_cuda_chain(x_shape, w_shape, e_shape, attrs, extra_shapes, steps, want
     outs = ([V] if want_float else []) + ([_pack_sign_stage(V, T, (n, o, oh, ow))] if pack else [])
     sch = tvm.s_tir.Schedule(te.create_prim_func([X, W, E, RC, CC, P0, P1, *extras]
                                                  + ([T] if T is not None else []) + outs))
-    _schedule_conv_cuda(sch, _padded_o(o), epilogue=False)
+    _schedule_popcount_cuda(sch, _padded_o(o))
     sch.compute_inline(sch.get_sblock("epilogue"))
-    if want_float:
-        _bind_flat(sch, sch.get_sblock("chain"))
-    else:
-        sch.compute_inline(sch.get_sblock("chain"))
-    if pack:
-        _bind_flat(sch, sch.get_sblock("pack_sign"), order=lambda l: (l[0], l[1], l[3], l[2]))
+    return _schedule_chain_pack_cuda(sch, want_float, pack)
+
+
+def _schedule_conv_cuda(sch, op: int) -> tirx.PrimFunc:
+    """Three kernels: weight transpose, popcount conv (:func:`_schedule_popcount_cuda`), epilogue."""
+    _schedule_popcount_cuda(sch, op)
+    _bind_flat(sch, sch.get_sblock("epilogue"))
     return _finish(sch, gpu=True)
 
 
-def _schedule_conv_cuda(sch, op: int, epilogue: bool = True) -> tirx.PrimFunc:
-    """Three kernels: weight transpose, popcount conv, epilogue (``epilogue=False``: left unscheduled for
-    the caller, which inlines it into what follows).
+def _schedule_popcount_cuda(sch, op: int) -> None:
+    """The weight transpose and popcount stages of a CUDA conv (the zero padding inlined).
 
     Popcount stage: a thread block of 32 × 8 threads covers 32·``orr`` (padded) output channels and
     8·``pr`` output pixels; each thread keeps a ``pr`` × ``orr`` register tile of int32 sums of
@@ -1477,11 +1482,15 @@ def _schedule_conv_cuda(sch, op: int, epilogue: bool = True) -> tirx.PrimFunc:
     ow = _extent(sch, x)
     npix = _extent(sch, i) * _extent(sch, y) * ow
     tx, ty = 32, CUDA_THREADS // 32
+
+    def too_few_blocks(pr, orr):  # a grid that would leave SMs idle
+        return -(-npix // (ty * pr)) * (op // (tx * orr)) < 2 * CUDA_SMS
+
     orr = 2 if op % 64 == 0 else 1
     pr = 4  # a thread's pixels are consecutive columns of one output row (a compact register tile)
-    while pr > 1 and (ow % pr or -(-npix // (ty * pr)) * (op // (tx * orr)) < 2 * CUDA_SMS):
+    while pr > 1 and (ow % pr or too_few_blocks(pr, orr)):
         pr //= 2
-    if orr > 1 and pr == 1 and -(-npix // ty) * (op // (tx * orr)) < 2 * CUDA_SMS:
+    if orr > 1 and pr == 1 and too_few_blocks(1, orr):
         orr = 1
     x_o, pix_r = sch.split(x, [None, pr])
     pix = sch.fuse(i, y, x_o)
@@ -1497,11 +1506,6 @@ def _schedule_conv_cuda(sch, op: int, epilogue: bool = True) -> tirx.PrimFunc:
     sch.decompose_reduction(b_pc, rk)
     sch.unroll(pix_r)
     sch.unroll(o_r)
-
-    if not epilogue:
-        return None
-    _bind_flat(sch, sch.get_sblock("epilogue"))
-    return _finish(sch, gpu=True)
 
 
 # --------------------------------------------------------------------------------------------------
