@@ -344,39 +344,40 @@ def float_conv2d_maxpool_primfunc(x_shape, w: np.ndarray, bias: np.ndarray | Non
 
 
 def float_dense_primfunc(n: int, k: int, b_kn: np.ndarray, bias: np.ndarray | None, vec: int = 16, j_tile: int = 4):
-    """``Y[n, j] = sum_k A[n, k] * B[k, j] (+ bias[j])`` with constant ``B`` (padded to whole vectors),
-    vectorized over ``j``, ``j_tile`` vectors of accumulators per task. Returns ``(primfunc, [B, bias], shape)``."""
+    """``Y[n, j] = sum_k A[n, k] * B[k, j] (+ bias[j])`` with constant ``B``, vectorized over ``j``, ``j_tile``
+    vectors of accumulators per task. ``B`` is stored blocked, ``[ceil(j / blk), k, blk]`` with ``blk = vec ·
+    j_tile`` columns (zero-padded), so a task streams one contiguous block: with ``B`` as ``[k, j]`` each task
+    read ``k`` short rows one page apart, which the prefetchers do not follow (ImageNet classifier 512 → 1000,
+    1 thread, in ReActNet-18: 0.145 → 0.107 ms; alone from memory 0.266 → 0.232 ms). Returns ``(primfunc, [B, bias], shape)``."""
     from tvm import s_tir, te
 
     kk, j = [int(v) for v in b_kn.shape]
     if kk != k:
         raise ValueError(f"MatMul: A has {k} columns but B has {kk} rows")
-    blk = vec * j_tile
-    jp = -(-j // vec) * vec
-    bp = np.zeros((k, jp), np.float32)
+    blk = vec * j_tile if j > vec * j_tile else -(-j // vec) * vec
+    nb = -(-j // blk)
+    bp = np.zeros((k, nb * blk), np.float32)
     bp[:, :j] = b_kn
+    bp = np.ascontiguousarray(bp.reshape(k, nb, blk).transpose(1, 0, 2))
     bb = np.zeros(j, np.float32) if bias is None else np.broadcast_to(np.asarray(bias, np.float32), (j,)).copy()
     A = te.placeholder((n, k), "float32", name="A")
-    Bp = te.placeholder((k, jp), "float32", name="Bw")
+    Bp = te.placeholder((nb, k, blk), "float32", name="Bw")
     Bias = te.placeholder((j,), "float32", name="bias")
     r = te.reduce_axis((0, k), name="r")
-    acc = te.compute((n, jp), lambda i, jj: te.sum(A[i, r] * Bp[r, jj], axis=r), name="acc")
-    out = te.compute((n, j), lambda i, jj: acc[i, jj] + Bias[jj], name="out")
+    acc = te.compute((n, nb, blk), lambda i, jb, jj: te.sum(A[i, r] * Bp[jb, r, jj], axis=r), name="acc")
+    out = te.compute((n, j), lambda i, jj: acc[i, jj // blk, jj % blk] + Bias[jj], name="out")
     sch = s_tir.Schedule(te.create_prim_func([A, Bp, Bias, out]))
     ba = sch.get_sblock("acc")
-    i, jj, rr = sch.get_loops(ba)
-    t = blk if jp % blk == 0 else vec
-    jo, ji = sch.split(jj, [None, t])
-    ji, jv = sch.split(ji, [None, vec])
-    sch.reorder(i, jo, rr, ji, jv)
-    sch.parallel(sch.fuse(i, jo))
-    sch.reverse_compute_at(sch.get_sblock("out"), sch.get_loops(ba)[0])
+    i, jb, jj, rr = sch.get_loops(ba)
+    ji, jv = sch.split(jj, [None, vec])
+    sch.reorder(i, jb, rr, ji, jv)
+    sch.parallel(sch.fuse(i, jb))
     sch.unroll(ji)
     sch.vectorize(jv)
     init = sch.decompose_reduction(ba, rr)
     sch.vectorize(sch.get_loops(init)[-1])
     lo = sch.get_loops(sch.get_sblock("out"))
-    if jp == j:
+    if j % vec == 0:
         _, v = sch.split(lo[-1], [None, vec])
         sch.vectorize(v)
     func = sch.mod["main"].with_attrs({"bnnc.scheduled": True, "op_pattern": 8})
