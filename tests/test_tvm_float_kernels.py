@@ -297,3 +297,23 @@ def test_graph_fuses_clip_and_pack_after_a_float_conv():
     assert int((v == 0).sum()) > 10  # ties at the sign threshold
     got = compile_model(model, "cpu", batch_size=2, num_threads=1).run(x)
     assert np.array_equal(got, pack_sign(v))
+
+
+@pytest.mark.parametrize("shape,o,kw", [((1, 3, 61, 50), 8, {"row_chunks": 1}), ((2, 3, 38, 45), 16, {"row_chunks": 3}),
+                                         ((1, 3, 61, 50), 8, {"row_chunks": 5})])
+def test_float_conv_maxpool_rows_per_step_bit_identical(shape, o, kw):
+    """The stem kernel's pool rows per step (1, 2, the default 3 for stride 2; full steps, a shorter last step,
+    bands of unequal length) change the register tiling only: the outputs are the same floats."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((o, shape[1], 7, 7)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    outs = []
+    for g in (1, 2, None):
+        f, consts, oshape = float_conv2d_maxpool_primfunc(shape, w, b, [2, 2], [3] * 4, [3, 3], [2, 2], [1] * 4,
+                                                          pool_rows_per_step=g, **kw)
+        outs.append(_run(f, [x, *consts], oshape))
+    want = _maxpool_ref(_conv_ref(x, w, b, (2, 2), [3] * 4), (3, 3), (2, 2), [1] * 4)
+    np.testing.assert_allclose(outs[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    for got in outs[1:]:
+        assert np.array_equal(got.view(np.uint32), outs[0].view(np.uint32))
