@@ -164,6 +164,28 @@ def test_arm_kernel_single_task_under_qemu(tmp_path):
     assert np.array_equal(k(*args), want)
 
 
+@needs_a64
+def test_arm_float_conv_stride2_padded_under_qemu(tmp_path):
+    """The float stem-like conv (7×7/2, pad 3, odd width) with the ARM family's 8-lane vectors: its stride-2
+    padded input copy (masked vector loads, lane shuffles into the two column phases) on AArch64."""
+    from bnnc.runtimes.tvm.float_kernels import float_conv2d_primfunc
+
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((1, 3, 19, 29)).astype(np.float32)
+    w = rng.standard_normal((8, 3, 7, 7)).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    f, consts, _ = float_conv2d_primfunc(x.shape, w, b, [2, 2], [3] * 4, vec=8)
+    got = cross.QemuKernel(f, workdir=str(tmp_path))(x, *consts)
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (3, 3), (3, 3)))
+    want = np.zeros(got.shape)
+    for r in range(7):
+        for c in range(7):
+            want += np.einsum("nchw,oc->nohw", xp[:, :, r:r + 2 * got.shape[2] - 1:2, c:c + 2 * got.shape[3] - 1:2],
+                              w[:, :, r, c].astype(np.float64))
+    want += b[None, :, None, None]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 @needs_a64_cc
 def test_arm_kernel_exports_aarch64_library(tmp_path):
     make, _, _ = _case("conv-1-64-10-10-64-3-1-1-float")

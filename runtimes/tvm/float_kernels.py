@@ -123,16 +123,43 @@ class _Conv:
             return
         hp = (self.oh - 1) * sh + kh  # padded rows read
         wq = self.ow + (kw - 1) // sw  # columns per phase
-        xp = T.alloc_buffer((n, c, hp, sw, wq), F32)
-        with T.parallel(0, n * c * hp) as r:  # rows outer: a thread copies the rows its bands read (below)
-            i, yp, ch = r // (c * hp), r // c % hp, r % c
-            yy = yp - pt
-            for ph in range(sw):
-                with T.serial(0, wq) as j:
-                    xx = j * sw + ph - pl
-                    ok = tirx.all(yy >= 0, yy < h, xx >= 0, xx < wd)
-                    src = X[i, ch, tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xx, wd - 1), 0)]
-                    T.buffer_store(xp, tirx.if_then_else(ok, src, tirx.const(0.0, F32)), [i, ch, yp, ph, j])
+        vec = self.vec
+        if sw == 2 and vec > 1:
+            # stride 2: each chunk of 2·vec input columns is loaded as two vectors (masked: lanes outside the
+            # image, or a padding row, read 0) and split into the two phases with one lane shuffle each; the
+            # phase rows are padded to whole vectors (stem conv + max pool at 224²: 1.392 → 1.376 ms on 1 thread,
+            # 1.367 ms with no copy at all; 0.748 → 0.725 ms on 2 threads)
+            wqp = -(-wq // vec) * vec
+            xp = T.alloc_buffer((n, c, hp, sw, wqp), F32)
+            with T.parallel(0, n * c * hp) as r:  # rows outer: a thread copies the rows its bands read (below)
+                i, yp, ch = r // (c * hp), r // c % hp, r % c
+                yy = yp - pt
+                row_ok = tirx.all(yy >= 0, yy < h)
+                yc = tirx.max(tirx.min(yy, h - 1), 0)
+                with T.serial(0, wqp // vec) as q:
+                    x0 = 2 * q * vec - pl
+                    halves = []
+                    for hv in range(2):
+                        cols = _ramp(x0 + hv * vec, vec)
+                        mask = tirx.all(_bcast(row_ok, vec), cols >= _bcast(0, vec), cols < _bcast(wd, vec))
+                        # masked-off lanes of a masked load are undefined: select the zeros explicitly
+                        halves.append(tirx.Select(mask, tirx.call_intrin(f"{F32}x{vec}", "tirx.masked_load", X, i,
+                                                                         ch, yc, cols, mask),
+                                                  _bcast(tirx.const(0.0, F32), vec)))
+                    for ph in range(2):
+                        T.buffer_store(xp, tirx.Shuffle(halves, [2 * k + ph for k in range(vec)]),
+                                       [i, ch, yp, ph, _ramp(q * vec, vec)])
+        else:
+            xp = T.alloc_buffer((n, c, hp, sw, wq), F32)
+            with T.parallel(0, n * c * hp) as r:  # rows outer: a thread copies the rows its bands read (below)
+                i, yp, ch = r // (c * hp), r // c % hp, r % c
+                yy = yp - pt
+                for ph in range(sw):
+                    with T.serial(0, wq) as j:
+                        xx = j * sw + ph - pl
+                        ok = tirx.all(yy >= 0, yy < h, xx >= 0, xx < wd)
+                        src = X[i, ch, tirx.max(tirx.min(yy, h - 1), 0), tirx.max(tirx.min(xx, wd - 1), 0)]
+                        T.buffer_store(xp, tirx.if_then_else(ok, src, tirx.const(0.0, F32)), [i, ch, yp, ph, j])
         self.x_at = lambda i, ch, y, rw, x, t: xp[i, ch, y, rw % sw, _ramp(x + rw // sw, t)]
 
     def emit_tile(self, T, i, oo, ys: list, x0, lanes: list[int], store):
