@@ -372,9 +372,10 @@ def float_conv2d_maxpool_primfunc(x_shape, w: np.ndarray, bias: np.ndarray | Non
                 for x0, t, m in _pool_columns(vmax, chunks, ow, pow_, pkw, psw, ppl, vec):
                     T.buffer_store(Y, m, [i, oo * ot + oi, py, _ramp(x0, t)])
 
-        def step(py, k: int, first: int):
-            """pool rows py..py+k-1 (k <= g): window rows ``first..keep+k·psh-1`` computed, then pooled"""
-            conv_rows(py, first, keep + k * psh)
+        def step(py, k: int):
+            """pool rows py..py+k-1 (k <= g): window rows ``keep..keep+k·psh-1`` computed (rows below ``keep``
+            are there already), then pooled"""
+            conv_rows(py, keep, keep + k * psh)
             for gi in range(k):
                 pool(py + gi, gi * psh)
 
@@ -386,23 +387,22 @@ def float_conv2d_maxpool_primfunc(x_shape, w: np.ndarray, bias: np.ndarray | Non
                         T.buffer_store(win, win[oi, q + g * psh, _ramp(s, t)], [oi, q, _ramp(s, t)])
 
         p0 = bo * band
-        # the band's first step computes its whole window; then full steps of g pool rows reuse the kept rows;
-        # then a step of the remaining (fewer than g) pool rows. Bands have the same size but for the last.
+        # full steps of g pool rows, then one of the remaining (fewer than g) rows; every band has the same
+        # size but the last. The first step's kept rows are computed first, so that every step computes the
+        # same rows and the loop holds the only copy of its register tiles (the stem kernel compiles in 0.85 s;
+        # 1.57 s with a first step of its own, 0.48 s with one pool row per step).
         nfull_last = (poh - (nband - 1) * band) // g  # full steps in the last band
         rem_last = (poh - (nband - 1) * band) % g
         nfull, rem = band // g, band % g
 
         def band_body(nf: int, rm: int):
+            conv_rows(p0, 0, keep)
             if nf:
-                step(p0, g, 0)
-                with T.serial(1, nf) as ds:
+                with T.serial(0, nf) as ds:
+                    step(p0 + ds * g, g)
                     shift()
-                    step(p0 + ds * g, g, keep)
-                if rm:
-                    shift()
-                    step(p0 + nf * g, rm, keep)
-            else:
-                step(p0, rm, 0)
+            if rm:
+                step(p0 + nf * g, rm)
 
         if (nfull, rem) == (nfull_last, rem_last):
             band_body(nfull, rem)
