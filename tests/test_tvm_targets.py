@@ -20,6 +20,7 @@ from bnnc.runtimes.tvm import cross  # noqa: E402
 from bnnc.runtimes.tvm.target import (  # noqa: E402
     arm_target, cuda_target, resolve_target, target_family)
 
+from .test_tvm_float_kernels import _conv_ref  # noqa: E402
 from .test_tvm_runtime import (  # noqa: E402
     CONV_CASES, _conv_inputs, _deploy_model, _rand_packed, _reference, _with_output)
 
@@ -176,13 +177,8 @@ def test_arm_float_conv_stride2_padded_under_qemu(tmp_path):
     b = rng.standard_normal(8).astype(np.float32)
     f, consts, _ = float_conv2d_primfunc(x.shape, w, b, [2, 2], [3] * 4, vec=8)
     got = cross.QemuKernel(f, workdir=str(tmp_path))(x, *consts)
-    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (3, 3), (3, 3)))
-    want = np.zeros(got.shape)
-    for r in range(7):
-        for c in range(7):
-            want += np.einsum("nchw,oc->nohw", xp[:, :, r:r + 2 * got.shape[2] - 1:2, c:c + 2 * got.shape[3] - 1:2],
-                              w[:, :, r, c].astype(np.float64))
-    want += b[None, :, None, None]
+    want = _conv_ref(x, w, b, (2, 2), [3] * 4)
+    assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 

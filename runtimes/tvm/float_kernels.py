@@ -124,16 +124,17 @@ class _Conv:
         hp = (self.oh - 1) * sh + kh  # padded rows read
         wq = self.ow + (kw - 1) // sw  # columns per phase
         vec = self.vec
-        if sw == 2 and vec > 1:
-            # stride 2: each chunk of 2·vec input columns is loaded as two vectors (masked: lanes outside the
-            # image, or a padding row, read 0) and split into the two phases with one lane shuffle each; the
-            # phase rows are padded to whole vectors (stem conv + max pool at 224²: 1.392 → 1.376 ms on 1 thread,
-            # 1.367 ms with no copy at all; 0.748 → 0.725 ms on 2 threads)
-            wqp = -(-wq // vec) * vec
-            xp = T.alloc_buffer((n, c, hp, sw, wqp), F32)
-            with T.parallel(0, n * c * hp) as r:  # rows outer: a thread copies the rows its bands read (below)
-                i, yp, ch = r // (c * hp), r // c % hp, r % c
-                yy = yp - pt
+        # stride 2: each chunk of 2·vec input columns is loaded as two vectors (masked: lanes outside the image,
+        # or a padding row, read 0) and split into the two phases with one lane shuffle each; the phase rows
+        # are padded to whole vectors (stem conv + max pool at 224²: 1.392 → 1.376 ms on 1 thread, 1.367 ms
+        # with no copy at all; 0.748 → 0.725 ms on 2 threads). Other strides element by element.
+        by_vectors = sw == 2 and vec > 1
+        wqp = -(-wq // vec) * vec if by_vectors else wq
+        xp = T.alloc_buffer((n, c, hp, sw, wqp), F32)
+        with T.parallel(0, n * c * hp) as r:  # rows outer: a thread copies the rows its bands read (below)
+            i, yp, ch = r // (c * hp), r // c % hp, r % c
+            yy = yp - pt
+            if by_vectors:
                 row_ok = tirx.all(yy >= 0, yy < h)
                 yc = tirx.max(tirx.min(yy, h - 1), 0)
                 with T.serial(0, wqp // vec) as q:
@@ -149,11 +150,7 @@ class _Conv:
                     for ph in range(2):
                         T.buffer_store(xp, tirx.Shuffle(halves, [2 * k + ph for k in range(vec)]),
                                        [i, ch, yp, ph, _ramp(q * vec, vec)])
-        else:
-            xp = T.alloc_buffer((n, c, hp, sw, wq), F32)
-            with T.parallel(0, n * c * hp) as r:  # rows outer: a thread copies the rows its bands read (below)
-                i, yp, ch = r // (c * hp), r // c % hp, r % c
-                yy = yp - pt
+            else:
                 for ph in range(sw):
                     with T.serial(0, wq) as j:
                         xx = j * sw + ph - pl
