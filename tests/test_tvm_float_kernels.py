@@ -16,6 +16,7 @@ from bnnc.runtimes.tvm.float_kernels import (
     float_conv2d_primfunc,
     float_dense_primfunc,
     float_maxpool2d_primfunc,
+    winograd_matrices,
 )
 from bnnc.runtimes.tvm.graph import compile_model, translate
 from bnnc.runtimes.tvm.target import cpu_target
@@ -59,15 +60,21 @@ def _maxpool_ref(x, k, stride, pads):
 
 CONV_CASES = [
     # (x shape, out channels, kernel, stride, pads [t, l, b, r], extra kwargs)
-    ((1, 3, 38, 45), 16, 7, 2, [3, 3, 3, 3], {}),  # stem-like: padded phase-split input, odd sizes
-    ((2, 3, 23, 19), 12, 7, 2, [3, 3, 3, 3], {}),  # batch 2, 12 channels (tile 8 → 4), rows % 3 != 0
+    ((1, 3, 38, 45), 16, 7, 2, [3, 3, 3, 3], {"winograd": False}),  # stem-like, direct: padded phase-split input
+    ((2, 3, 23, 19), 12, 7, 2, [3, 3, 3, 3], {"winograd": False}),  # batch 2, 12 channels (tile 8 → 4), rows % 3
+    ((1, 3, 38, 45), 16, 7, 2, [3, 3, 3, 3], {}),  # the same by Winograd F(4, 4) (the default for 7×7/2)
+    ((2, 3, 23, 19), 12, 7, 2, [3, 3, 3, 3], {}),  # 22 tiles of 4 columns: one vector and a partial one
+    ((1, 3, 20, 33), 8, 8, 2, [3, 4, 4, 3], {}),  # Winograd, 8×8 kernel (4 taps in both phases), asymmetric pads
+    ((1, 3, 21, 70), 8, 6, 2, [2, 2, 3, 3], {"vec": 8}),  # Winograd F(4, 3), 8-lane vectors
+    ((1, 2, 9, 14), 4, 7, 2, [3, 3, 3, 3], {"winograd": True, "vec": 4}),  # Winograd at the NEON width
     ((1, 5, 9, 40), 7, 3, 1, [1, 1, 1, 1], {}),  # 3×3 pad 1, 7 channels (tile → 1), 40 = 2 vectors + 8
     ((1, 16, 7, 7), 24, 1, 1, [0, 0, 0, 0], {}),  # 1×1: GEMM over 49 pixels (3 vectors + 1 lane)
     ((2, 20, 28, 28), 40, 1, 1, [0, 0, 0, 0], {}),  # 1×1: 784 pixels = 49 vectors, tiles of 3 + remainder
     ((1, 6, 9, 11), 8, 1, 2, [0, 0, 0, 0], {}),  # 1×1 stride 2 (phase-split, no padding)
     ((1, 4, 10, 11), 8, 3, 1, [0, 0, 0, 0], {}),  # 3×3 no padding: taps read the input directly
     ((1, 4, 8, 8), 8, 3, 3, [0, 1, 2, 0], {}),  # stride 3, asymmetric pads
-    ((1, 3, 17, 21), 10, 5, 2, [2, 2, 2, 2], {"vec": 4}),  # the NEON width (generic path)
+    ((1, 3, 17, 21), 10, 5, 2, [2, 2, 2, 2], {"vec": 4}),  # the NEON width (Winograd F(4, 3))
+    ((1, 3, 17, 21), 10, 5, 2, [2, 2, 2, 2], {"vec": 4, "winograd": False}),  # the same, direct
     ((1, 8, 15, 30), 16, 3, 1, [1, 1, 1, 1], {"vec": 8}),  # the ARM family's tiles (vec 8: one vector per tile)
     ((1, 3, 13, 37), 8, 3, 1, [1, 1, 1, 1], {"row_tile": 4, "col_vecs": 2}),  # explicit tile, both remainders
 ]
@@ -100,6 +107,51 @@ def test_float_conv_without_bias_and_bad_shapes():
         float_conv2d_primfunc((1, 2, 2, 2), w, None, [1, 1], [0] * 4)
 
 
+@pytest.mark.parametrize("m,r", [(2, 3), (4, 3), (4, 4), (3, 4), (2, 5)])
+def test_winograd_matrices_compute_the_correlation_exactly(m, r):
+    """Aᵀ[(G g) ⊙ (Bᵀ d)] = the correlation Σ_k g[k]·d[j+k], in exact rational arithmetic, and Bᵀ (the
+    transform applied in float32 to the input) has integer entries."""
+    from fractions import Fraction
+
+    at, g, bt = winograd_matrices(m, r)
+    n = m + r - 1
+    assert (len(at), len(at[0]), len(g), len(g[0]), len(bt)) == (m, n, n, r, n)
+    assert all(e.denominator == 1 for row in bt for e in row)
+    rng = np.random.default_rng(m * 10 + r)
+    for _ in range(3):
+        gv = [Fraction(int(v)) for v in rng.integers(-9, 10, r)]
+        dv = [Fraction(int(v)) for v in rng.integers(-9, 10, n)]
+        u = [sum(g[xi][k] * gv[k] for k in range(r)) for xi in range(n)]
+        v = [sum(bt[xi][s] * dv[s] for s in range(n)) for xi in range(n)]
+        y = [sum(at[j][xi] * u[xi] * v[xi] for xi in range(n)) for j in range(m)]
+        assert y == [sum(gv[k] * dv[j + k] for k in range(r)) for j in range(m)]
+
+
+def test_winograd_stem_error_close_to_direct_float32():
+    """On a stem-shaped conv (3 → 16 channels, 7×7/2, pad 3, weights of a trained stem's scale) the
+    Winograd kernel's error vs float64 stays within 3× the direct float32 kernel's (rms), ~1e-6 relative."""
+    rng = np.random.default_rng(9)
+    shape = (1, 3, 64, 96)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = (0.15 * rng.standard_normal((16, 3, 7, 7))).astype(np.float32)
+    want = _conv_ref(x, w, None, (2, 2), [3] * 4)
+    rms = {}
+    for wg in (False, True):
+        f, consts, oshape = float_conv2d_primfunc(shape, w, None, [2, 2], [3] * 4, winograd=wg)
+        rms[wg] = float(np.sqrt(((_run(f, [x, *consts], oshape) - want) ** 2).mean()))
+    scale = float(np.sqrt((want ** 2).mean()))
+    assert 0 < rms[False] and rms[True] <= 3 * rms[False] and rms[True] < 2e-6 * scale
+
+
+def test_winograd_conv_refuses_what_it_cannot_compute():
+    w = np.zeros((8, 3, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="column stride of 2, a 5 to 8 wide kernel"):
+        float_conv2d_primfunc((1, 3, 16, 16), w, None, [2, 2], [1] * 4, winograd=True)
+    with pytest.raises(ValueError, match="column stride of 2"):
+        float_conv2d_primfunc((1, 3, 16, 16), np.zeros((8, 3, 7, 7), np.float32), None, [1, 1], [3] * 4,
+                              winograd=True)
+
+
 MAXPOOL_CASES = [
     ((1, 4, 112, 112), 3, 2, [1, 1, 1, 1], 16),  # the ResNet stem pool: 56 = 3 vectors + 8 lanes
     ((2, 3, 17, 35), 3, 2, [1, 1, 1, 1], 16),  # batch 2, odd sizes
@@ -127,7 +179,8 @@ def test_float_maxpool_rejects_pads_as_large_as_the_window():
 
 FUSED_CASES = [
     # (x shape, out channels, conv kernel, stride, pad, pool kernel, stride, pad, extra kwargs)
-    ((1, 3, 38, 45), 16, 7, 2, 3, 3, 2, 1, {}),  # the ResNet stem, small
+    ((1, 3, 38, 45), 16, 7, 2, 3, 3, 2, 1, {}),  # the ResNet stem, small (Winograd F(4, 4) conv rows)
+    ((1, 3, 38, 45), 16, 7, 2, 3, 3, 2, 1, {"winograd": False}),  # the same, direct conv rows
     ((2, 3, 23, 19), 12, 7, 2, 3, 3, 2, 1, {}),  # batch 2, odd sizes, 12 channels
     ((1, 4, 13, 17), 8, 3, 1, 1, 2, 2, 0, {}),  # pool 2×2/2, nothing kept between windows
     ((1, 4, 13, 17), 8, 3, 1, 1, 3, 1, 1, {"row_chunks": 3}),  # pool stride 1, 3 bands of rows
@@ -300,10 +353,12 @@ def test_graph_fuses_clip_and_pack_after_a_float_conv():
 
 
 @pytest.mark.parametrize("shape,o,kw", [((1, 3, 61, 50), 8, {"row_chunks": 1}), ((2, 3, 38, 45), 16, {"row_chunks": 3}),
-                                         ((1, 3, 61, 50), 8, {"row_chunks": 5})])
+                                         ((1, 3, 61, 50), 8, {"row_chunks": 5}),
+                                         ((2, 3, 38, 45), 16, {"row_chunks": 3, "winograd": False})])
 def test_float_conv_maxpool_rows_per_step_bit_identical(shape, o, kw):
     """The stem kernel's pool rows per step (1, 2, the default 3 for stride 2; full steps, a shorter last step,
-    bands of unequal length) change the register tiling only: the outputs are the same floats."""
+    bands of unequal length) change the register tiling only: the outputs are the same floats (conv rows by
+    Winograd, the default here, or direct)."""
     rng = np.random.default_rng(8)
     x = rng.standard_normal(shape).astype(np.float32)
     w = rng.standard_normal((o, shape[1], 7, 7)).astype(np.float32)

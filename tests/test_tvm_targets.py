@@ -166,16 +166,19 @@ def test_arm_kernel_single_task_under_qemu(tmp_path):
 
 
 @needs_a64
-def test_arm_float_conv_stride2_padded_under_qemu(tmp_path):
-    """The float stem-like conv (7×7/2, pad 3, odd width) with the ARM family's 8-lane vectors: its stride-2
-    padded input copy (masked vector loads, lane shuffles into the two column phases) on AArch64."""
+@pytest.mark.parametrize("winograd", [False, True])
+def test_arm_float_conv_stride2_padded_under_qemu(tmp_path, winograd):
+    """The float stem-like conv (7×7/2, pad 3, odd width) with the ARM family's 8-lane vectors on AArch64:
+    direct (its stride-2 padded input copy: masked vector loads, lane shuffles into the two column phases)
+    and by 1-D Winograd F(4, 4) (the default for this conv: the rows' de-interleaving shuffles, the
+    transforms)."""
     from bnnc.runtimes.tvm.float_kernels import float_conv2d_primfunc
 
     rng = np.random.default_rng(21)
     x = rng.standard_normal((1, 3, 19, 29)).astype(np.float32)
     w = rng.standard_normal((8, 3, 7, 7)).astype(np.float32)
     b = rng.standard_normal(8).astype(np.float32)
-    f, consts, _ = float_conv2d_primfunc(x.shape, w, b, [2, 2], [3] * 4, vec=8)
+    f, consts, _ = float_conv2d_primfunc(x.shape, w, b, [2, 2], [3] * 4, vec=8, winograd=winograd)
     got = cross.QemuKernel(f, workdir=str(tmp_path))(x, *consts)
     want = _conv_ref(x, w, b, (2, 2), [3] * 4)
     assert got.shape == want.shape
