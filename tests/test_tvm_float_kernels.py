@@ -65,6 +65,9 @@ CONV_CASES = [
     ((1, 3, 38, 45), 16, 7, 2, [3, 3, 3, 3], {}),  # the same by Winograd F(4, 4) (the default for 7×7/2)
     ((2, 3, 23, 19), 12, 7, 2, [3, 3, 3, 3], {}),  # 22 tiles of 4 columns: one vector and a partial one
     ((1, 3, 20, 33), 8, 8, 2, [3, 4, 4, 3], {}),  # Winograd, 8×8 kernel (4 taps in both phases), asymmetric pads
+    ((1, 3, 9, 224), 8, 7, 2, [3, 3, 3, 3], {}),  # 112 columns: F(4, 4) on 64, F(3, 4) on 48 (the stem's row)
+    ((1, 3, 9, 180), 8, 7, 2, [3, 3, 3, 3], {}),  # 90 columns: F(4, 4) on 64, F(2, 4) on 26 (13 of 16 tiles)
+    ((1, 3, 9, 224), 8, 7, 2, [3, 3, 3, 3], {"vec": 8}),  # 8 lanes: three F(4, 4) vectors, then F(2, 4)
     ((1, 3, 21, 70), 8, 6, 2, [2, 2, 3, 3], {"vec": 8}),  # Winograd F(4, 3), 8-lane vectors
     ((1, 2, 9, 14), 4, 7, 2, [3, 3, 3, 3], {"winograd": True, "vec": 4}),  # Winograd at the NEON width
     ((1, 5, 9, 40), 7, 3, 1, [1, 1, 1, 1], {}),  # 3×3 pad 1, 7 channels (tile → 1), 40 = 2 vectors + 8

@@ -258,19 +258,23 @@ def _lincomb(coefs, vecs, lanes: int, init=None):
 
 
 class _WinogradConv(_Conv):
-    """A stride-2 float conv with wide kernels (the 7×7/2 stem) by 1-D Winograd F(4, r) along the rows.
+    """A stride-2 float conv with wide kernels (the 7×7/2 stem) by 1-D Winograd F(m, r) along the rows.
 
     Each column phase of the stride-2 conv is a stride-1 correlation with ``r = ceil(kw / 2)`` taps (the odd
     phase's 3 taps of a 7-wide kernel padded to 4). Along a row the output columns are cut into tiles of
-    ``m = 4``; one tile is ``Aᵀ [(G g) ⊙ (Bᵀ d)]`` over ``n = m + r − 1`` points, and the sum over input
+    ``m`` columns; one tile is ``Aᵀ [(G g) ⊙ (Bᵀ d)]`` over ``n = m + r − 1`` points, and the sum over input
     channels, kernel rows and the two phases is taken in the transformed domain. So per output row and
-    channel the products are (channels × kernel rows × 2 phases × n) per 4 columns, 42 · 7 / 4 = 73.5 per
-    column for the stem instead of 147 for the direct conv. Points 0, ±1, ±2, 1/2, ∞: on the stem the error
-    vs float64 is about twice the direct float32 conv's (rms 8.9e-7 vs 4.0e-7 on outputs of rms 1.8).
+    channel the products are (channels × kernel rows × 2 phases × n) per m columns, 42 · 7 / 4 = 73.5 per
+    column for the stem with m = 4 instead of 147 for the direct conv. Points 0, ±1, ±2, 1/2, ∞ (the first
+    ``n − 1`` of them): on the stem the error vs float64 is about twice the direct float32 conv's (rms 7.5e-7
+    vs 4.0e-7 on outputs of rms 1.8).
 
-    Layout: tiles in the vector lanes (``vec`` tiles per vector, a row of ``ceil(ow / 4)`` tiles in
-    ``ceil(tiles / vec)`` vectors). The input stage (one parallel loop over the padded rows) transforms
-    every padded input row of each phase once: ``V[image, channel, row, phase, point, tile]``. A register
+    Layout: tiles in the vector lanes, ``vec`` tiles per vector. A row's vectors take m = 4 (4·vec columns
+    each) while that many columns remain, the last one the smallest m that covers the rest (the stem's 112
+    columns: 64 by F(4, 4) and 48 by F(3, 4), 6 points; with m = 4 throughout, 4 of its 32 lanes idled:
+    stem + max pool 1.078 → 1.000 ms). The input stage (one parallel loop over the padded rows) transforms
+    every padded input row of each phase once: ``V[image, channel, row, phase, slot, lane]`` (a slot per
+    vector and point). A register
     tile is then ``oc_tile`` channels × up to 3 output rows for one point and one vector of tiles (24
     accumulators, one broadcast weight per channel and 3 vector loads per 24 FMAs, as the direct conv),
     stored per point to a small local buffer; the output transform combines the points with constants, adds
@@ -288,30 +292,41 @@ class _WinogradConv(_Conv):
         super().__init__(x_shape, w, bias, strides, pads, vec, oc_tile)
         if not self.applies(x_shape, w.shape, strides, vec):
             raise ValueError("Winograd conv: needs a column stride of 2, a 5 to 8 wide kernel, vec a multiple of 4")
-        m, o, c, kh, kw, ot = self.M, self.o, self.c, self.kh, self.kw, self.ot
+        o, c, kh, kw, ot, vec = self.o, self.c, self.kh, self.kw, self.ot, self.vec
         self.r = r = -(-kw // 2)
-        self.npt = npt = m + r - 1
-        at, g, bt = winograd_matrices(m, r)
-        self.at, self.bt = at, bt
-        self.ntile = -(-self.ow // m)
-        self.ntv = -(-self.ntile // self.vec)  # vectors of tiles per row
-        # phase p tap k is kernel column 2k + p; U[o, c, kh, p, point] = G · taps, in float64
+        # the row's vectors of tiles: F(4, r) while 4·vec columns remain, then F(m, r) with the smallest m
+        # that covers the rest in one vector (the stem's 112 columns: 64 by F(4, 4), 48 by F(3, 4): no idle
+        # lane, 6 points instead of 7 for the second vector)
+        self.parts, col, slot = [], 0, 0
+        while col < self.ow:
+            rest = self.ow - col
+            m = self.M if rest >= self.M * vec else -(-rest // vec)
+            at, g, bt = winograd_matrices(m, r)
+            npt = m + r - 1
+            self.parts.append(dict(m=m, npt=npt, at=at, g=g, bt=bt, col=col, slot=slot,
+                                   ntile=min(vec, -(-rest // m))))
+            col += m * vec
+            slot += npt
+        self.nslot = slot
+        # phase p tap k is kernel column 2k + p; U[o, c, kh, p, slot] = G · taps (float64) for each part's points
         taps = np.zeros((o, c, kh, 2, r))
         w64 = w.astype(np.float64)
         for p in range(2):
             k = len(range(p, kw, 2))
             taps[:, :, :, p, :k] = w64[:, :, :, p::2]
-        u = taps @ np.array(g, dtype=np.float64).T  # (o, c, kh, 2, npt)
+        u = np.concatenate([taps @ np.array(pt["g"], dtype=np.float64).T for pt in self.parts], axis=-1)
         self.wblk = np.ascontiguousarray(
-            u.astype(np.float32).reshape(o // ot, ot, c, kh, 2, npt).transpose(0, 2, 3, 4, 5, 1))
+            u.astype(np.float32).reshape(o // ot, ot, c, kh, 2, slot).transpose(0, 2, 3, 4, 5, 1))
 
     def emit_input(self, T):
-        """``V[i, c, padded row, phase, point, tile]``: each phase of every padded row gathered into ``vec``
-        tiles' ``n`` consecutive columns (lane shuffles of the phase row) and transformed by ``Bᵀ``."""
-        n, c, kh, sh, vec, m, npt = self.n, self.c, self.kh, self.sh, self.vec, self.M, self.npt
+        """``V[i, c, padded row, phase, slot, lane]``: each phase of every padded row gathered, per vector of
+        tiles, into its tiles' ``n`` consecutive columns (lane shuffles of the phase row) and transformed by
+        that part's ``Bᵀ`` (slot = the part's first slot + point)."""
+        n, c, kh, sh, vec = self.n, self.c, self.kh, self.sh, self.vec
         hp = (self.oh - 1) * sh + kh
-        nq = m * self.ntv + 1  # phase-row vectors read (the second de-interleave starts m columns on)
-        v = self.V = T.alloc_buffer((n, c, hp, 2, npt, self.ntv * vec), F32)
+        last = self.parts[-1]
+        nq = -(-(last["col"] + last["m"] * (vec - 1) + last["npt"]) // vec) + 1  # phase-row vectors read
+        v = self.V = T.alloc_buffer((n, c, hp, 2, self.nslot, vec), F32)
         with T.parallel(0, n * c * hp) as rr:
             i, yp, ch = rr // (c * hp), rr // c % hp, rr % c
             # the row's phase vectors, constant indices only (registers, no store-to-load forwarding stalls)
@@ -320,62 +335,71 @@ class _WinogradConv(_Conv):
                 for ph, pv in enumerate(self.phase_vectors(i, ch, yp - self.pads[0], q)):
                     T.buffer_store(row, pv, [ph, q, _ramp(0, vec)])
             for ph in range(2):
-                for tv in range(self.ntv):
-                    # d[s][lane] = phase row[m·(vec·tv + lane) + s]: de-interleave by m = 4 (two rounds of
-                    # two-vector shuffles) of the m vectors from column m·vec·tv (s < 4) and from m columns on
+                for pt in self.parts:
+                    m, npt, q0 = pt["m"], pt["npt"], pt["col"] // vec
                     d = []
-                    for off in range(0, npt, m):
-                        src = [row[ph, m * tv + a, _ramp(0, vec)] for a in range(m + 1)]
-                        if off:
-                            src = [tirx.Shuffle([src[a], src[a + 1]], [off + e for e in range(vec)]) for a in range(m)]
-                        src = src[:m]
-                        for _ in range(2):
-                            src = [tirx.Shuffle([src[2 * k], src[2 * k + 1]], [2 * e + par for e in range(vec)])
-                                   for par in range(2) for k in range(len(src) // 2)]
-                        d += src[:npt - off]  # [even of evens, even of odds, odd of evens, odd of odds]
+                    if m == 4:
+                        # d[s][lane] = phase row[col + 4·lane + s]: de-interleave by 4 (two rounds of
+                        # two-vector shuffles) of the 4 vectors from the part's column (s < 4) and from 4 on
+                        for off in range(0, npt, m):
+                            src = [row[ph, q0 + a, _ramp(0, vec)] for a in range(m + 1)]
+                            if off:
+                                src = [tirx.Shuffle([src[a], src[a + 1]], [off + e for e in range(vec)])
+                                       for a in range(m)]
+                            src = src[:m]
+                            for _ in range(2):
+                                src = [tirx.Shuffle([src[2 * k], src[2 * k + 1]], [2 * e + par for e in range(vec)])
+                                       for par in range(2) for k in range(len(src) // 2)]
+                            d += src[:npt - off]  # [even of evens, even of odds, odd of evens, odd of odds]
+                    else:
+                        nsrc = -(-(m * (vec - 1) + npt) // vec)
+                        src = [row[ph, q0 + a, _ramp(0, vec)] for a in range(nsrc)]
+                        d = [tirx.Shuffle(src, [m * e + s for e in range(vec)]) for s in range(npt)]
                     for xi in range(npt):
-                        T.buffer_store(v, _lincomb(self.bt[xi], d, vec), [i, ch, yp, ph, xi, _ramp(tv * vec, vec)])
+                        T.buffer_store(v, _lincomb(pt["bt"][xi], d, vec), [i, ch, yp, ph, pt["slot"] + xi,
+                                                                             _ramp(0, vec)])
 
     def emit_rows(self, T, i, oo, ys: list, ew: int, xv: int, store):
         """Every column of rows ``ys`` (``ew`` must be the output width; ``xv`` is unused)."""
-        ot, vec, m, npt, sh, V, W, B = self.ot, self.vec, self.M, self.npt, self.sh, self.V, self.W, self.B
+        ot, vec, sh, V, W, B = self.ot, self.vec, self.sh, self.V, self.W, self.B
         rows = len(ys)
         if ew != self.ow:
             raise ValueError("Winograd conv: rows are computed whole")
-        mb = T.alloc_buffer((ot, rows, npt, self.ntv * vec), F32, scope="local")  # per point, in L1
-        for tv in range(self.ntv):
-            with T.serial(0, npt) as xi:
+        mb = T.alloc_buffer((ot, rows, self.nslot, vec), F32, scope="local")  # per point, in L1
+        for pt in self.parts:
+            with T.serial(0, pt["npt"]) as xi:
+                slot = pt["slot"] + xi
                 acc = T.alloc_buffer((ot * rows * vec,), F32, scope="local")  # constant indices: registers
                 for k in range(ot * rows):
                     T.buffer_store(acc, _bcast(tirx.const(0.0, F32), vec), [_ramp(k * vec, vec)])
                 # (kernel rows unrolled, or 4 channels × 3 rows × both tile vectors: slower)
                 with T.serial(0, self.c) as rc, T.serial(0, self.kh) as rh:
                     for ph in range(2):
-                        xs = [V[i, rc, y * sh + rh, ph, xi, _ramp(tv * vec, vec)] for y in ys]
+                        xs = [V[i, rc, y * sh + rh, ph, slot, _ramp(0, vec)] for y in ys]
                         for oi in range(ot):
-                            wv = _bcast(W[oo, rc, rh, ph, xi, oi], vec)
+                            wv = _bcast(W[oo, rc, rh, ph, slot, oi], vec)
                             for yi in range(rows):
                                 k = _ramp((oi * rows + yi) * vec, vec)
                                 T.buffer_store(acc, acc[k] + xs[yi] * wv, [k])
                 for oi in range(ot):
                     for yi in range(rows):
-                        T.buffer_store(mb, acc[_ramp((oi * rows + yi) * vec, vec)],
-                                       [oi, yi, xi, _ramp(tv * vec, vec)])
+                        T.buffer_store(mb, acc[_ramp((oi * rows + yi) * vec, vec)], [oi, yi, slot, _ramp(0, vec)])
         # the output transform, a loop over the channels (unrolled, it only grows the code: the stem kernel
         # compiled in 2.4 s instead of 1.5 s, same speed)
         with T.serial(0, ot) as oi:
             bias = _bcast(B[oo * ot + oi], vec)
-            for tv in range(self.ntv):
+            for pt in self.parts:
+                m = pt["m"]
                 for yi in range(rows):
-                    pv = [mb[oi, yi, xi, _ramp(tv * vec, vec)] for xi in range(npt)]
-                    outs = [_lincomb(self.at[j], pv, vec, bias) for j in range(m)]  # column j of each tile
-                    for q in range(m):  # vector q of the tiles' m·vec columns, in order
-                        x = (tv * m + q) * vec
+                    pv = [mb[oi, yi, pt["slot"] + xi, _ramp(0, vec)] for xi in range(pt["npt"])]
+                    outs = [_lincomb(pt["at"][j], pv, vec, bias) for j in range(m)]  # column j of each tile
+                    for q in range(m):  # vector q of the part's m·vec columns, in order
+                        x = pt["col"] + q * vec
                         if x >= self.ow:
                             break
-                        idx = [(e % m) * vec + (q * vec + e) // m for e in range(vec)]
-                        for s, t in _chunks(min(vec, self.ow - x), vec):
-                            store(oi, yi, x + s, t, tirx.Shuffle(outs, idx[s:s + t]))
+                        idx = [((q * vec + e) % m) * vec + (q * vec + e) // m for e in range(vec)]
+                        for s0, t in _chunks(min(vec, self.ow - x), vec):
+                            store(oi, yi, x + s0, t, tirx.Shuffle(outs, idx[s0:s0 + t]))
 
 
 def _conv_class(x_shape, w, strides, vec, winograd):
@@ -403,7 +427,7 @@ def float_conv2d_primfunc(x_shape, w: np.ndarray, bias: np.ndarray | None, strid
     0.146 ms for the former schedule, whose 7-wide rows ran on 8-lane vectors).
 
     ``winograd``: a stride-2 conv with a 5 to 8 wide kernel (the stem) runs by 1-D Winograd F(4, r) along
-    the rows by default (``None``; see ``_WinogradConv``): 3→64 at 224², 1 thread, 1.28 → 0.99 ms (one
+    the rows by default (``None``; see ``_WinogradConv``): 3→64 at 224², 1 thread, 1.36 → 1.01 ms (one
     process, interleaved), at about twice the direct float32 conv's rounding error. ``False`` forces the
     direct conv, ``True`` requires Winograd (a ValueError where it does not apply).
 
@@ -504,8 +528,8 @@ def float_conv2d_maxpool_primfunc(x_shape, w: np.ndarray, bias: np.ndarray | Non
     ``row_chunks`` bands of pool rows (a band recomputes the conv rows it shares with the band above).
     Bi-Real-18 / ReActNet-18 at 224², 1 thread, whole network: 0.08–0.10 ms less than conv then pool.
     Every output is bit-identical whatever G (the same sums in the same order). The conv rows are computed
-    by 1-D Winograd F(4, 4) by default (``winograd``, as :func:`float_conv2d_primfunc`): the stem kernel at
-    224², 1 thread, 1.30 → 0.95 ms; Bi-Real-18 4.26 → 3.96 ms, ReActNet-18 4.38 → 4.03 ms (A/B in one process).
+    by 1-D Winograd by default (``winograd``, as :func:`float_conv2d_primfunc`): the stem kernel at 224²,
+    1 thread, 1.36 → 0.94 ms; Bi-Real-18 4.21 → 3.79 ms, ReActNet-18 4.26 → 3.88 ms (A/B in one process).
 
     Conv arguments as :func:`float_conv2d_primfunc`, pool ones as :func:`float_maxpool2d_primfunc`
     (floor mode, dilation 1, pads smaller than the window, kernel not smaller than the stride).
