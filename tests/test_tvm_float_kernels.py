@@ -16,7 +16,6 @@ from bnnc.runtimes.tvm.float_kernels import (
     float_conv2d_primfunc,
     float_dense_primfunc,
     float_maxpool2d_primfunc,
-    winograd_matrices,
 )
 from bnnc.runtimes.tvm.graph import compile_model, translate
 from bnnc.runtimes.tvm.target import cpu_target
@@ -108,26 +107,6 @@ def test_float_conv_without_bias_and_bad_shapes():
         float_conv2d_primfunc((1, 3, 6, 6), w, None, [1, 1], [0] * 4)
     with pytest.raises(ValueError, match="does not fit"):
         float_conv2d_primfunc((1, 2, 2, 2), w, None, [1, 1], [0] * 4)
-
-
-@pytest.mark.parametrize("m,r", [(2, 3), (4, 3), (4, 4), (3, 4), (2, 5)])
-def test_winograd_matrices_compute_the_correlation_exactly(m, r):
-    """Aᵀ[(G g) ⊙ (Bᵀ d)] = the correlation Σ_k g[k]·d[j+k], in exact rational arithmetic, and Bᵀ (the
-    transform applied in float32 to the input) has integer entries."""
-    from fractions import Fraction
-
-    at, g, bt = winograd_matrices(m, r)
-    n = m + r - 1
-    assert (len(at), len(at[0]), len(g), len(g[0]), len(bt)) == (m, n, n, r, n)
-    assert all(e.denominator == 1 for row in bt for e in row)
-    rng = np.random.default_rng(m * 10 + r)
-    for _ in range(3):
-        gv = [Fraction(int(v)) for v in rng.integers(-9, 10, r)]
-        dv = [Fraction(int(v)) for v in rng.integers(-9, 10, n)]
-        u = [sum(g[xi][k] * gv[k] for k in range(r)) for xi in range(n)]
-        v = [sum(bt[xi][s] * dv[s] for s in range(n)) for xi in range(n)]
-        y = [sum(at[j][xi] * u[xi] * v[xi] for xi in range(n)) for j in range(m)]
-        assert y == [sum(gv[k] * dv[j + k] for k in range(r)) for j in range(m)]
 
 
 def test_winograd_stem_error_close_to_direct_float32():

@@ -13,13 +13,14 @@ alone, best of interleaved runs.
 from __future__ import annotations
 
 import contextlib
-from fractions import Fraction
 
 import numpy as np
 from tvm import tirx
 
+from ..winograd import row_parts, transform_weights
+
 __all__ = ["float_avgpool2d_primfunc", "float_conv2d_maxpool_primfunc", "float_conv2d_primfunc",
-           "float_dense_primfunc", "float_maxpool2d_primfunc", "winograd_matrices"]
+           "float_dense_primfunc", "float_maxpool2d_primfunc"]
 
 F32 = "float32"
 _ATTRS = {"bnnc.scheduled": True, "op_pattern": 8, "tirx.noalias": True}
@@ -208,41 +209,6 @@ class _Conv:
             self.emit_tile(T, i, oo, ys, nxt * xt, [t for _, t in _chunks(xrem, self.vec)], store)
 
 
-def winograd_matrices(m: int, r: int, points=(0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))):
-    """Exact (``Fraction``) matrices of the 1-D Winograd / Toom-Cook correlation F(m, r):
-    ``y[j] = sum_k g[k]·d[j+k] = (Aᵀ [(G g) ⊙ (Bᵀ d)])[j]`` for ``j < m``, ``k < r``, with ``n = m + r − 1``
-    interpolation points, the first ``n − 1`` of ``points`` and infinity. ``Bᵀ = V⁻ᵀ`` for the n×n
-    Vandermonde matrix ``V`` of the points (the row of infinity picks the top power), each of its rows scaled
-    to coprime integers with the inverse factor moved into ``G`` (the weights are transformed once, in
-    float64). Returns ``(At [m][n], G [n][r], Bt [n][n])`` as lists of lists."""
-    import math
-
-    n = m + r - 1
-    pts = [Fraction(p) for p in points[:n - 1]]
-    if len(pts) != n - 1 or len(set(pts)) != n - 1:
-        raise ValueError(f"F({m}, {r}) needs {n - 1} distinct finite points")
-    v = [[p ** l for l in range(n)] for p in pts] + [[Fraction(int(l == n - 1)) for l in range(n)]]
-    # solve Vᵀ · Bt = I by Gauss-Jordan over the rationals
-    a = [[v[xi][l] for xi in range(n)] + [Fraction(int(l == s)) for s in range(n)] for l in range(n)]
-    for col in range(n):
-        piv = next(rw for rw in range(col, n) if a[rw][col] != 0)
-        a[col], a[piv] = a[piv], a[col]
-        a[col] = [e / a[col][col] for e in a[col]]
-        for rw in range(n):
-            if rw != col and a[rw][col] != 0:
-                a[rw] = [e - a[rw][col] * f for e, f in zip(a[rw], a[col])]
-    bt = [row[n:] for row in a]
-    at = [[v[xi][j] if xi < n - 1 else Fraction(int(j == m - 1)) for xi in range(n)] for j in range(m)]
-    g = [[v[xi][k] if xi < n - 1 else Fraction(int(k == r - 1)) for k in range(r)] for xi in range(n)]
-    for xi in range(n):
-        den = math.lcm(*[e.denominator for e in bt[xi]])
-        num = math.gcd(*[(e * den).numerator for e in bt[xi]])
-        f = Fraction(den, num)
-        bt[xi] = [e * f for e in bt[xi]]
-        g[xi] = [e / f for e in g[xi]]
-    return at, g, bt
-
-
 def _lincomb(coefs, vecs, lanes: int, init=None):
     """``init + sum coefs[i]·vecs[i]`` over the nonzero ``coefs`` (±1 as adds and subtracts)."""
     out = init
@@ -292,31 +258,8 @@ class _WinogradConv(_Conv):
         super().__init__(x_shape, w, bias, strides, pads, vec, oc_tile)
         if not self.applies(x_shape, w.shape, strides, vec):
             raise ValueError("Winograd conv: needs a column stride of 2, a 5 to 8 wide kernel, vec a multiple of 4")
-        o, c, kh, kw, ot, vec = self.o, self.c, self.kh, self.kw, self.ot, self.vec
-        self.r = r = -(-kw // 2)
-        # the row's vectors of tiles: F(4, r) while 4·vec columns remain, then F(m, r) with the smallest m
-        # that covers the rest in one vector (the stem's 112 columns: 64 by F(4, 4), 48 by F(3, 4): no idle
-        # lane, 6 points instead of 7 for the second vector)
-        self.parts, col, slot = [], 0, 0
-        while col < self.ow:
-            rest = self.ow - col
-            m = self.M if rest >= self.M * vec else -(-rest // vec)
-            at, g, bt = winograd_matrices(m, r)
-            npt = m + r - 1
-            self.parts.append(dict(m=m, npt=npt, at=at, g=g, bt=bt, col=col, slot=slot,
-                                   ntile=min(vec, -(-rest // m))))
-            col += m * vec
-            slot += npt
-        self.nslot = slot
-        # phase p tap k is kernel column 2k + p; U[o, c, kh, p, slot] = G · taps (float64) for each part's points
-        taps = np.zeros((o, c, kh, 2, r))
-        w64 = w.astype(np.float64)
-        for p in range(2):
-            k = len(range(p, kw, 2))
-            taps[:, :, :, p, :k] = w64[:, :, :, p::2]
-        u = np.concatenate([taps @ np.array(pt["g"], dtype=np.float64).T for pt in self.parts], axis=-1)
-        self.wblk = np.ascontiguousarray(
-            u.astype(np.float32).reshape(o // ot, ot, c, kh, 2, slot).transpose(0, 2, 3, 4, 5, 1))
+        self.parts, self.nslot = row_parts(self.ow, self.kw, self.vec, self.M)
+        self.wblk = transform_weights(w, self.parts, self.ot)
 
     def emit_input(self, T):
         """``V[i, c, padded row, phase, slot, lane]``: each phase of every padded row gathered, per vector of
