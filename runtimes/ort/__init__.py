@@ -7,11 +7,14 @@ Two ways to run a deploy-form model:
   forces one), loaded with ``SessionOptions.register_custom_ops_library``. Built from ``src/`` on first use
   (:func:`library_path`; ``python -m bnnc.runtimes.ort.build`` does it ahead of time). Before creating the
   session, :func:`fuse_chains` folds the element-wise ops after each float binary conv (residual Add,
-  per-channel Add/Mul, PRelu) and the next PackSign into one library node (bit-identical outputs).
+  per-channel Add/Mul, PRelu) and the next PackSign into one library node (bit-identical outputs), and on
+  CPUs where the library runs AVX-512 or AMX kernels :func:`fuse_stem` replaces the float stem (a stride-2
+  7×7 conv and its max pool) with the library's Winograd kernel (float32 rounding differs, about twice the
+  direct conv's error).
 * **portable**: :func:`to_portable` rewrites the deploy ops into standard ONNX ops, for ONNX Runtime
   builds (or other engines) that cannot load a library. Same outputs; slower.
 
-Both agree bit for bit with the NumPy references in ``bnnc.ops.deploy``.
+Both agree bit for bit with the NumPy references in ``bnnc.ops.deploy`` on the binary ops.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import onnx
 
 from bnnc.util import cpu_call_batch
 
-from .fuse import fuse_chains
+from .fuse import fuse_chains, fuse_stem
 from .portable import PortableError, to_portable
 
 __all__ = [
@@ -33,6 +36,7 @@ __all__ = [
     "OrtLibraryError",
     "PortableError",
     "fuse_chains",
+    "fuse_stem",
     "library_path",
     "resolve_isa",
     "to_portable",
@@ -130,8 +134,10 @@ class OrtDeployRunner:
     portable with a warning. ``mode=None`` reads ``$BNNC_ORT_MODE`` (default ``library``).
     ``num_threads`` sets ORT's intra-op threads (None: ORT's default). ``run(x)`` returns the first output;
     ``self.mode`` is the mode actually used. In library mode the session runs :func:`fuse_chains` of the
-    model (element-wise chains after float binary convs folded into the conv; bit-identical outputs;
-    ``fuse=False`` or ``BNNC_ORT_FUSE=0`` turns it off); ``self.model`` stays the deploy form as given.
+    model (element-wise chains after float binary convs folded into the conv; bit-identical outputs) and,
+    where the library runs its AVX-512 or AMX kernels, :func:`fuse_stem` (the float stem conv + max pool as
+    one Winograd op; outputs equal up to float32 rounding); ``fuse=False`` or ``BNNC_ORT_FUSE=0`` turns both
+    off; ``self.model`` stays the deploy form as given.
     """
 
     def __init__(self, model: onnx.ModelProto, num_threads: int | None = None, *, mode: str | None = None,
@@ -178,9 +184,11 @@ class OrtDeployRunner:
                                       f"{self.library}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}; "
                                       "rebuild it (`python -m bnnc.runtimes.ort.build --force`) or use "
                                       "mode='portable'") from None
-        run_model, self.fused_nodes = self.model, 0
+        run_model, self.fused_nodes, self.fused_stems = self.model, 0, 0
         if mode == "library" and self.fuse:
             run_model, self.fused_nodes = fuse_chains(self.model)
+            if resolve_isa(lib=self.library) in ("amx", "avx512"):  # the library's Winograd stem is AVX-512
+                run_model, self.fused_stems = fuse_stem(run_model)
         try:
             self.session = ort.InferenceSession(run_model.SerializeToString(), opts,
                                                 providers=["CPUExecutionProvider"])

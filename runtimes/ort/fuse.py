@@ -191,3 +191,110 @@ def fuse_chains(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     if not any(o.domain == DOMAIN for o in m.opset_import):
         m.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return m, fused_nodes
+
+
+STEM_OP = "WinogradConvMaxPool"
+
+
+def _conv_pads(node, x_hw, ks) -> list[int] | None:
+    """Explicit [t, l, b, r] pads of a stride-2 Conv / MaxPool node (auto_pad NOTSET or VALID), else None."""
+    auto = _attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto == "VALID":
+        return [0, 0, 0, 0]
+    if auto not in ("NOTSET", ""):
+        return None
+    p = [int(v) for v in _attr(node, "pads", [0, 0, 0, 0])]
+    return p if len(p) == 4 else None
+
+
+def fuse_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of ``model`` with each float stem, ``MaxPool(Conv(x))`` with a stride-2 conv of a 5 to 8 wide
+    kernel (constant weights, groups 1, dilation 1, output channels a multiple of 8) whose only consumer is
+    a max pool of column stride 2 (floor mode, no indices), replaced by one
+    ``ai.bnnc.ort::WinogradConvMaxPool`` node of ``libbnnc_ort.so``: the conv by 1-D Winograd along the rows
+    (:mod:`bnnc.runtimes.winograd`, the plan of the TVM kernel), the max pool on rows still in cache.
+    Outputs equal the separate nodes' up to float32 rounding (the Winograd sums: about twice the direct
+    conv's error). AVX-512 only: callers rewrite only where the library runs its AVX-512 or AMX kernels.
+    Also returns the number of stems replaced."""
+    from ..winograd import row_parts, transform_weights
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    shapes = _shapes(g)
+    outputs = {o.name for o in g.output}
+    nodes = list(g.node)
+    consumers: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for name in set(n.input):
+            if name:
+                consumers.setdefault(name, []).append(i)
+    replace, removed, new_inits, count = {}, set(), [], 0
+    for ci, node in enumerate(nodes):
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        x, wname = node.input[0], node.input[1]
+        bname = node.input[2] if len(node.input) > 2 else ""
+        xs = shapes.get(x)
+        if wname not in inits or (bname and bname not in inits) or xs is None or len(xs) != 4:
+            continue
+        if any(not isinstance(d, int) or d < 1 for d in xs[1:]):
+            continue
+        w = numpy_helper.to_array(inits[wname])
+        if w.dtype != np.float32 or w.ndim != 4 or w.shape[1] != xs[1] or w.shape[0] % 8:
+            continue
+        kh, kw = int(w.shape[2]), int(w.shape[3])
+        if list(_attr(node, "strides", [1, 1])) != [2, 2] or list(_attr(node, "dilations", [1, 1])) != [1, 1]:
+            continue
+        if int(_attr(node, "group", 1)) != 1 or not 5 <= kw <= 8:
+            continue
+        pads = _conv_pads(node, xs[2:], (kh, kw))
+        out = node.output[0]
+        users = consumers.get(out, [])
+        if pads is None or out in outputs or len(users) != 1:
+            continue
+        pn = nodes[users[0]]
+        if pn.op_type != "MaxPool" or pn.domain not in ("", "ai.onnx") or pn.input[0] != out:
+            continue
+        if len(pn.output) > 1 and pn.output[1]:
+            continue
+        pk = [int(v) for v in _attr(pn, "kernel_shape", [])]
+        pst = [int(v) for v in _attr(pn, "strides", [1, 1])]
+        if (len(pk) != 2 or pst[1] != 2 or pk[0] < pst[0] or int(_attr(pn, "ceil_mode", 0))
+                or list(_attr(pn, "dilations", [1, 1])) != [1, 1]):
+            continue
+        ppads = _conv_pads(pn, None, pk)
+        oh = (xs[2] + pads[0] + pads[2] - kh) // 2 + 1
+        ow = (xs[3] + pads[1] + pads[3] - kw) // 2 + 1
+        if (ppads is None or oh < 1 or ow < 1 or ow > 1024 or max(ppads[0], ppads[2]) >= pk[0]
+                or max(ppads[1], ppads[3]) >= pk[1]):
+            continue
+        parts, _ = row_parts(ow, kw, 16)
+        u = transform_weights(w, parts, 8)
+        b = numpy_helper.to_array(inits[bname]).astype(np.float32).reshape(-1) if bname else np.zeros(w.shape[0], np.float32)
+        base = node.name or out
+        new_inits += [numpy_helper.from_array(u, f"{base}.winograd_u"), numpy_helper.from_array(b, f"{base}.winograd_b")]
+        flat = [v for pt in parts for v in (pt["m"], pt["npt"], pt["col"], pt["slot"], pt["ntile"])]
+        fused = helper.make_node(
+            STEM_OP, [x, f"{base}.winograd_u", f"{base}.winograd_b"], [pn.output[0]], name=f"{base}.winograd",
+            domain=DOMAIN, channels=int(w.shape[0]), kernel_shape=[kh, kw], pads=pads,
+            pool=pk + pst + ppads, parts=flat,
+            at=[float(e) for pt in parts for row in pt["at"] for e in row],
+            bt=[float(e) for pt in parts for row in pt["bt"] for e in row])
+        replace[ci] = fused
+        removed.add(users[0])
+        count += 1
+    if not count:
+        return m, 0
+    new_nodes = [replace.get(i, n) for i, n in enumerate(nodes) if i not in removed]
+    del g.node[:]
+    g.node.extend(new_nodes)
+    used = {name for n in new_nodes for name in n.input} | {o.name for o in g.output}
+    kept = [i for i in g.initializer if i.name in used]  # the replaced convs' weights and biases go
+    del g.initializer[:]
+    g.initializer.extend(kept + new_inits)
+    if not any(o.domain == DOMAIN for o in m.opset_import):
+        m.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return m, count

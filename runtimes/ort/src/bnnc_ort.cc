@@ -10,7 +10,8 @@
 // BinaryConv2dPacked(output="float") followed by an element-wise chain (residual Add, per-channel Add / Mul,
 // PRelu, Clip) and optionally a PackSign of the result (second output), applied to each output row while it is
 // in cache, instead of one full pass per ONNX node. Inputs: X W E RC CC P0 P1 [R] [C] [T]; attribute
-// `chain` (ints, ChainStep codes); outputs: Y (float) [, Ybits = PackSign(Y, T)].
+// `chain` (ints, ChainStep codes); outputs: Y (float) [, Ybits = PackSign(Y, T)]. WinogradConvMaxPool (x86-64,
+// AVX-512) = MaxPool(Conv(X)) of the float stem, the stride-2 conv by 1-D Winograd along the rows (below).
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -699,6 +700,158 @@ struct ConvOp : Ort::CustomOpBase<ConvOp<Bits>, ConvKernel, true> {
   }
 };
 
+#if defined(__x86_64__)
+// ------------------------------------------------------------------------------------------------
+// WinogradConvMaxPool (ai.bnnc.ort; bnnc.runtimes.ort.fuse): MaxPool(Conv(X)) of the float stem, the conv
+// by 1-D Winograd along the rows (kernels_wino.cc; plan and transformed weights from bnnc.runtimes.winograd).
+// Inputs X [N, C, H, W], U [O/8, C, KH, 2, slots, 8] (G · taps), B [O]; attributes kernel_shape [KH, KW],
+// pads [t, l, b, r] (conv, strides 2), pool [kh, kw, sh, 2, t, l, b, r], parts (m, n, column, slot, tiles per
+// vector of 16 tiles), at / bt (each part's Aᵀ m×n and Bᵀ n×n, row-major, concatenated).
+
+struct WinoRowsTask {
+  const WinoPlan* plan;
+  const float* x;
+  float* v;
+  int64_t rows, chunk;
+};
+
+void wino_rows_task(void* d, size_t i) {
+  auto* t = static_cast<WinoRowsTask*>(d);
+  const int64_t r0 = static_cast<int64_t>(i) * t->chunk, r1 = std::min(t->rows, r0 + t->chunk);
+  wino_input_rows_avx512(*t->plan, t->x, r0, r1, t->v);
+}
+
+thread_local std::vector<float> t_wino_v;
+thread_local std::vector<float> t_wino_scratch;
+
+struct WinoBandTask {
+  const WinoPlan* plan;
+  const float* v;
+  float* y;
+};
+
+void wino_band_task(void* d, size_t i) {
+  auto* t = static_cast<WinoBandTask*>(d);
+  const size_t need = static_cast<size_t>(wino_task_floats(*t->plan));
+  if (t_wino_scratch.size() < need) t_wino_scratch.resize(need);
+  wino_band_avx512(*t->plan, t->v, static_cast<int64_t>(i), t->y, t_wino_scratch.data());
+}
+
+struct WinoKernel {
+  int64_t O, KH, KW;
+  std::vector<int64_t> pads, pool, parts;
+  std::vector<float> at, bt;
+  explicit WinoKernel(const OrtKernelInfo* info) {
+    const char* op = "WinogradConvMaxPool";
+    if (!cpu_has(Isa::Avx512))
+      fail(op, "needs AVX-512 (bnnc.runtimes.ort.fuse writes it only where the library runs its AVX-512 kernels)");
+    O = attr_int(info, "channels", op);
+    auto ks = attr_ints(info, "kernel_shape", op, nullptr);
+    pads = attr_ints(info, "pads", op, nullptr);
+    pool = attr_ints(info, "pool", op, nullptr);
+    parts = attr_ints(info, "parts", op, nullptr);
+    try {
+      at = Ort::ConstKernelInfo(info).GetAttributes<float>("at");
+      bt = Ort::ConstKernelInfo(info).GetAttributes<float>("bt");
+    } catch (const Ort::Exception&) {
+      fail(op, "missing floats attributes 'at' / 'bt'");
+    }
+    if (ks.size() != 2 || pads.size() != 4 || pool.size() != 8) fail(op, "kernel_shape needs 2 values, pads 4, pool 8");
+    KH = ks[0];
+    KW = ks[1];
+    if (O < 1 || O % kWinoOcTile) fail(op, "channels must be a positive multiple of ", kWinoOcTile, ", got ", O);
+    if (KW < 5 || KW > 8 || KH < 1) fail(op, "kernel_shape ", shape_str(ks), " unsupported (width 5 to 8)");
+    if (pool[3] != 2 || pool[0] < pool[2] || pool[2] < 1 || pool[1] < 1 || pool[0] < 1)
+      fail(op, "pool ", shape_str(pool), " unsupported (column stride 2, kernel >= stride)");
+    if (pool[4] >= pool[0] || pool[6] >= pool[0] || pool[5] >= pool[1] || pool[7] >= pool[1])
+      fail(op, "pool pads must be smaller than the pool window");
+    if (parts.empty() || parts.size() % 5 || static_cast<int64_t>(parts.size() / 5) > kWinoMaxParts)
+      fail(op, "parts must hold 5 values per vector of tiles, at most ", kWinoMaxParts, " vectors");
+  }
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return guarded([&] {
+      const char* op = "WinogradConvMaxPool";
+      Ort::KernelContext ctx(context);
+      auto x = input<float>(ctx, 0);
+      auto u = input<float>(ctx, 1);
+      auto b = input<float>(ctx, 2);
+      if (x.shape.size() != 4) fail(op, "X must be [N, C, H, W], got ", shape_str(x.shape));
+      WinoPlan p{};
+      const int64_t N = x.shape[0];
+      p.C = x.shape[1];
+      p.H = x.shape[2];
+      p.W = x.shape[3];
+      p.O = O;
+      p.KH = KH;
+      p.pt = pads[0];
+      p.pl = pads[1];
+      p.OH = out_size(p.H, KH, 2, pads[0], pads[2], 1);
+      p.OW = out_size(p.W, KW, 2, pads[1], pads[3], 1);
+      if (p.OH < 1 || p.OW < 1) fail(op, "the ", KH, "x", KW, " kernel does not fit the padded input ", shape_str(x.shape));
+      p.HP = (p.OH - 1) * 2 + KH;
+      p.nparts = static_cast<int64_t>(parts.size() / 5);
+      size_t ai = 0, bi = 0;
+      int64_t cover = 0;
+      for (int64_t k = 0; k < p.nparts; ++k) {
+        WinoPart& pt = p.parts[k];
+        pt.m = parts[5 * k];
+        pt.npt = parts[5 * k + 1];
+        pt.col = parts[5 * k + 2];
+        pt.slot = parts[5 * k + 3];
+        pt.ntile = parts[5 * k + 4];
+        if (pt.m < 1 || pt.m > 4 || pt.npt < pt.m || pt.npt > 8 || pt.col != cover || pt.col % 16)
+          fail(op, "part ", k, " (m ", pt.m, ", points ", pt.npt, ", column ", pt.col, ") is not a valid plan");
+        if (ai + pt.m * pt.npt > at.size() || bi + pt.npt * pt.npt > bt.size()) fail(op, "at / bt too short for parts");
+        for (int64_t j = 0; j < pt.m; ++j)
+          for (int64_t e = 0; e < pt.npt; ++e) pt.at[j][e] = at[ai++];
+        for (int64_t j = 0; j < pt.npt; ++j)
+          for (int64_t e = 0; e < pt.npt; ++e) pt.bt[j][e] = bt[bi++];
+        cover += 16 * pt.m;
+        p.nslot = pt.slot + pt.npt;
+      }
+      if (cover < p.OW) fail(op, "parts cover ", cover, " output columns, the conv has ", p.OW);
+      const std::vector<int64_t> ushape{O / kWinoOcTile, p.C, KH, 2, p.nslot, kWinoOcTile};
+      if (u.shape != ushape) fail(op, "U must be ", shape_str(ushape), ", got ", shape_str(u.shape));
+      if (b.size != O) fail(op, "B must have ", O, " elements, got ", b.size);
+      p.pkh = pool[0];
+      p.pkw = pool[1];
+      p.psh = pool[2];
+      p.ppt = pool[4];
+      p.ppl = pool[5];
+      p.POH = out_size(p.OH, p.pkh, p.psh, pool[4], pool[6], 1);
+      p.POW = out_size(p.OW, p.pkw, 2, pool[5], pool[7], 1);
+      if (p.POH < 1 || p.POW < 1) fail(op, "the pool window does not fit the conv output");
+      p.band = std::min<int64_t>(16, (p.POH + 1) / 2);
+      p.U = u.data;
+      p.B = b.data;
+      wino_finish_plan(p);
+      if (p.nq * 16 > (kWinoMaxParts + 2) * 64 + 64) fail(op, "output rows too wide (", p.OW, " columns)");
+      float* y = ctx.GetOutput(0, std::vector<int64_t>{N, O, p.POH, p.POW}).GetTensorMutableData<float>();
+      const size_t vsz = static_cast<size_t>(wino_v_floats(p));
+      if (t_wino_v.size() < vsz) t_wino_v.resize(vsz);
+      const int64_t rows = p.C * p.HP, chunk = 16, nband = (p.POH + p.band - 1) / p.band;
+      for (int64_t n = 0; n < N; ++n) {
+        WinoRowsTask rt{&p, x.data + n * p.C * p.H * p.W, t_wino_v.data(), rows, chunk};
+        parallel_for(ctx, static_cast<size_t>((rows + chunk - 1) / chunk), wino_rows_task, &rt);
+        WinoBandTask bt_{&p, t_wino_v.data(), y + n * O * p.POH * p.POW};
+        parallel_for(ctx, static_cast<size_t>(nband * (O / kWinoOcTile)), wino_band_task, &bt_);
+      }
+    });
+  }
+};
+
+struct WinoOp : Ort::CustomOpBase<WinoOp, WinoKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** k) const {
+    return guarded([&] { *k = new WinoKernel(info); });
+  }
+  const char* GetName() const { return "WinogradConvMaxPool"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+#endif  // __x86_64__
+
 // ------------------------------------------------------------------------------------------------
 // Registration
 
@@ -708,6 +861,9 @@ const MaxPoolBitsOp c_pool;
 const ConvOp<false> c_conv_float;
 const ConvOp<true> c_conv_bits;
 const ConvChainOp c_conv_chain;
+#if defined(__x86_64__)
+const WinoOp c_wino;
+#endif
 
 std::mutex g_domains_mutex;
 std::vector<Ort::CustomOpDomain>& domains() {
@@ -736,6 +892,9 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
     domain.Add(&bnnc::c_conv_bits);
     Ort::CustomOpDomain priv{bnnc::kPrivateDomain};
     priv.Add(&bnnc::c_conv_chain);
+#if defined(__x86_64__)
+    priv.Add(&bnnc::c_wino);
+#endif
     Ort::UnownedSessionOptions(options).Add(domain);
     Ort::UnownedSessionOptions(options).Add(priv);
     std::lock_guard<std::mutex> lock(bnnc::g_domains_mutex);

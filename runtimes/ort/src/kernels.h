@@ -143,4 +143,47 @@ RowSrc gather_row(const ConvPlan& p, int64_t n, int64_t y, uint32_t* buf);
 // Float rows are produced as fbuf[x * Opad + o]; this writes them into NCHW.
 void store_float_row(const ConvPlan& p, int64_t n, int64_t y, const float* fbuf);
 
+// ------------------------------------------------------------------------------------------------
+// WinogradConvMaxPool (ai.bnnc.ort, written by bnnc.runtimes.ort.fuse): MaxPool(Conv(x)) for the float stem,
+// the conv (stride 2, 5..8 wide kernel) by 1-D Winograd along the rows as bnnc.runtimes.winograd plans it;
+// AVX-512 only (the rewrite is made only where the library runs its AVX-512 or AMX kernels).
+constexpr int kWinoMaxParts = 16;
+constexpr int kWinoOcTile = 8;  // output channels per register tile (and per U block)
+
+struct WinoPart {
+  int64_t m, npt, col, slot, ntile;
+  float at[4][8];  // Aᵀ [m][npt]
+  float bt[8][8];  // Bᵀ [npt][npt]
+  // column vector q of the part = permutes of the m transformed vectors: perm[q][0] for permutexvar of
+  // column 0's vector, perm[q][j] (j ≥ 1) for permutex2var(previous, perm, column j's vector)
+  int32_t perm[4][4][16];
+  // m <= 3: phase row [col + m·l + s] for l < 16 spans 3 vectors from the part's column: lanes from
+  // permutex2var(v0, gidx[s][0], v1), those with gmask[s] set from permutex2var(v2, gidx[s][1], v3)
+  int32_t gidx[8][2][16];
+  uint32_t gmask[8];
+};
+
+
+struct WinoPlan {
+  int64_t C, H, W, O, KH, pt, pl, OH, OW;
+  int64_t HP;    // padded input rows read: (OH - 1) * 2 + KH
+  int64_t nq;    // 16-wide vectors of a phase row
+  int64_t nslot;  // points over all parts
+  int64_t nparts;
+  WinoPart parts[kWinoMaxParts];
+  int64_t pkh, pkw, psh, ppt, ppl, POH, POW;  // max pool (column stride 2)
+  int64_t band;  // pool rows per task
+  const float* U;  // [O / 8, C, KH, 2, nslot, 8]
+  const float* B;  // [O]
+};
+
+// Fills the parts' perm tables and nq from the parts (driver, once per plan).
+void wino_finish_plan(WinoPlan& p);
+int64_t wino_v_floats(const WinoPlan& p);       // transformed input of one image
+int64_t wino_task_floats(const WinoPlan& p);    // per-task scratch
+// transformed input rows `r` (= channel · HP + padded row) of image x [C, H, W] into v
+void wino_input_rows_avx512(const WinoPlan& p, const float* x, int64_t r0, int64_t r1, float* v);
+// task = band · (O / 8) + channel block: that band of pooled rows of those 8 channels into y [O, POH, POW]
+void wino_band_avx512(const WinoPlan& p, const float* v, int64_t task, float* y, float* scratch);
+
 }  // namespace bnnc
