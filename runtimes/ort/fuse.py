@@ -77,22 +77,41 @@ def _attr(node, name, default=None):
     return default
 
 
-def fuse_chains(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """A copy of ``model`` with element-wise chains after float ``BinaryConv2dPacked`` nodes, and a
-    ``PackSign`` of the chain's result, fused into ``ai.bnnc.ort::BinaryConv2dPackedChain``; also returns
-    the number of ONNX nodes removed."""
+def _indexed_copy(model: onnx.ModelProto):
+    """A copy of ``model`` and indexes of its graph: (copy, initializers by name, static shapes, graph output
+    names, nodes, consumers: value name → indices of the nodes reading it)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
-    inits = {i.name: i for i in g.initializer}
-    shapes = _shapes(g)
-    outputs = {o.name for o in g.output}
     nodes = list(g.node)
     consumers: dict[str, list[int]] = {}
     for i, n in enumerate(nodes):
         for name in set(n.input):
             if name:
                 consumers.setdefault(name, []).append(i)
+    return m, {i.name: i for i in g.initializer}, _shapes(g), {o.name for o in g.output}, nodes, consumers
+
+
+def _rewrite(m: onnx.ModelProto, nodes: list, replace: dict, removed: set, new_inits: list) -> None:
+    """Nodes of ``m`` in place: ``nodes`` without ``removed``, ``replace``-d where given; ``new_inits``
+    added, initializers no node reads any more dropped; the library's domain imported."""
+    g = m.graph
+    new_nodes = [replace.get(i, n) for i, n in enumerate(nodes) if i not in removed]
+    del g.node[:]
+    g.node.extend(new_nodes)
+    used = {name for n in new_nodes for name in n.input} | {o.name for o in g.output}
+    kept = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept + list(new_inits))
+    if not any(o.domain == DOMAIN for o in m.opset_import):
+        m.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+
+
+def fuse_chains(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of ``model`` with element-wise chains after float ``BinaryConv2dPacked`` nodes, and a
+    ``PackSign`` of the chain's result, fused into ``ai.bnnc.ort::BinaryConv2dPackedChain``; also returns
+    the number of ONNX nodes removed."""
+    m, inits, shapes, outputs, nodes, consumers = _indexed_copy(model)
     removed: set[int] = set()
     replace: dict[int, onnx.NodeProto] = {}
     const_arrays: list[onnx.TensorProto] = []
@@ -180,16 +199,7 @@ def fuse_chains(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         fused_nodes += len(chain_nodes) + (pack is not None)
     if not replace:
         return m, 0
-    new_nodes = []
-    for i, n in enumerate(nodes):
-        if i in removed:
-            continue
-        new_nodes.append(replace.get(i, n))
-    del g.node[:]
-    g.node.extend(new_nodes)
-    g.initializer.extend(const_arrays)
-    if not any(o.domain == DOMAIN for o in m.opset_import):
-        m.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    _rewrite(m, nodes, replace, removed, const_arrays)
     return m, fused_nodes
 
 
@@ -219,18 +229,7 @@ def fuse_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     Also returns the number of stems replaced."""
     from ..winograd import row_parts, transform_weights
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    g = m.graph
-    inits = {i.name: i for i in g.initializer}
-    shapes = _shapes(g)
-    outputs = {o.name for o in g.output}
-    nodes = list(g.node)
-    consumers: dict[str, list[int]] = {}
-    for i, n in enumerate(nodes):
-        for name in set(n.input):
-            if name:
-                consumers.setdefault(name, []).append(i)
+    m, inits, shapes, outputs, nodes, consumers = _indexed_copy(model)
     replace, removed, new_inits, count = {}, set(), [], 0
     for ci, node in enumerate(nodes):
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
@@ -288,13 +287,5 @@ def fuse_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         count += 1
     if not count:
         return m, 0
-    new_nodes = [replace.get(i, n) for i, n in enumerate(nodes) if i not in removed]
-    del g.node[:]
-    g.node.extend(new_nodes)
-    used = {name for n in new_nodes for name in n.input} | {o.name for o in g.output}
-    kept = [i for i in g.initializer if i.name in used]  # the replaced convs' weights and biases go
-    del g.initializer[:]
-    g.initializer.extend(kept + new_inits)
-    if not any(o.domain == DOMAIN for o in m.opset_import):
-        m.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    _rewrite(m, nodes, replace, removed, new_inits)  # the replaced convs' weights and biases go
     return m, count
