@@ -206,8 +206,8 @@ def fuse_chains(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 STEM_OP = "WinogradConvMaxPool"
 
 
-def _conv_pads(node, x_hw, ks) -> list[int] | None:
-    """Explicit [t, l, b, r] pads of a stride-2 Conv / MaxPool node (auto_pad NOTSET or VALID), else None."""
+def _explicit_pads(node) -> list[int] | None:
+    """The [t, l, b, r] pads of a 2-D Conv / MaxPool node with auto_pad NOTSET or VALID, else None."""
     auto = _attr(node, "auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     if auto == "VALID":
@@ -249,7 +249,7 @@ def fuse_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             continue
         if int(_attr(node, "group", 1)) != 1 or not 5 <= kw <= 8:
             continue
-        pads = _conv_pads(node, xs[2:], (kh, kw))
+        pads = _explicit_pads(node)
         out = node.output[0]
         users = consumers.get(out, [])
         if pads is None or out in outputs or len(users) != 1:
@@ -264,7 +264,7 @@ def fuse_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if (len(pk) != 2 or pst[1] != 2 or pk[0] < pst[0] or int(_attr(pn, "ceil_mode", 0))
                 or list(_attr(pn, "dilations", [1, 1])) != [1, 1]):
             continue
-        ppads = _conv_pads(pn, None, pk)
+        ppads = _explicit_pads(pn)
         oh = (xs[2] + pads[0] + pads[2] - kh) // 2 + 1
         ow = (xs[3] + pads[1] + pads[3] - kw) // 2 + 1
         if (ppads is None or oh < 1 or ow < 1 or ow > 1024 or max(ppads[0], ppads[2]) >= pk[0]
