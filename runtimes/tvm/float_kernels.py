@@ -240,12 +240,11 @@ class _WinogradConv(_Conv):
     columns: 64 by F(4, 4) and 48 by F(3, 4), 6 points; with m = 4 throughout, 4 of its 32 lanes idled:
     stem + max pool 1.078 → 1.000 ms). The input stage (one parallel loop over the padded rows) transforms
     every padded input row of each phase once: ``V[image, channel, row, phase, slot, lane]`` (a slot per
-    vector and point). A register
-    tile is then ``oc_tile`` channels × up to 3 output rows for one point and one vector of tiles (24
-    accumulators, one broadcast weight per channel and 3 vector loads per 24 FMAs, as the direct conv),
-    stored per point to a small local buffer; the output transform combines the points with constants, adds
-    the bias and interleaves the 4 columns of each tile back into consecutive columns (lane shuffles), and
-    hands the rows to the caller's ``store`` as the direct conv does."""
+    vector and point). A register tile is then ``oc_tile`` channels × up to 3 output rows for one point and
+    one vector of tiles (24 accumulators, one broadcast weight per channel and 3 vector loads per 24 FMAs, as
+    the direct conv), stored per point to a small local buffer; the output transform combines the points
+    with constants, adds the bias and interleaves the m columns of each tile back into consecutive columns
+    (lane shuffles), and hands the rows to the caller's ``store`` as the direct conv does."""
 
     M = 4
 
