@@ -451,7 +451,8 @@ def test_chain_errors_are_clear(lib):
 def test_fused_chains_zoo_models(name, removed, lib, tmp_path):
     """Bi-Real-18 / ReActNet-18 / IR-Net ResNet-20 (random weights, randomized BatchNorm) at 32×32: every
     residual Add (and ReActNet's LearnableBias Adds and PRelus, IR-Net's Hardtanh Clips) folds into the convs,
-    and so do the PackSigns of the next blocks (not the last); outputs bit-identical to the unfused graph."""
+    and so do the PackSigns of the next blocks (not the last); outputs bit-identical to the unfused graph (the
+    Winograd stem, which rounds differently, left out here: tests/test_ort_stem.py)."""
     import torch
 
     import bnnc
@@ -468,9 +469,9 @@ def test_fused_chains_zoo_models(name, removed, lib, tmp_path):
     path = bnnc.export(net, tmp_path / f"{name}.onnx", input_shape=(1, 3, 32, 32))
     deploy = bnnc.fold(read_onnx(str(path))[0])
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    fused = ort_rt.OrtDeployRunner(deploy, num_threads=1, mode="library", lib=lib)
+    fused = ort_rt.OrtDeployRunner(deploy, num_threads=1, mode="library", lib=lib, winograd_stem=False)
     plain = ort_rt.OrtDeployRunner(deploy, num_threads=1, mode="library", lib=lib, fuse=False)
-    assert fused.fused_nodes == removed
+    assert fused.fused_nodes == removed and fused.fused_stems == 0
     _same(fused.run(x), plain.run(x), name)
 
 

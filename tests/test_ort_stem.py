@@ -156,4 +156,5 @@ def test_deploy_runner_fuses_the_stem_of_a_resnet18_bnn(lib):
     assert np.array_equal(got.argmax(1), ref.argmax(1))
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     off = ort_rt.OrtDeployRunner(deploy, num_threads=1, mode="library", lib=lib, fuse=False)
-    assert off.fused_stems == 0
+    no_stem = ort_rt.OrtDeployRunner(deploy, num_threads=1, mode="library", lib=lib, winograd_stem=False)
+    assert off.fused_stems == 0 and no_stem.fused_stems == 0 and no_stem.fused_nodes > 0

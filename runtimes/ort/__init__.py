@@ -137,14 +137,16 @@ class OrtDeployRunner:
     model (element-wise chains after float binary convs folded into the conv; bit-identical outputs) and,
     where the library runs its AVX-512 or AMX kernels, :func:`fuse_stem` (the float stem conv + max pool as
     one Winograd op; outputs equal up to float32 rounding); ``fuse=False`` or ``BNNC_ORT_FUSE=0`` turns both
-    off; ``self.model`` stays the deploy form as given.
+    off, ``winograd_stem=False`` only the stem (then every output is bit-identical to the unfused graph's);
+    ``self.model`` stays the deploy form as given.
     """
 
     def __init__(self, model: onnx.ModelProto, num_threads: int | None = None, *, mode: str | None = None,
-                 lib: str | None = None, fuse: bool | None = None):
+                 lib: str | None = None, fuse: bool | None = None, winograd_stem: bool = True):
         if fuse is None:
             fuse = os.environ.get("BNNC_ORT_FUSE", "1") not in ("0", "false", "no", "off")
         self.fuse = bool(fuse)
+        self.winograd_stem = bool(winograd_stem)
         if mode is None:
             mode = os.environ.get("BNNC_ORT_MODE", "library")
         if mode not in ("library", "portable", "auto"):
@@ -187,7 +189,7 @@ class OrtDeployRunner:
         run_model, self.fused_nodes, self.fused_stems = self.model, 0, 0
         if mode == "library" and self.fuse:
             run_model, self.fused_nodes = fuse_chains(self.model)
-            if resolve_isa(lib=self.library) in ("amx", "avx512"):  # the library's Winograd stem is AVX-512
+            if self.winograd_stem and resolve_isa(lib=self.library) in ("amx", "avx512"):  # AVX-512 op
                 run_model, self.fused_stems = fuse_stem(run_model)
         try:
             self.session = ort.InferenceSession(run_model.SerializeToString(), opts,

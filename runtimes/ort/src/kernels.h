@@ -30,6 +30,10 @@ struct ConvPlan {
   const int32_t* et;
   // AMX only: et - KH·KW·32·Cw - amx_pad_dot (D = that + the ±1 dot product), else null
   const int32_t* etamx;
+  // AMX, bits output, every P0 in {-1, 0, +1}: the output bit P0·D >= P1 as one compare of the dot product,
+  // (dot >= tamx[class · Opad + o]) XOR bit o % 16 of namx[o / 16] (prepare_plan), else null
+  const int32_t* tamx;
+  const uint16_t* namx;
   int64_t NC;
   const int32_t* rc;
   const int32_t* cc;

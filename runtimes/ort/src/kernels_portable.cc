@@ -228,6 +228,8 @@ void prepare_plan(ConvPlan& p, ConvStorage& st, const int32_t* e, int64_t NR, in
   p.wamx = nullptr;
   p.wamx8 = nullptr;
   p.etamx = nullptr;
+  p.tamx = nullptr;
+  p.namx = nullptr;
 #if defined(__x86_64__)
   if (amx) {
     st.wamx.assign(static_cast<size_t>(amx_weight_bytes(p)) / 8, 0);
@@ -261,6 +263,27 @@ void prepare_plan(ConvPlan& p, ConvStorage& st, const int32_t* e, int64_t NR, in
     p.p0i = st.p0i.data();
     p.p1i = st.p1i.data();
     p.Ow = (O + 31) / 32;
+    if (p.etamx && p.small_dir) {
+      // bit = P0·(E' + dot) >= P1 with P0 in {-1, 0, 1} (E' = etamx): P0 = 1: dot >= P1 - E'; P0 = -1:
+      // dot <= -P1 - E', the complement of dot >= 1 - P1 - E'; P0 = 0: the constant 0 >= P1, as the
+      // complement (or not) of dot >= INT32_MIN. Thresholds clamped to int32 (|dot| is far smaller).
+      const int64_t ncls = static_cast<int64_t>(st.etamx.size()) / Opad;
+      st.tamx.assign(st.etamx.size(), 0);
+      st.namx.assign(static_cast<size_t>(Opad / 16), 0);
+      for (int64_t o = 0; o < Opad; ++o) {
+        const int64_t a = st.p0i[o], b = st.p1i[o];
+        const bool neg = a == -1 || (a == 0 && !(0 >= b));
+        if (neg) st.namx[o / 16] = static_cast<uint16_t>(st.namx[o / 16] | (1u << (o % 16)));
+        for (int64_t c = 0; c < ncls; ++c) {
+          const int64_t e = st.etamx[c * Opad + o];
+          int64_t t = a == 1 ? b - e : a == -1 ? 1 - b - e : INT32_MIN;
+          t = t < INT32_MIN ? INT32_MIN : t > INT32_MAX ? INT32_MAX : t;
+          st.tamx[c * Opad + o] = static_cast<int32_t>(t);
+        }
+      }
+      p.tamx = st.tamx.data();
+      p.namx = st.namx.data();
+    }
   } else {
     const float* a = static_cast<const float*>(p0);
     const float* b = static_cast<const float*>(p1);
@@ -284,6 +307,8 @@ void attach_plan(ConvPlan& p, const ConvPlan& q) {
   p.wamx8 = q.wamx8;
   p.et = q.et;
   p.etamx = q.etamx;
+  p.tamx = q.tamx;
+  p.namx = q.namx;
   p.small_dir = q.small_dir;
   p.p0i = q.p0i;
   p.p1i = q.p1i;

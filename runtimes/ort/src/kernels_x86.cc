@@ -141,6 +141,33 @@ template <bool Dot>
 void epilogue512(const ConvPlan& p, int64_t n, int64_t y0, int64_t y1, const int32_t* pc, int64_t pc_row,
                  const int32_t* et) {
   const int64_t nvec = p.Opad / 16, Opad = p.Opad;
+  if (Dot && p.bits && p.tamx) {
+    // one compare of the dot product per 16 channels against the class's threshold, XOR the channels whose
+    // P0 is -1 (prepare_plan): no multiply, no border-table add; two masks make one packed word
+    for (int64_t y = y0; y < y1; ++y) {
+      const int64_t r = p.rc[y];
+      const int32_t* prow = pc + (y - y0) * pc_row * Opad;
+      uint32_t* out = static_cast<uint32_t*>(p.y) + ((n * p.OH + y) * p.OW) * p.Ow;
+      for (int64_t x = 0; x < p.OW; ++x) {
+        const int32_t* t = p.tamx + (r * p.NC + p.cc[x]) * Opad;
+        const int32_t* c = prow + x * Opad;
+        uint32_t* ow = out + x * p.Ow;
+        for (int64_t v = 0; v + 1 < nvec; v += 2) {
+          const uint32_t m0 = static_cast<uint32_t>(
+              _mm512_cmpge_epi32_mask(_mm512_loadu_si512(c + 16 * v), _mm512_loadu_si512(t + 16 * v)) ^ p.namx[v]);
+          const uint32_t m1 = static_cast<uint32_t>(
+              _mm512_cmpge_epi32_mask(_mm512_loadu_si512(c + 16 * v + 16), _mm512_loadu_si512(t + 16 * v + 16)) ^
+              p.namx[v + 1]);
+          ow[v >> 1] = m0 | (m1 << 16);
+        }
+        if (nvec & 1)
+          ow[nvec >> 1] = static_cast<uint32_t>(
+              _mm512_cmpge_epi32_mask(_mm512_loadu_si512(c + 16 * (nvec - 1)), _mm512_loadu_si512(t + 16 * (nvec - 1))) ^
+              p.namx[nvec - 1]);
+      }
+    }
+    return;
+  }
   if (p.bits) {
     for (int64_t y = y0; y < y1; ++y) {
       const int64_t r = p.rc[y];

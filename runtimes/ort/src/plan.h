@@ -13,6 +13,8 @@ struct ConvStorage {
   std::vector<float> p0f, p1f;
   std::vector<uint64_t> wamx;  // AMX B tiles as bit masks
   std::vector<int8_t> wamx8;   // small weights: the B tiles as ±1 int8 (+ 64 bytes for alignment)
+  std::vector<int32_t> tamx;   // AMX bits output: thresholds on the dot product per class and channel
+  std::vector<uint16_t> namx;  // and the channels whose bit is the compare's complement
 };
 
 // Expects p.{Cw, O, KH, KW, w, bits} set (the rest of p is not read); fills K, Opad, NC, wt, et, wamx + etamx
