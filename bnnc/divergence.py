@@ -72,23 +72,27 @@ def _ort_session(model: onnx.ModelProto, threads, *, library: str | None = None,
 def run_values(model: onnx.ModelProto, runtime: str, x: np.ndarray, threads: int | None = None) -> dict:
     """Every value of ``model`` (the graph ``runtime`` runs) on input ``x``: ``{name: ndarray}``."""
     x = np.ascontiguousarray(np.asarray(x, np.float32))
+    lib = None
     if runtime == "ort-portable":
         from bnnc.runtimes.ort import to_portable
 
         model = to_portable(model)
+    elif runtime == "ort":
+        from bnnc.runtimes.ort import OrtLibraryError, fuse_stem, library_path, resolve_isa
+
+        try:
+            lib = library_path()
+        except OrtLibraryError as e:
+            raise BnncError(f"ONNX Runtime custom-op library: {e}") from None
+        if resolve_isa(lib=lib) in ("amx", "avx512"):  # as OrtDeployRunner: the stem runs as the Winograd op
+            model = fuse_stem(model)[0]  # (its conv output is then not a value of this side)
     full = with_all_outputs(model)
     in_name = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}][0]
     names = [o.name for o in full.graph.output]
     if runtime in ("reference", "ort-portable", "ort"):
-        lib = None
-        if runtime == "ort":
-            from bnnc.runtimes.ort import OrtLibraryError, library_path
-
-            try:
-                lib = library_path()
-            except OrtLibraryError as e:
-                raise BnncError(f"ONNX Runtime custom-op library: {e}") from None
-        outs = _ort_session(full, threads, library=lib).run(names, {in_name: x})
+        # the library runtime with ORT's graph optimizations, as OrtDeployRunner runs it (its float convs'
+        # rounding then matches); the reference and the portable form op by op
+        outs = _ort_session(full, threads, library=lib, optimize=runtime == "ort").run(names, {in_name: x})
     elif runtime == "numpy":
         from bnnc.runtimes.numpy_ref import NumpyDeployRunner
 
