@@ -373,7 +373,12 @@ def test_rbnn_resnet20_tvm_matches_the_export_form(rng):
     net(torch.randn(2, 3, 32, 32))
     model = to_onnx(_randomize_batchnorm(net.eval()), (1, 3, 32, 32))
     x = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
-    _assert_same_predictions(_tvm_predictions(model, x), OrtReferenceRunner(model).run(x), "TVM vs export form")
+    # one of these 16 inputs has a float32 near-tie (an input 4e-8 from its sign threshold, which the TVM
+    # kernels' summation order puts on the other side): accepted only as such, located on TVM value by value
+    from .test_e2e_zoo import assert_same
+
+    assert_same(_tvm_predictions(model, x), OrtReferenceRunner(model).run(x), "TVM vs export form", model, x,
+                runtime="tvm")
 
 
 @pytest.mark.slow
