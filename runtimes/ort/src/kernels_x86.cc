@@ -152,18 +152,17 @@ void epilogue512(const ConvPlan& p, int64_t n, int64_t y0, int64_t y1, const int
         const int32_t* t = p.tamx + (r * p.NC + p.cc[x]) * Opad;
         const int32_t* c = prow + x * Opad;
         uint32_t* ow = out + x * p.Ow;
-        for (int64_t v = 0; v + 1 < nvec; v += 2) {
-          const uint32_t m0 = static_cast<uint32_t>(
+        uint32_t word = 0;
+        for (int64_t v = 0; v < nvec; ++v) {
+          const uint32_t m = static_cast<uint32_t>(
               _mm512_cmpge_epi32_mask(_mm512_loadu_si512(c + 16 * v), _mm512_loadu_si512(t + 16 * v)) ^ p.namx[v]);
-          const uint32_t m1 = static_cast<uint32_t>(
-              _mm512_cmpge_epi32_mask(_mm512_loadu_si512(c + 16 * v + 16), _mm512_loadu_si512(t + 16 * v + 16)) ^
-              p.namx[v + 1]);
-          ow[v >> 1] = m0 | (m1 << 16);
+          if ((v & 1) == 0) {
+            word = m;
+          } else {
+            ow[v >> 1] = word | (m << 16);
+          }
         }
-        if (nvec & 1)
-          ow[nvec >> 1] = static_cast<uint32_t>(
-              _mm512_cmpge_epi32_mask(_mm512_loadu_si512(c + 16 * (nvec - 1)), _mm512_loadu_si512(t + 16 * (nvec - 1))) ^
-              p.namx[nvec - 1]);
+        if (nvec & 1) ow[nvec >> 1] = word;
       }
     }
     return;
