@@ -322,6 +322,37 @@ def test_amx_float_conv_channel_groups_read_their_image_copy():
         assert np.array_equal(got.view(np.uint32), conv.view(np.uint32)), og
 
 
+@pytest.mark.parametrize("wbits", [False, True])
+def test_amx_e_table_given_at_compile_time(wbits, monkeypatch):
+    """``e_table``: the float kernel takes its border table made at compile time (``amx_e_table``) instead of
+    tabulating E on each call: the table is E − Kbits by (row class, channel, column class) with zeros past O
+    and C, and the kernel's float output is the reference conv bit for bit, as with E."""
+    from tests.test_tvm_runtime import _run_outs
+
+    monkeypatch.setattr(amx, "BIT_WEIGHT_MIN_BYTES", 0 if wbits else 1 << 40)
+    rng = np.random.default_rng(61)
+    args, attrs = _case(rng, 2, 70, 7, 9, 40, 3, 2, (1, 1, 1, 1), 1, "float")  # Cin bits % 64 != 0, O % 32 != 0
+    a = {k: v for k, v in attrs.items() if k != "in_channels"}
+    e, w = args[2], args[1]
+    tab = amx.amx_e_table(e, w.shape)
+    # Kbits: the int8 dot's length, 9 taps of 32·Cw = 96 bytes (3 words), 128 with bit weights (the tile's
+    # bytes past 96 count too: -1 in both operands)
+    kbits = 9 * (128 if wbits else 96)
+    assert tab.shape == (e.shape[1], 64, 16) and tab.dtype == np.int32
+    assert np.array_equal(tab[:, :40, : e.shape[2]], e.transpose(1, 0, 2) - kbits)
+    assert not tab[:, 40:].any() and not tab[:, :, e.shape[2]:].any()
+    conv = ref.binary_conv2d_packed(*args, **attrs)
+    wf = amx.amx_conv_weights(w, "float")
+    f = amx.binary_conv2d_amx_chain_primfunc(args[0].shape, w.shape, e.shape, **a, e_table=True)
+    got = _run_outs(tvm.compile(tvm.IRModule({"main": f}), target=AMX_TARGET), [args[0], wf, tab, *args[3:]],
+                    [(conv.shape, "float32")])[0]
+    assert np.array_equal(got.view(np.uint32), conv.view(np.uint32))
+    with pytest.raises(ValueError, match="e_table"):
+        amx.binary_conv2d_amx_chain_primfunc(args[0].shape, w.shape, e.shape, **a, e_table=True, wbits=not wbits)
+    with pytest.raises(ValueError, match="E must be"):
+        amx.amx_e_table(e[:, :, :1].repeat(17, axis=2), w.shape)
+
+
 def test_amx_chain_rejects_bad_operands():
     kw = dict(out_channels=64, kernel_shape=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dilations=(1, 1))
     with pytest.raises(ValueError, match="does not broadcast"):

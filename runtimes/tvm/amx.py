@@ -56,6 +56,7 @@ from bnnc.ops.deploy import num_words
 __all__ = [
     "AMX_MCPUS",
     "amx_conv_weights",
+    "amx_e_table",
     "binary_conv2d_amx_primfunc",
     "check_can_run",
     "enabled",
@@ -242,6 +243,25 @@ def amx_conv_weights(w: np.ndarray, output: str = "bits", bits: bool | None = No
     # [opad, taps, nkc, 16 r, 4 k] → [ob, n, taps, nkc, r, k] → [ob, taps, nkc, r, n, k]
     t = vals.reshape(opad // _TILE, _TILE, kh * kw, nkc, _TILE, 4).transpose(0, 2, 3, 4, 1, 5)
     return np.ascontiguousarray(t)
+
+
+def amx_e_table(e: np.ndarray, w_shape) -> np.ndarray:
+    """The border table of the float-output AMX kernel, ``E`` ``[O, R, C]`` (int32, C <= 16) → int32
+    ``[R, Opad, 16]`` with ``T[r, c, j] = E[c, r, j] − Kbits`` (0 for padded channels and columns j >= C):
+    the ``e_table`` argument of :func:`binary_conv2d_amx_chain_primfunc`, made once at compile time.
+    ``Kbits = KH·KW·64·nkc`` with bit weights (:func:`weight_bits` of ``w_shape``: the input bytes past 32·Cw
+    count, both −1 there), else ``KH·KW·32·Cw``."""
+    e = np.asarray(e)
+    o, kh, kw, cw = [int(s) for s in w_shape]
+    if e.ndim != 3 or e.shape[0] != o or e.shape[2] > _TILE:
+        raise ValueError(f"amx_e_table: E must be [O={o}, R, C <= {_TILE}], got {list(e.shape)}")
+    nr, nc = e.shape[1], e.shape[2]
+    kbits = kh * kw * (_round_up(WORD * cw, 64) if weight_bits(w_shape) else WORD * cw)
+    t = np.zeros((nr, _round_up(o, 2 * _TILE), _TILE), np.int64)
+    t[:, :o, :nc] = e.astype(np.int64).transpose(1, 0, 2) - kbits
+    if t.min() < -(2**31) or t.max() >= 2**31:
+        raise ValueError("amx_e_table: E - Kbits does not fit int32")
+    return t.astype(np.int32)
 
 
 ACC_BYTES = 16 * 1024  # int32 block of a task (mb pixels x og channels), bits output
@@ -589,7 +609,7 @@ def _chain_vec(val, steps, extras, ext_shapes, idx4, x0, mask, out_rank=4):
 def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels, kernel_shape, strides, pads,
                                      dilations, extra_shapes=(), steps=(), want_float=True, pack=False,
                                      with_threshold=False, mb=None, og=None, wbits=None, inplace=None,
-                                     **_ignored):
+                                     e_table: bool = False, **_ignored):
     """The AMX kernel of a float-output ``BinaryConv2dPacked``, optionally followed by the element-wise
     chain ``steps`` over ``extra_shapes`` operands (semantics of :func:`kernels.chain_value_te`) and the
     ``PackSign`` (``v >= T[c]``, T = 0 without threshold) of the result, all in the conv's epilogue.
@@ -602,7 +622,12 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     ``inplace=k``: the float result is written over chain operand ``k`` (of the output's shape; Relax's
     ``call_tir_inplace``), and there is no ``Yfloat`` argument. Safe because the epilogue reads each operand
     element once, before it writes the same element: the residual stream of a ResNet stays one buffer
-    (56²×64: 0.175 → 0.158 ms, half the epilogue's cache footprint)."""
+    (56²×64: 0.175 → 0.158 ms, half the epilogue's cache footprint).
+
+    ``e_table``: the E argument is :func:`amx_e_table` of E (the kernel's border table, made once at compile
+    time from a constant E) instead of E ``[O, R, C]`` (``e_shape``), which the kernel then tabulates on each
+    call: a serial loop of R·O·16 elements, 1–4 µs per call on Bi-Real-18's layers, on the critical path of
+    every thread count."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -614,6 +639,9 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
 
     n, h, w, cw, o, kh, kw = check_conv_shapes(x_shape, w_shape, out_channels, kernel_shape)
     wbits = weight_bits(w_shape) if wbits is None else bool(wbits)
+    if e_table and wbits != weight_bits(w_shape):
+        raise ValueError("binary_conv2d_amx_chain_primfunc: e_table is made for the default weight form "
+                         "(amx_e_table); pass E instead with wbits overridden")
     g = _geometry(x_shape, w_shape, strides, pads, dilations, mb=mb, og=og, wbits=wbits, float_out=True)
     e_shape = tuple(int(s) for s in e_shape)
     if len(e_shape) != 3 or e_shape[0] != o:
@@ -637,6 +665,7 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     sh, sw, dh, dw = (g[k] for k in ("sh", "sw", "dh", "dw"))
     lp = _round_up(g["lpos"], _TILE)  # positions per plane (multiple of 16 for the vector unpack)
     kbits = taps * WORD * cw + g["kpad"]
+    e_arg_shape = (nr, opad, _TILE) if e_table else e_shape
     nwo = num_words(o)
     nwg = og // 32  # words per channel group
     wshape = (opad // _TILE, taps, nkc, _TILE) if wbits else (opad // _TILE, taps, nkc, _TILE, 64)
@@ -684,7 +713,7 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
 
     @T.prim_func
     def amx_conv_chain(X: T.Buffer((n, h, w, cw), "uint32"), Wt: T.Buffer(wshape, wdt),
-                       E: T.Buffer(e_shape, "int32"), RC: T.Buffer((oh,), "int32"), CC: T.Buffer((ow,), "int32"),
+                       E: T.Buffer(e_arg_shape, "int32"), RC: T.Buffer((oh,), "int32"), CC: T.Buffer((ow,), "int32"),
                        P0: T.Buffer((o,), "float32"), P1: T.Buffer((o,), "float32"),
                        A0: T.Buffer(a_shapes[0], "float32"), A1: T.Buffer(a_shapes[1], "float32"),
                        A2: T.Buffer(a_shapes[2], "float32"), A3: T.Buffer(a_shapes[3], "float32"),
@@ -698,20 +727,24 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
         Xf = T.decl_buffer((n * h * w * cw,), "uint32", data=X.data)
         Wf = T.decl_buffer((opad // _TILE * taps * nkc * _TILE_BYTES,), "int8", data=Wt.data)
         Wq = T.decl_buffer((opad // _TILE * taps * nkc * _TILE,), "uint64", data=Wt.data)
-        Ef = T.decl_buffer((o * nr * nc,), "int32", data=E.data)
         X64 = T.decl_buffer((n * h * w * cw64,), "uint64", data=X.data)
         wpl = T.alloc_buffer((nwpl,), "uint32", align=64)
         # the image: VNNI planes (int8 weights, img as uint32 words) or the bits kernel's rows (bit weights)
         img8 = T.alloc_buffer((nimg8,), "int8", align=64)
         img = T.decl_buffer((nimg8 // 4,), "uint32", data=img8.data)
-        # ekt[(row class, channel), column class] = E - Kbits (16 column classes: a vpermd table)
-        ekt = T.alloc_buffer((nr * opad * L,), "int32", align=64)
+        # ekt[(row class, channel), column class] = E - Kbits (16 column classes: a vpermd table), given
+        # (e_table) or made here (as amx_e_table)
+        if e_table:
+            ekt = T.decl_buffer((nr * opad * L,), "int32", data=E.data)
+        else:
+            Ef = T.decl_buffer((o * nr * nc,), "int32", data=E.data)
+            ekt = T.alloc_buffer((nr * opad * L,), "int32", align=64)
+            for r in range(nr):
+                for c in range(opad):
+                    for j in range(L):
+                        ekt[(r * opad + c) * L + j] = T.if_then_else(
+                            T.And(c < o, j < nc), Ef[(T.min(c, o - 1) * nr + r) * nc + T.min(j, nc - 1)] - kbits, 0)
         ccp = T.alloc_buffer((ccpad,), "int32", align=64)
-        for r in range(nr):
-            for c in range(opad):
-                for j in range(L):
-                    ekt[(r * opad + c) * L + j] = T.if_then_else(
-                        T.And(c < o, j < nc), Ef[(T.min(c, o - 1) * nr + r) * nc + T.min(j, nc - 1)] - kbits, 0)
         for j in range(ccpad):
             ccp[j] = CC[T.max(T.min(j - L, ow - 1), 0)]
         if wbits:

@@ -488,6 +488,12 @@ class _Translator:
                         all(nm in self.consts and nm not in self.values for nm in (e_name, cc_name)):
                     # the popcount kernels take E by output column, made here once (not per call)
                     conv["e_columns"] = K.e_by_column(self.consts[e_name], self.consts[cc_name])
+                if layout == "amx" and e_name in self.consts and e_name not in self.values:
+                    from .amx import amx_e_table
+
+                    # the AMX kernel's border table (E - Kbits by row class, channel, column class), made
+                    # here once instead of by a serial loop in each call (1-4 µs a layer)
+                    conv["e_table"] = amx_e_table(self.consts[e_name], ws)
             plan = self._plan_chain(self.cur, node.output[0], conv)
             if plan is not None and plan["fused_conv"] is not None:
                 return []
@@ -670,12 +676,14 @@ class _Translator:
             if ac.get("e_columns") is not None:
                 conv_args[2] = self.const(ac["e_columns"])
                 es = list(ac["e_columns"].shape)
+            if ac.get("e_table") is not None:
+                conv_args[2] = self.const(ac["e_table"])
             f = K.binary_conv2d_packed_chain_primfunc(ac["xs"], ac["ws"], es, extra_shapes=shapes,
                                                       steps=plan["steps"], want_float=plan["want_float"],
                                                       pack=pack is not None, with_threshold=with_t,
                                                       weight_layout=ac["layout"], target=self.family,
                                                       inplace=inplace, e_columns=ac.get("e_columns") is not None,
-                                                      **ac["attrs"])
+                                                      e_table=ac.get("e_table") is not None, **ac["attrs"])
             args = conv_args + args[1:]
             base = "chain_pack_bconv" if pack is not None else "chain_bconv"  # the chain fused into the conv
         else:

@@ -905,7 +905,8 @@ def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channe
                                         dilations, extra_shapes=(), steps=(), want_float=True, pack=False,
                                         with_threshold=False, weight_layout: str = "OHWC", target=None,
                                         inplace: int | None = None, in_channels: int | None = None,
-                                        e_columns: bool = False, **_ignored) -> tirx.PrimFunc:
+                                        e_columns: bool = False, e_table: bool = False,
+                                        **_ignored) -> tirx.PrimFunc:
     """A float-output ``BinaryConv2dPacked`` followed by the element-wise chain ``steps`` over operands of
     ``extra_shapes`` (:data:`CHAIN_OPS`, semantics of :func:`chain_value_te`) and the ``PackSign``
     (``v >= T[c]``, T = 0 without threshold) of the result, as one x86 kernel.
@@ -918,7 +919,8 @@ def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channe
     ``in_channels``: the input's channel count (<= 16 packs several taps to a word, see
     :func:`_conv_x86_pixel_vec`). ``e_columns`` (popcount kernels): E is given by output column,
     ``E[o, row class, x] = E[o, row class, ColClass[x]]`` (:func:`e_by_column`, made once at compile time;
-    a batch then runs image by image)."""
+    a batch then runs image by image). ``e_table`` (AMX kernel): E is the kernel's border table
+    (:func:`runtimes.tvm.amx.amx_e_table`, made once at compile time)."""
     attrs = {"out_channels": out_channels, "kernel_shape": kernel_shape, "strides": strides, "pads": pads,
              "dilations": dilations}
     if not (want_float or pack):
@@ -930,7 +932,9 @@ def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channe
             raise ValueError("binary_conv2d_packed_chain_primfunc: e_columns only with the popcount kernels")
         return binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, extra_shapes=extra_shapes, steps=steps,
                                                 want_float=want_float, pack=pack, with_threshold=with_threshold,
-                                                inplace=inplace, **attrs)
+                                                inplace=inplace, e_table=e_table, **attrs)
+    if e_table:
+        raise ValueError("binary_conv2d_packed_chain_primfunc: e_table only with the AMX kernel")
     if inplace is not None:
         raise ValueError("binary_conv2d_packed_chain_primfunc: inplace only with the AMX kernel")
     fam = _family(target)
