@@ -354,3 +354,64 @@ def test_float_conv_maxpool_rows_per_step_bit_identical(shape, o, kw):
     np.testing.assert_allclose(outs[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     for got in outs[1:]:
         assert np.array_equal(got.view(np.uint32), outs[0].view(np.uint32))
+
+
+@pytest.mark.parametrize("shape,o,kw", [((1, 3, 61, 50), 64, {}),               # 2 words per pixel, 16-lane tail 9
+                                         ((2, 3, 38, 45), 32, {"row_chunks": 3}),  # 1 word, batch 2, 3 bands
+                                         ((1, 3, 30, 34), 128, {}),                # 4 words (byte stores)
+                                         ((1, 2, 41, 40), 64, {"vec": 8})])        # the NEON width
+def test_float_conv_maxpool_with_pack_sign(shape, o, kw):
+    """``pack=True``: the stem kernel also writes the PackSign bits of its pooled output (bit = y >= TH[c]),
+    equal to ``bnnc.ops.deploy.pack_sign`` of the float output it writes (itself unchanged by the pack), also
+    where a threshold equals an output value (the tie gives 1) and on both sides of zero thresholds."""
+    from bnnc.ops.deploy import pack_sign
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((o, shape[1], 7, 7)).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    args = ([2, 2], [3] * 4, [3, 3], [2, 2], [1] * 4)
+    f0, consts, oshape = float_conv2d_maxpool_primfunc(shape, w, b, *args, **kw)
+    plain = _run(f0, [x, *consts], oshape)
+    f, consts, _ = float_conv2d_maxpool_primfunc(shape, w, b, *args, **kw, pack=True)
+    lib = tvm.compile(tvm.IRModule({"main": f}), target=tvm.target.Target(cpu_target(1)))
+    bshape = (oshape[0], oshape[2], oshape[3], o // 32)
+    for th in (rng.standard_normal(o).astype(np.float32), plain[-1, :, oshape[2] // 2, oshape[3] - 1].copy(),
+               np.zeros(o, np.float32)):
+        y = tvm.runtime.tensor(np.full(oshape, np.nan, np.float32))
+        bits = tvm.runtime.tensor(np.full(bshape, 0xA5A5A5A5, np.uint32))  # every word must be written
+        lib["main"](*[tvm.runtime.tensor(a) for a in (x, *consts, th)], y, bits)
+        assert np.array_equal(y.numpy().view(np.uint32), plain.view(np.uint32))
+        assert np.array_equal(bits.numpy(), pack_sign(plain, th))
+    with pytest.raises(ValueError, match="pack needs"):
+        float_conv2d_maxpool_primfunc(shape, w[:24], b[:24], *args, pack=True)
+
+
+def test_graph_fuses_the_pack_sign_after_the_stem_into_it():
+    """Conv → MaxPool → PackSign(T) with the pooled value also read elsewhere (a ResNet's first residual): one
+    kernel writes both (with T, and without: threshold 0); with 24 channels PackSign stays a kernel of its own.
+    The bits equal pack_sign of the fused kernel's float output."""
+    from bnnc.ops import DOMAIN
+    from bnnc.ops.deploy import pack_sign
+
+    def model(o, no_t=False, outputs=("pk", "y")):
+        m, x = _stem(shape=(1, 3, 40, 36), o=o, outputs=outputs,
+                     extra=[helper.make_node("PackSign", ["y"] + ([] if no_t else ["t"]), ["pk"], domain=DOMAIN)])
+        th = np.random.default_rng(3).standard_normal(o).astype(np.float32)
+        if no_t:
+            th[:] = 0
+        else:
+            m.graph.initializer.append(numpy_helper.from_array(th, "t"))
+        m.graph.output[outputs.index("pk")].type.tensor_type.elem_type = TensorProto.UINT32
+        m.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        return m, x, th
+
+    for no_t in (False, True):
+        m, x, th = model(64, no_t)
+        assert _kernels(m) == ["bnnc_conv_maxpool"]
+        bits = compile_model(m, "cpu", batch_size=1, num_threads=1).run(x)  # run() gives the first output
+        y = compile_model(model(64, no_t, outputs=("y", "pk"))[0], "cpu", batch_size=1, num_threads=1).run(x)
+        assert np.array_equal(bits, pack_sign(y, th))
+    np.testing.assert_allclose(y, ReferenceEvaluator(_stem(shape=(1, 3, 40, 36), o=64)[0]).run(None, {"x": x})[0],
+                               rtol=1e-5, atol=1e-5 * np.abs(y).max())
+    assert _kernels(model(24)[0]) == ["bnnc_conv_maxpool", "bnnc_pack_sign"]

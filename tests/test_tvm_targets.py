@@ -185,6 +185,28 @@ def test_arm_float_conv_stride2_padded_under_qemu(tmp_path, winograd):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@needs_a64
+def test_arm_stem_with_pack_sign_under_qemu(tmp_path):
+    """The stem conv + max pool with the PackSign fused (``pack=True``, 64 channels: 2 words per pixel, byte
+    stores on NEON) on AArch64: the bits equal pack_sign of the float output the same kernel without the pack
+    gives there (a threshold equal to one output value: the tie gives 1)."""
+    from bnnc.ops.deploy import pack_sign
+    from bnnc.runtimes.tvm.float_kernels import float_conv2d_maxpool_primfunc
+
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal((1, 3, 21, 27)).astype(np.float32)
+    w = rng.standard_normal((64, 3, 7, 7)).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32)
+    args = ([2, 2], [3] * 4, [3, 3], [2, 2], [1] * 4)
+    f, consts, oshape = float_conv2d_maxpool_primfunc(x.shape, w, b, *args, vec=8)
+    y = cross.QemuKernel(f, workdir=str(tmp_path / "plain"))(x, *consts)
+    th = rng.standard_normal(64).astype(np.float32)
+    th[5] = y[0, 5, 2, 3]
+    fp, consts, _ = float_conv2d_maxpool_primfunc(x.shape, w, b, *args, vec=8, pack=True)
+    bits = cross.QemuKernel(fp, workdir=str(tmp_path / "pack"))(x, *consts, th, np.zeros(oshape, np.float32))
+    assert np.array_equal(bits, pack_sign(y, th))
+
+
 @needs_a64_cc
 def test_arm_kernel_exports_aarch64_library(tmp_path):
     make, _, _ = _case("conv-1-64-10-10-64-3-1-1-float")

@@ -90,22 +90,28 @@ class _Conv:
         self.wblk = np.ascontiguousarray(w.astype(np.float32).reshape(o // ot, ot, c, kh, kw).transpose(0, 2, 3, 4, 1))
         self.bias = np.zeros(o, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(o)
 
-    def emit_args(self, T, out_shape):
+    def emit_args(self, T, out_shape, bits_shape=None):
         self.X = T.arg("X", T.Buffer((self.n, self.c, self.h, self.wd), F32))
         self.W = T.arg("W", T.Buffer(self.wblk.shape, F32))
         self.B = T.arg("B", T.Buffer((self.o,), F32))
-        return T.arg("Y", T.Buffer(out_shape, F32))
+        if bits_shape is not None:
+            self.TH = T.arg("TH", T.Buffer((out_shape[1],), F32))
+        y = T.arg("Y", T.Buffer(out_shape, F32))
+        if bits_shape is not None:
+            self.YB = T.arg("YB", T.Buffer(bits_shape, "uint32"))
+        return y
 
     @contextlib.contextmanager
-    def frame(self, out_shape):
-        """The kernel around the conv: ``main(X, W, B, Y[out_shape])`` in block form (as Relax's op-pattern
-        analysis expects) with the padded input stage emitted; yields ``(builder, Y)``."""
+    def frame(self, out_shape, bits_shape=None):
+        """The kernel around the conv: ``main(X, W, B, Y[out_shape])`` (with ``bits_shape``: ``main(X, W, B,
+        TH, Y, YB[bits_shape])``, the thresholds and packed bits of a fused ``PackSign``) in block form (as
+        Relax's op-pattern analysis expects) with the padded input stage emitted; yields ``(builder, Y)``."""
         from tvm.script.ir_builder import IRBuilder
         from tvm.script.ir_builder import tirx as T
 
         with IRBuilder() as ib, T.prim_func():
             T.func_name("main")
-            Y = self.emit_args(T, out_shape)
+            Y = self.emit_args(T, out_shape, bits_shape)
             T.func_attr(dict(_ATTRS))
             with T.sblock("root"):
                 self.emit_input(T)
@@ -457,7 +463,7 @@ def _pool_columns(vmax: list, chunks, wd: int, ow: int, kw: int, sw: int, pl: in
 def float_conv2d_maxpool_primfunc(x_shape, w: np.ndarray, bias: np.ndarray | None, strides, pads, pool_kernel,
                                   pool_strides, pool_pads, vec: int = 16, oc_tile: int = 8,
                                   row_chunks: int | None = None, pool_rows_per_step: int | None = None,
-                                  winograd: bool | None = None):
+                                  winograd: bool | None = None, pack: bool = False):
     """``MaxPool(Conv(x))`` in one kernel (the ResNet stem: conv 7×7/2 → max pool 3×3/2): the conv rows of
     each pooling window are computed into a small per-task buffer (``oc_tile`` channels × the window's
     rows × the row width, in L1) and pooled from there, so the full-resolution conv output (3.2 MB for
@@ -472,6 +478,13 @@ def float_conv2d_maxpool_primfunc(x_shape, w: np.ndarray, bias: np.ndarray | Non
     Every output is bit-identical whatever G (the same sums in the same order). The conv rows are computed
     by 1-D Winograd by default (``winograd``, as :func:`float_conv2d_primfunc`): the stem kernel at 224²,
     1 thread, 1.36 → 0.94 ms; Bi-Real-18 4.21 → 3.79 ms, ReActNet-18 4.26 → 3.88 ms (A/B in one process).
+
+    ``pack``: the kernel also does the ``PackSign`` of its output (``bit = y >= TH[c]``, the semantics of
+    ``bnnc.ops.deploy.pack_sign``): arguments ``(X, W, B, TH, Y, YB)`` with ``YB`` the packed bits
+    ``[N, OH, OW, O/32]`` (uint32, NHWC). Each task ORs its ``oc_tile`` channels' compares into one byte per
+    pixel (channels 8k..8k+7 are byte k of a pixel's words) from the pooled rows it has just stored (in L1):
+    the separate PackSign kernel read the whole float output back (Bi-Real-18 at 224², 64×56² floats: 0.047 ms
+    of 1 thread). Needs O a multiple of 32 and ``oc_tile`` of 8.
 
     Conv arguments as :func:`float_conv2d_primfunc`, pool ones as :func:`float_maxpool2d_primfunc`
     (floor mode, dilation 1, pads smaller than the window, kernel not smaller than the stride).
@@ -495,13 +508,19 @@ def float_conv2d_maxpool_primfunc(x_shape, w: np.ndarray, bias: np.ndarray | Non
         (k for k in (1, 2, 3) if (k * psh) % 3 == 0), 1)
     g = max(1, min(g, band))
     wrows = keep + g * psh  # window buffer rows: the kept rows, then g·psh new ones
+    nw = o // 32
+    if pack and (o % 32 or ot % 8):
+        raise ValueError(f"float_conv2d_maxpool_primfunc: pack needs O % 32 == 0 and oc_tile % 8 == 0 "
+                         f"(O={o}, oc_tile={ot})")
+    bits_shape = (n, poh, pow_, nw) if pack else None
 
-    with cv.frame((n, o, poh, pow_)) as (ib, Y), T.parallel(0, n * (o // ot) * nband) as task:
+    with cv.frame((n, o, poh, pow_), bits_shape) as (ib, Y), T.parallel(0, n * (o // ot) * nband) as task:
         # bands outer: with T threads, thread k takes the k-th share of the bands (all channels), whose input
         # rows it copied in the padded-input stage, not another core's cache lines (stem at 224², 2 threads:
         # 0.81 → 0.75 ms, 1.87× → 1.98× over 1 thread)
         i, bo, oo = task // ((o // ot) * nband), task // (o // ot) % nband, task % (o // ot)
         win = T.alloc_buffer((ot, wrows, ow), F32, scope="local")  # the conv rows of g pool windows
+        yb8 = T.decl_buffer((n * poh * pow_ * nw * 4,), "uint8", data=cv.YB.data) if pack else None
 
         def conv_rows(py, first: int, last: int):
             """window rows ``first..last-1`` of the step starting at pool row ``py`` (window row q is conv
@@ -529,6 +548,38 @@ def float_conv2d_maxpool_primfunc(x_shape, w: np.ndarray, bias: np.ndarray | Non
                     vmax.append(m)
                 for x0, t, m in _pool_columns(vmax, chunks, ow, pow_, pkw, psw, ppl, vec):
                     T.buffer_store(Y, m, [i, oo * ot + oi, py, _ramp(x0, t)])
+            if pack:
+                pack_row(py)
+
+        def pack_row(py):
+            """the PackSign bits of pool row ``py``: per 8 channels, one byte per pixel (uint8 lanes OR-ed from
+            the compares of the row just stored), stored at byte ``channel // 8`` of the pixel's words"""
+            for b8 in range(ot // 8):
+                for x0, t in _chunks(pow_, vec):
+                    byte = None
+                    for j in range(8):
+                        ch = oo * ot + b8 * 8 + j
+                        ge = tirx.GE(Y[i, ch, py, _ramp(x0, t)], _bcast(cv.TH[ch], t))
+                        v = tirx.Select(ge, _bcast(tirx.const(1 << j, "uint8"), t), _bcast(tirx.const(0, "uint8"), t))
+                        byte = v if byte is None else tirx.bitwise_or(byte, v)
+                    base = ((i * poh + py) * pow_ + x0) * (nw * 4) + (oo * ot) // 8 + b8
+                    stride = nw * 4  # bytes per pixel
+                    # pixels per 64-byte masked store (AVX-512: vec 16; NEON has no masked stores: byte stores)
+                    per = 64 // stride if t > 1 and stride <= 16 and vec >= 16 else 0
+                    if not per:
+                        T.buffer_store(yb8, byte, [tirx.Ramp(base, stride, t) if t > 1 else base])
+                        continue
+                    # byte k of the vector to lane k·stride of 64 (masked store from the byte's address: only
+                    # those lanes written): 2 stores per 16 pixels at 64 channels, not 16 byte extracts
+                    zero = _bcast(tirx.const(0, "uint8"), 64)
+                    lanes = tirx.Ramp(0, 1, 64)
+                    for k0 in range(0, t, per):
+                        npx = min(per, t - k0)
+                        val = tirx.Shuffle([byte, zero], [k0 + l // stride if l % stride == 0 and l // stride < npx
+                                                          else t for l in range(64)])
+                        mask = tirx.And(tirx.EQ(tirx.FloorMod(lanes, _bcast(stride, 64)), _bcast(0, 64)),
+                                        tirx.LT(lanes, _bcast(stride * npx, 64)))
+                        T.evaluate(T.masked_store(yb8, val, tirx.Ramp(base + k0 * stride, 1, 64), mask))
 
         def step(py, k: int):
             """pool rows py..py+k-1 (k <= g): window rows ``keep..keep+k·psh-1`` computed (rows below ``keep``

@@ -883,13 +883,43 @@ class _Translator:
         ppads = self._pads(pn, pa, [oh, ow], pk, pst, [1, 1])
         if oh < 1 or ow < 1 or max(ppads[0], ppads[2]) >= pk[0] or max(ppads[1], ppads[3]) >= pk[1]:
             return None
+        w = self.consts[wname]
+        ps = self._stem_pack(pn.output[0], int(w.shape[0]))
         f, consts, oshape = float_conv2d_maxpool_primfunc(
-            xs, self.consts[wname], self.consts[bname] if bname else None, st, pads, pk, pst, ppads,
-            **self.float_tiles)
-        y = self.call_kernel(f, "conv_maxpool", [x] + [self.const(c) for c in consts], oshape, "float32")
+            xs, w, self.consts[bname] if bname else None, st, pads, pk, pst, ppads,
+            **self.float_tiles, pack=ps is not None)
+        args = [x] + [self.const(c) for c in consts]
+        if ps is None:
+            y = self.call_kernel(f, "conv_maxpool", args, oshape, "float32")
+        else:  # also the PackSign of the pooled output (the first binary block's input bits)
+            kp, th = ps
+            y, bits = self.call_kernel(f, "conv_maxpool", args + [self.const(th)],
+                                       [oshape, [oshape[0], oshape[2], oshape[3], oshape[1] // 32]],
+                                       ["float32", "uint32"])
+            self.skip.add(kp)
+            self.values[self.graph.node[kp].output[0]] = bits
         self.skip.add(k)
         self.values[pn.output[0]] = y
         return y  # also bound to the conv output, whose only consumer (the pool) is skipped
+
+    def _stem_pack(self, pooled: str, channels: int):
+        """``(node index, thresholds)`` of a ``PackSign`` of value ``pooled`` (the stem's pooled output) with
+        a constant threshold (or none: zeros) that the fused stem kernel can do too (channels a multiple of 32,
+        the float tiles 8 channels wide), else None."""
+        if channels % 32 or self.float_tiles.get("oc_tile", 8) % 8 or not self.fuse:
+            return None
+        for j in self.consumers.get(pooled, []):
+            nd = self.graph.node[j]
+            if nd.domain != BNNC_DOMAIN or nd.op_type != "PackSign" or nd.input[0] != pooled:
+                continue
+            tname = nd.input[1] if len(nd.input) > 1 else ""
+            if tname and (tname not in self.consts or tname in self.values):
+                continue
+            th = np.zeros(channels, np.float32) if not tname else np.asarray(self.consts[tname], np.float32)
+            if th.size != channels:
+                continue
+            return j, th.reshape(channels)
+        return None
 
     def _pads(self, node, a, spatial, ks, st, dil):
         auto = a.get("auto_pad", "NOTSET")
