@@ -246,11 +246,13 @@ CHAIN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CHAIN_CASES, ids=lambda c: "-".join(str(v) for v in c))
-def test_amx_fused_chain_matches_unfused(case):
+@pytest.mark.parametrize("case,block", [(c, None) for c in CHAIN_CASES] + [(c, True) for c in CHAIN_CASES if not c[-1]],
+                         ids=lambda c: "-".join(str(v) for v in c) if isinstance(c, tuple) else f"block={c}")
+def test_amx_fused_chain_matches_unfused(case, block):
     """conv(float) → chain (every step kind, operands of every broadcast shape) → PackSign in the AMX
     epilogue: floats and bits bit-identical to the AMX float conv followed by the chain_pack kernel and to
-    NumPy float32; values on a 1/4 grid so that many land exactly on the thresholds (v >= T gives 1)."""
+    NumPy float32; values on a 1/4 grid so that many land exactly on the thresholds (v >= T gives 1). Also
+    with the epilogue run per 32 × 32 register block (``block_epilogue``, the default for large blocks)."""
     from tests.test_tvm_runtime import _run_outs
 
     n, c, h, w, o, s, want_float, with_t, wbits = case
@@ -283,7 +285,7 @@ def test_amx_fused_chain_matches_unfused(case):
     f = amx.binary_conv2d_amx_chain_primfunc(args[0].shape, args[1].shape, args[2].shape, **a,
                                              extra_shapes=[e.shape for e in extras], steps=steps,
                                              want_float=want_float, pack=True, with_threshold=with_t,
-                                             wbits=wbits)
+                                             wbits=wbits, block_epilogue=block)
     fused = tvm.compile(tvm.IRModule({"main": f}), target=AMX_TARGET)
     wf = amx.amx_conv_weights(args[1], "float", bits=wbits)
     pshape = bits_ref.shape
@@ -314,12 +316,13 @@ def test_amx_float_conv_channel_groups_read_their_image_copy():
     a = {k: v for k, v in attrs.items() if k != "in_channels"}
     conv = ref.binary_conv2d_packed(*args, **attrs)
     wf = amx.amx_conv_weights(args[1], "float", bits=False)
-    for og, mb in ((128, 32), (64, 32), (32, 64)):  # 1, 2 and 4 channel groups; 8, 8 and 4 pixel blocks
+    # 1, 2 and 4 channel groups; 8, 8 and 4 pixel blocks; the epilogue per task or per register block
+    for og, mb, block in ((128, 32, False), (64, 32, False), (32, 64, False), (128, 32, True), (64, 64, True)):
         f = amx.binary_conv2d_amx_chain_primfunc(args[0].shape, args[1].shape, args[2].shape, **a, og=og,
-                                                 mb=mb, wbits=False)
+                                                 mb=mb, wbits=False, block_epilogue=block)
         got = _run_outs(tvm.compile(tvm.IRModule({"main": f}), target=AMX_TARGET), [args[0], wf, *args[2:]],
                         [(conv.shape, "float32")])[0]
-        assert np.array_equal(got.view(np.uint32), conv.view(np.uint32)), og
+        assert np.array_equal(got.view(np.uint32), conv.view(np.uint32)), (og, block)
 
 
 @pytest.mark.parametrize("wbits", [False, True])

@@ -270,6 +270,9 @@ ACC_BYTES = 16 * 1024  # int32 block of a task (mb pixels x og channels), bits o
 # 0.077; the bits kernel gains nothing)
 ACC_BYTES_FLOAT = 32 * 1024
 ACC_BYTES_FLOAT_LARGE = 48 * 1024  # planes of >= 2048 positions
+# float output with int8 weights: larger int32 blocks run the epilogue per 32 × 32 register block (see
+# binary_conv2d_amx_chain_primfunc, block_epilogue)
+ACC_L1_BYTES = 32 * 1024
 
 
 def _geometry(x_shape, w_shape, strides, pads, dilations, *, mb=None, og=None, wbits=False, float_out=False):
@@ -609,7 +612,7 @@ def _chain_vec(val, steps, extras, ext_shapes, idx4, x0, mask, out_rank=4):
 def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels, kernel_shape, strides, pads,
                                      dilations, extra_shapes=(), steps=(), want_float=True, pack=False,
                                      with_threshold=False, mb=None, og=None, wbits=None, inplace=None,
-                                     e_table: bool = False, **_ignored):
+                                     e_table: bool = False, block_epilogue: bool | None = None, **_ignored):
     """The AMX kernel of a float-output ``BinaryConv2dPacked``, optionally followed by the element-wise
     chain ``steps`` over ``extra_shapes`` operands (semantics of :func:`kernels.chain_value_te`) and the
     ``PackSign`` (``v >= T[c]``, T = 0 without threshold) of the result, all in the conv's epilogue.
@@ -627,7 +630,13 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     ``e_table``: the E argument is :func:`amx_e_table` of E (the kernel's border table, made once at compile
     time from a constant E) instead of E ``[O, R, C]`` (``e_shape``), which the kernel then tabulates on each
     call: a serial loop of R·O·16 elements, 1–4 µs per call on Bi-Real-18's layers, on the critical path of
-    every thread count."""
+    every thread count.
+
+    ``block_epilogue`` (int8 weights): the epilogue of each 32 × 32 register block right after its tile
+    stores, from a 4 KB int32 buffer in L1, instead of once per task from the task's og × mb block; by default
+    (None) where that block exceeds :data:`ACC_L1_BYTES`. Kernel alone, residual Add + PackSign, 1 / 2
+    threads: 56²×64 (48 KB blocks) 0.136 → 0.128 / 0.084 → 0.075 ms; 28²×128 (32 KB) 0.120 → 0.121 / 0.072 →
+    0.074 ms, so 32 KB blocks keep the task epilogue."""
     from tvm import tirx
     from tvm.script import tirx as T
 
@@ -684,6 +693,9 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     # the half another core just wrote (results never depend on which copy a task reads). 28²×128 / 14²×256
     # with 2 threads: 0.100 → 0.087 / 0.098 → 0.079 ms; 1 thread (the unpack done twice): +0.003 ms
     ncopy = 2 if not wbits and ncg > 1 else 1
+    if block_epilogue is None:
+        block_epilogue = og * mb * 4 > ACC_L1_BYTES
+    block_epilogue = bool(block_epilogue) and not wbits
     by_pixels = ncg == 1 and nph == 1 and mb % _TILE == 0
     nimg8 = n * nph * lpos * cb if wbits else ncopy * nquads * lp * 4
     nwpl = 1 if wbits else n * nph * cwq * lp
@@ -710,6 +722,54 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
         spread = T.meta_var((nib * T.Broadcast(T.uint32(0x00204081), L)) & T.Broadcast(T.uint32(0x01010101), L))
         img[T.Ramp(dst * lp + pos, 1, L)] = T.bitwise_xor(
             spread * T.Broadcast(T.uint32(0xFE), L), T.Broadcast(T.uint32(0xFFFFFFFF), L))
+
+    @T.macro
+    def epi_group(accb, abase, arow, gi, cwd, ti, tg, tp, bufs):
+        # the epilogue of 16-pixel group gi (of the task's block) and channel word cwd (32 channels) from the
+        # int32 block accb (channel c32 of the word at accb[abase + c32·arow], 16 pixels), split into
+        # output-row pieces (masked vectors). The 32 channels' PackSign bits are OR-ed into a register (one
+        # word per lane), read from / written to wb once per word instead of once per channel (a
+        # load-after-store chain through memory). Conv + residual Add + PackSign alone, 1 thread: 56²×64
+        # 0.173 → 0.155 ms, 28²×128 0.128 → 0.122, 7²×512 0.132 → 0.119, stride-2 56² 0.107 → 0.102, 14²
+        # 0.085 → 0.080; 14²×256 unchanged (a channel-outer order, every channel's rows in sequence, was
+        # slower: 0.22 ms at 56²)
+        ekt, RC, ccp, P0, P1, A, YO, TH, wb = bufs
+        for yk in range(nyk):
+            v0 = T.meta_var(tp * mb + gi * L)
+            y = T.meta_var(v0 // rl + yk)
+            x0 = T.meta_var(v0 - (v0 // rl + yk) * rl)
+            if y < oh and x0 < ow and x0 > -L:
+                xs = T.meta_var(T.Ramp(x0, 1, L))
+                m = T.meta_var(T.And(xs >= T.Broadcast(0, L), xs < T.Broadcast(ow, L)))
+                ccv = T.meta_var(ccp[T.Ramp(x0 + L, 1, L)])
+                wreg = T.alloc_buffer((L,), "uint32", scope="local")  # constant index: a register
+                if pack:
+                    wreg[T.Ramp(0, 1, L)] = wb[T.Ramp(cwd * mb + gi * L, 1, L)]
+                for c32 in range(32):
+                    ch = T.meta_var(tg * og + cwd * 32 + c32)
+                    if ch < o:
+                        tab = T.meta_var(ekt[T.Ramp((RC[y] * opad + ch) * L, 1, L)])
+                        dd = T.meta_var(accb[T.Ramp(abase + c32 * arow, 1, L)] + T.call_llvm_pure_intrin(
+                            i32v, "llvm.x86.avx512.permvar.si.512", tab, ccv))
+                        # float32(D)·P0 rounded once (vmulps with embedded round-to-nearest: LLVM keeps the
+                        # intrinsic, so it is never contracted with + P1 into an FMA)
+                        val0 = T.meta_var(T.call_llvm_pure_intrin(
+                            f32v, "llvm.x86.avx512.mul.ps.512", T.Cast(f32v, dd),
+                            T.Broadcast(P0[ch], L), T.int32(_ROUND_NEAREST_SAE))
+                                          + T.Broadcast(P1[ch], L))
+                        # bound once (not a meta_var, which would be re-expanded at each use): with ``inplace``
+                        # the store overwrites the operand the chain reads
+                        val = _chain_vec(val0, steps, A, a_shapes, (ti, ch, y), x0, m)
+                        if want_float:
+                            T.evaluate(T.masked_store(YO, val, ti, ch, y, T.Ramp(x0, 1, L), m))
+                        if pack:
+                            thr = T.meta_var(TH[ch] if with_threshold else T.float32(0))
+                            wreg[T.Ramp(0, 1, L)] = wreg[T.Ramp(0, 1, L)] | T.Select(
+                                T.And(m, val >= T.Broadcast(thr, L)),
+                                T.Broadcast(T.shift_left(T.uint32(1), T.Cast("uint32", c32)), L),
+                                T.Broadcast(T.uint32(0), L))
+                if pack:
+                    wb[T.Ramp(cwd * mb + gi * L, 1, L)] = wreg[T.Ramp(0, 1, L)]
 
     @T.prim_func
     def amx_conv_chain(X: T.Buffer((n, h, w, cw), "uint32"), Wt: T.Buffer(wshape, wdt),
@@ -779,13 +839,20 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
                         unpack_quad16(img, wpl, tt, tt % nquads, pb * L)
         for task in T.parallel(ntask):
             cfg = T.alloc_buffer((64,), "uint8", align=64)
-            acc = T.alloc_buffer((og * mb,), "int32", align=64)
+            # int32 block: the task's whole og × mb, or (block_epilogue) one 32 × 32 register block at a time,
+            # its epilogue right after the block's tile stores, in L1 (a 48 KB block went out to L2 between its
+            # stores and the epilogue's loads)
+            acc = T.alloc_buffer((32 * 32 if block_epilogue else og * mb,), "int32", align=64)
             wb = T.alloc_buffer((nwg * mb,), "uint32", align=64)
             accp = T.alloc_buffer((mb * og if wbits else 1,), "int32", align=64)
+            if pack:
+                for k in range(nwg * mb):
+                    wb[k] = T.uint32(0)
             tile_config(cfg)
             ti = T.meta_var(task // (npb * ncg))
             tg = T.meta_var(task // npb % ncg)  # channel group outer: with 2 threads each gets whole groups
             tp = T.meta_var(task % npb)         # (its share of the weights, the partial last pixel blocks)
+            bufs = T.meta_var((ekt, RC, ccp, P0, P1, (A0, A1, A2, A3, A4, A5, A6, A7), YO, TH, wb))
             if wbits:
                 gemm_bitweights(img8, Wq, accp, ti, tg, tp)  # pixels in the tile rows, as the bits kernel
             else:
@@ -813,62 +880,21 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
                                     T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(1), T.int8(5), T.int8(6))
                                     T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(2), T.int8(4), T.int8(7))
                                     T.call_llvm_intrin("void", "llvm.x86.tdpbssd", T.int8(3), T.int8(5), T.int8(7))
-                        store_2x2(acc, cp * 32 * mb + pp * 32, mb)
+                        if block_epilogue:
+                            store_2x2(acc, 0, 32)
+                            for gg in range(2):  # its two 16-pixel groups
+                                epi_group(acc, gg * L, 32, pp * 2 + gg, cp, ti, tg, tp, bufs)
+                        else:
+                            store_2x2(acc, cp * 32 * mb + pp * 32, mb)
             T.call_llvm_intrin("void", "llvm.x86.tilerelease")
             if wbits:  # [pixel][channel] → [channel][pixel]
                 for c in range(og):
                     for v in range(mb):
                         acc[c * mb + v] = accp[v * og + c]
-            # epilogue: 16-pixel groups, split into output-row pieces (masked vectors)
-            if pack:
-                for k in range(nwg * mb):
-                    wb[k] = T.uint32(0)
-            for gi in range(mb // L):
-                for yk in range(nyk):
-                    v0 = T.meta_var(tp * mb + gi * L)
-                    y = T.meta_var(v0 // rl + yk)
-                    x0 = T.meta_var(v0 - (v0 // rl + yk) * rl)
-                    if y < oh and x0 < ow and x0 > -L:
-                        xs = T.meta_var(T.Ramp(x0, 1, L))
-                        m = T.meta_var(T.And(xs >= T.Broadcast(0, L), xs < T.Broadcast(ow, L)))
-                        ccv = T.meta_var(ccp[T.Ramp(x0 + L, 1, L)])
-                        # 32 channels at a time: their PackSign bits are OR-ed into a register (one word
-                        # per lane), read from / written to wb once per word instead of once per channel (a
-                        # load-after-store chain through memory). Conv + residual Add + PackSign alone, 1
-                        # thread: 56²×64 0.173 → 0.155 ms, 28²×128 0.128 → 0.122, 7²×512 0.132 → 0.119,
-                        # stride-2 56² 0.107 → 0.102, 14² 0.085 → 0.080; 14²×256 unchanged (a channel-outer
-                        # order, every channel's rows in sequence, was slower: 0.22 ms at 56²)
-                        for cwd in range(nwg):
-                            wreg = T.alloc_buffer((L,), "uint32", scope="local")  # constant index: a register
-                            if pack:
-                                wreg[T.Ramp(0, 1, L)] = wb[T.Ramp(cwd * mb + gi * L, 1, L)]
-                            for c32 in range(32):
-                                c = T.meta_var(cwd * 32 + c32)
-                                ch = T.meta_var(tg * og + c)
-                                if ch < o:
-                                    tab = T.meta_var(ekt[T.Ramp((RC[y] * opad + ch) * L, 1, L)])
-                                    dd = T.meta_var(acc[T.Ramp(c * mb + gi * L, 1, L)] + T.call_llvm_pure_intrin(
-                                        i32v, "llvm.x86.avx512.permvar.si.512", tab, ccv))
-                                    # float32(D)·P0 rounded once (vmulps with embedded round-to-nearest: LLVM
-                                    # keeps the intrinsic, so it is never contracted with + P1 into an FMA)
-                                    val0 = T.meta_var(T.call_llvm_pure_intrin(
-                                        f32v, "llvm.x86.avx512.mul.ps.512", T.Cast(f32v, dd),
-                                        T.Broadcast(P0[ch], L), T.int32(_ROUND_NEAREST_SAE))
-                                                      + T.Broadcast(P1[ch], L))
-                                    # bound once (not a meta_var, which would be re-expanded at each use): with
-                                    # ``inplace`` the store overwrites the operand the chain reads
-                                    val = _chain_vec(val0, steps, (A0, A1, A2, A3, A4, A5, A6, A7), a_shapes,
-                                                     (ti, ch, y), x0, m)
-                                    if want_float:
-                                        T.evaluate(T.masked_store(YO, val, ti, ch, y, T.Ramp(x0, 1, L), m))
-                                    if pack:
-                                        thr = T.meta_var(TH[ch] if with_threshold else T.float32(0))
-                                        wreg[T.Ramp(0, 1, L)] = wreg[T.Ramp(0, 1, L)] | T.Select(
-                                            T.And(m, val >= T.Broadcast(thr, L)),
-                                            T.Broadcast(T.shift_left(T.uint32(1), T.Cast("uint32", c32)), L),
-                                            T.Broadcast(T.uint32(0), L))
-                            if pack:
-                                wb[T.Ramp(cwd * mb + gi * L, 1, L)] = wreg[T.Ramp(0, 1, L)]
+            if not block_epilogue:  # the whole block, then the epilogue per 16-pixel group and channel word
+                for gi in range(mb // L):
+                    for cwd in range(nwg):
+                        epi_group(acc, cwd * 32 * mb + gi * L, mb, gi, cwd, ti, tg, tp, bufs)
             if pack:
                 for vl in range(mb):
                     vv = T.meta_var(tp * mb + vl)
