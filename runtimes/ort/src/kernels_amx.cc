@@ -311,6 +311,34 @@ __attribute__((always_inline)) inline void tile_4x1(const int8_t* a, int64_t as,
   _tile_stored(3, c + 3 * c16, cs);
 }
 
+// The one-compare bits epilogue (p.tamx, prepare_plan) of one 32-pixel × 32-channel register block, right
+// after its tile stores (b: [pixel][32 channels] int32, in L1): virtual pixels v0 .. v0 + 31 (those past row
+// y1 or column OW dropped), out-channel blocks ob (and ob + 1 when `two`), i.e. packed word ob / 2 of each
+// pixel. The block's int32 result no longer goes out to L2 and back (56×56×64: a 74 KiB block).
+__attribute__((always_inline)) inline void bits_block(const ConvPlan& p, int64_t n, int64_t v0, int64_t y1, int64_t V,
+                                                      int64_t ob, bool two, const int32_t* b) {
+  uint32_t* out = static_cast<uint32_t*>(p.y) + n * p.OH * p.OW * p.Ow + ob / 2;
+  const uint32_t n0 = p.namx[ob], n1 = two ? p.namx[ob + 1] : 0u;
+  int64_t y = v0 / V, x = v0 % V;
+  for (int j = 0; j < 32; ++j) {
+    if (y >= y1) break;
+    if (x < p.OW) {
+      const int32_t* t = p.tamx + (p.rc[y] * p.NC + p.cc[x]) * p.Opad + ob * kTile;
+      const int32_t* c = b + 32 * j;
+      uint32_t word = static_cast<uint32_t>(
+          _mm512_cmpge_epi32_mask(_mm512_load_si512(c), _mm512_loadu_si512(t)) ^ n0);
+      if (two)
+        word |= static_cast<uint32_t>(
+                    _mm512_cmpge_epi32_mask(_mm512_load_si512(c + 16), _mm512_loadu_si512(t + 16)) ^ n1) << 16;
+      out[(y * p.OW + x) * p.Ow] = word;
+    }
+    if (++x == V) {
+      x = 0;
+      ++y;
+    }
+  }
+}
+
 }  // namespace
 
 void amx_conv_block(const ConvPlan& p, const int8_t* img, int64_t n, int64_t blk, int32_t* dot, float* fbuf) {
@@ -344,6 +372,9 @@ void amx_conv_block(const ConvPlan& p, const int8_t* img, int64_t n, int64_t blk
   // (L1/L2 resident) and reused for every pixel pair. (Measured per ResNet-18 shape: 4×1 is 20-25 % faster
   // at 64 pixels, 2×2 10-40 % faster from 128 up.)
   const int64_t tiles = g.taps * g.nkc;
+  // bits output with the one-compare epilogue and 2 × 2 blocking: the epilogue per register block (bits_block)
+  const bool block_bits = p.bits && p.tamx && M > kSmallBlock;
+  alignas(64) int32_t rblk[32 * 32];
   if (M <= kSmallBlock) {
     for (int64_t m = 0; m < M; m += 64)
       for (int64_t ob = 0; ob < nob; ++ob)
@@ -362,12 +393,14 @@ void amx_conv_block(const ConvPlan& p, const int8_t* img, int64_t n, int64_t blk
       for (int64_t m = 0; m < M; m += 32) {
         const int8_t* a0 = base(P0 + m);
         const int8_t* a1 = base(P0 + m + 16);
-        int32_t* c0 = dot + m * Opad + ob * kTile;
-        int32_t* c1 = c0 + 16 * Opad;
+        int32_t* c0 = block_bits ? rblk : dot + m * Opad + ob * kTile;
+        int32_t* c1 = block_bits ? rblk + 16 * 32 : c0 + 16 * Opad;
+        const int64_t rs = block_bits ? 32 * 4 : cs;
         if (two)
-          tile_2xN<2>(a0, a1, as, offs, g.taps, g.nkc, b0, b0 + tapstride, c0, c1, cs);
+          tile_2xN<2>(a0, a1, as, offs, g.taps, g.nkc, b0, b0 + tapstride, c0, c1, rs);
         else
-          tile_2xN<1>(a0, a1, as, offs, g.taps, g.nkc, b0, nullptr, c0, c1, cs);
+          tile_2xN<1>(a0, a1, as, offs, g.taps, g.nkc, b0, nullptr, c0, c1, rs);
+        if (block_bits) bits_block(p, n, P0 + m, y1, g.V, ob, two, rblk);
       }
     }
   }
@@ -378,7 +411,9 @@ void amx_conv_block(const ConvPlan& p, const int8_t* img, int64_t n, int64_t blk
   // general-direction bits case goes through popcounts (popcount = Kbits/2 - dot/2, dot is even) and the
   // scalar epilogue, row by row
   const bool direct = !p.bits || p.small_dir;
-  if (direct) {
+  if (block_bits) {
+    // done per register block above
+  } else if (direct) {
     epilogue_dot_rows_avx512(p, n, y0, y1, dot, g.V);
   } else {
     const __m512i kh = _mm512_set1_epi32(static_cast<int>(g.taps * p.Cw * 16 + amx_pad_dot(p) / 2));
