@@ -443,13 +443,14 @@ def _amx_macros(g, h, w, cw):
 
 
 def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kernel_shape, strides, pads,
-                               dilations, output, mb=None, og=None, wbits=None, **_ignored):
+                               dilations, output, mb=None, og=None, wbits=None, e_table: bool = False, **_ignored):
     """The AMX kernel of ``BinaryConv2dPacked``: arguments (X, Wamx, E, RowClass, ColClass, P0, P1, Y) with
     ``Wamx = amx_conv_weights(W, output, wbits)``; ``w_shape`` is the ``[O, KH, KW, Cw]`` shape of the packed
     weights. ``wbits`` (default :func:`weight_bits` of ``w_shape``): the weights are bit masks, expanded
     tile by tile (1 weight tile × 4 pixel tiles per step). ``mb`` (pixels per task, a multiple of 32, of
     64 with bit weights) and ``og`` (output channels per task, a multiple of 32 dividing O rounded up to 32)
-    override the blocking chosen from the shape."""
+    override the blocking chosen from the shape. ``e_table`` (float output only): E is :func:`amx_e_table` of
+    E, as for :func:`binary_conv2d_amx_chain_primfunc`."""
     from tvm.script import tirx as T
 
 
@@ -458,7 +459,9 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
     if output == "float":  # channels in the tile rows, vectorized epilogue (weights amx_conv_weights(W, "float"))
         return binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, out_channels=out_channels,
                                                 kernel_shape=kernel_shape, strides=strides, pads=pads,
-                                                dilations=dilations, mb=mb, og=og, wbits=wbits)
+                                                dilations=dilations, mb=mb, og=og, wbits=wbits, e_table=e_table)
+    if e_table:
+        raise ValueError("binary_conv2d_amx_primfunc: e_table only with float output")
     from .kernels import check_conv_shapes
 
     n, h, w, cw, o, kh, kw = check_conv_shapes(x_shape, w_shape, out_channels, kernel_shape)

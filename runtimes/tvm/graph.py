@@ -471,9 +471,17 @@ class _Translator:
             elif layout == "blocked":
                 args[1] = self.const(K.block_conv_weights(wnp))
         cin = int(a["in_channels"]) if "in_channels" in a else None
+        e_tab = None
+        if layout == "amx" and output == "float" and node.input[2] in self.consts and node.input[2] not in self.values:
+            from .amx import amx_e_table
+
+            # the AMX float kernel's border table (E - Kbits by row class, channel, column class), made here once
+            # instead of by a serial loop in each call (1-8 µs a layer)
+            e_tab = amx_e_table(self.consts[node.input[2]], ws)
+            args[2] = self.const(e_tab)
         f = K.binary_conv2d_packed_primfunc(xs, ws, es, out_channels=o, kernel_shape=ks, strides=st, pads=pads,
                                             dilations=dil, output=output, target=self.family,
-                                            weight_layout=layout, in_channels=cin)
+                                            weight_layout=layout, in_channels=cin, e_table=e_tab is not None)
         oshape, odtype = K.output_spec(f)
         if output == "float" and self.fuse and len(oshape) == 4:
             conv = None
@@ -488,12 +496,7 @@ class _Translator:
                         all(nm in self.consts and nm not in self.values for nm in (e_name, cc_name)):
                     # the popcount kernels take E by output column, made here once (not per call)
                     conv["e_columns"] = K.e_by_column(self.consts[e_name], self.consts[cc_name])
-                if layout == "amx" and e_name in self.consts and e_name not in self.values:
-                    from .amx import amx_e_table
-
-                    # the AMX kernel's border table (E - Kbits by row class, channel, column class), made
-                    # here once instead of by a serial loop in each call (1-4 µs a layer)
-                    conv["e_table"] = amx_e_table(self.consts[e_name], ws)
+                conv["e_table"] = e_tab  # args[2] is already the table
             plan = self._plan_chain(self.cur, node.output[0], conv)
             if plan is not None and plan["fused_conv"] is not None:
                 return []
@@ -676,8 +679,6 @@ class _Translator:
             if ac.get("e_columns") is not None:
                 conv_args[2] = self.const(ac["e_columns"])
                 es = list(ac["e_columns"].shape)
-            if ac.get("e_table") is not None:
-                conv_args[2] = self.const(ac["e_table"])
             f = K.binary_conv2d_packed_chain_primfunc(ac["xs"], ac["ws"], es, extra_shapes=shapes,
                                                       steps=plan["steps"], want_float=plan["want_float"],
                                                       pack=pack is not None, with_threshold=with_t,

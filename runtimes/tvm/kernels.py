@@ -715,12 +715,14 @@ def block_conv_weights(w: np.ndarray, ot: int | None = None) -> np.ndarray:
 
 def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, kernel_shape, strides, pads,
                                   dilations, output, target=None, weight_layout: str = "OHWC",
-                                  in_channels: int | None = None, **_ignored) -> tirx.PrimFunc:
+                                  in_channels: int | None = None, e_table: bool = False,
+                                  **_ignored) -> tirx.PrimFunc:
     """Scheduled PrimFunc with arguments (X, W, E, RowClass, ColClass, P0, P1, Y).
 
     ``weight_layout="blocked"``: W is passed as :func:`block_conv_weights` of the ``[O, KH, KW, Cw]``
     weights (``w_shape`` stays the unblocked shape); allowed only where :func:`conv_weight_layout` says
-    so. With ``"OHWC"`` a conv that gets the channels-in-lanes schedule transposes W in the kernel."""
+    so. With ``"OHWC"`` a conv that gets the channels-in-lanes schedule transposes W in the kernel.
+    ``e_table`` (AMX kernel, float output): E is :func:`runtimes.tvm.amx.amx_e_table` of E."""
     fam = _family(target)
     n, h, w, cw = [int(s) for s in x_shape]
     o, kh, kw, _ = [int(s) for s in w_shape]
@@ -730,7 +732,9 @@ def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, ke
 
         return binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, out_channels=out_channels,
                                           kernel_shape=kernel_shape, strides=strides, pads=pads,
-                                          dilations=dilations, output=output)
+                                          dilations=dilations, output=output, e_table=e_table)
+    if e_table:
+        raise ValueError("binary_conv2d_packed_primfunc: e_table only with the AMX kernel")
     want = conv_weight_layout(x_shape, w_shape, strides=strides, pads=pads, dilations=dilations, target=target,
                               amx=False)
     if weight_layout not in ("OHWC", "blocked"):
