@@ -123,7 +123,7 @@ def test_e_convention_matches_true_dot():
 
 
 @pytest.mark.parametrize("shape,with_t", [((2, 33, 5, 6), True), ((1, 64, 4, 17), False), ((3, 70), True),
-                                          ((2, 1, 3, 3), False)])
+                                          ((2, 1, 3, 3), False), ((2, 70, 8, 6), True), ((1, 64, 4, 28), False)])
 def test_pack_sign(shape, with_t):
     rng = np.random.default_rng(1)
     x = rng.standard_normal(shape).astype(np.float32)

@@ -82,6 +82,7 @@ OP_CASES = {
     **{"conv-" + "-".join(map(str, c)): (_conv_case, (c,)) for c in CONV_CASES},
     "pack-4d-t": (_pack_case, ((2, 33, 5, 6), True)),
     "pack-4d-w17": (_pack_case, ((1, 64, 4, 17), False)),
+    "pack-4d-flat": (_pack_case, ((2, 70, 8, 6), True)),  # rows of 6, planes of 48: vectors along H·W
     "pack-2d-t": (_pack_case, ((3, 70), True)),
     "pack-c1": (_pack_case, ((2, 1, 3, 3), False)),
     "unpack-4d": (_unpack_case, ((2, 5, 6, 2), 37)),

@@ -643,8 +643,18 @@ def pack_sign_primfunc(x_shape, with_threshold: bool, target=None) -> tirx.PrimF
     # NCHW input, NHWC output: parallel over (n, h); vectorize over w (contiguous loads of X).
     vec = _cpu_vec(fam)
     i, y, x, k = sch.get_loops(blk)
-    sch.reorder(i, y, k, x)
     wext = int(x_shape[3])
+    if wext % vec and (int(x_shape[2]) * wext) % vec == 0:
+        # rows that are no whole number of vectors (56, 28 wide) but planes that are: whole vectors along
+        # the contiguous H·W pixels of each channel plane, no row tail (which TVM left scalar). PackSign
+        # alone, 1 thread: 64×56² 0.0375 → 0.0099 ms, 128×28² 0.0191 → 0.0044 ms
+        s = sch.fuse(y, x)
+        so, si = sch.split(s, [None, vec])
+        sch.reorder(i, so, k, si)
+        sch.vectorize(si)
+        sch.parallel(sch.fuse(i, so))
+        return _finish(sch)
+    sch.reorder(i, y, k, x)
     if wext >= 4:
         if wext > vec:
             _, x = sch.split(x, [None, vec])
