@@ -246,7 +246,8 @@ CHAIN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case,block", [(c, None) for c in CHAIN_CASES] + [(c, True) for c in CHAIN_CASES if not c[-1]],
+@pytest.mark.parametrize("case,block",
+                         [(c, None) for c in CHAIN_CASES] + [(c, True) for c in CHAIN_CASES if not c[-1]],
                          ids=lambda c: "-".join(str(v) for v in c) if isinstance(c, tuple) else f"block={c}")
 def test_amx_fused_chain_matches_unfused(case, block):
     """conv(float) → chain (every step kind, operands of every broadcast shape) → PackSign in the AMX

@@ -638,8 +638,8 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     ``block_epilogue`` (int8 weights): the epilogue of each 32 × 32 register block right after its tile
     stores, from a 4 KB int32 buffer in L1, instead of once per task from the task's og × mb block; by default
     (None) where that block exceeds :data:`ACC_L1_BYTES`. Kernel alone, residual Add + PackSign, 1 / 2
-    threads: 56²×64 (48 KB blocks) 0.136 → 0.128 / 0.084 → 0.075 ms; 28²×128 (32 KB) 0.120 → 0.121 / 0.072 →
-    0.074 ms, so 32 KB blocks keep the task epilogue."""
+    threads: 56²×64 (48 KB blocks) 0.136 → 0.128 / 0.084 → 0.075 ms; at 28²×128 (32 KB) 4 % faster on 1 thread
+    but 8 % slower on 2 threads in Bi-Real-18, so 32 KB blocks keep the task epilogue."""
     from tvm import tirx
     from tvm.script import tirx as T
 

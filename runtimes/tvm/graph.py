@@ -472,12 +472,13 @@ class _Translator:
                 args[1] = self.const(K.block_conv_weights(wnp))
         cin = int(a["in_channels"]) if "in_channels" in a else None
         e_tab = None
-        if layout == "amx" and output == "float" and node.input[2] in self.consts and node.input[2] not in self.values:
+        e_name = node.input[2]
+        if layout == "amx" and output == "float" and e_name in self.consts and e_name not in self.values:
             from .amx import amx_e_table
 
             # the AMX float kernel's border table (E - Kbits by row class, channel, column class), made here once
             # instead of by a serial loop in each call (1-8 µs a layer)
-            e_tab = amx_e_table(self.consts[node.input[2]], ws)
+            e_tab = amx_e_table(self.consts[e_name], ws)
             args[2] = self.const(e_tab)
         f = K.binary_conv2d_packed_primfunc(xs, ws, es, out_channels=o, kernel_shape=ks, strides=st, pads=pads,
                                             dilations=dil, output=output, target=self.family,
