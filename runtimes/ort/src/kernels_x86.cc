@@ -136,60 +136,54 @@ __attribute__((always_inline)) inline __m512i d16(const int32_t* e, const int32_
   return Dot ? _mm512_add_epi32(ev, cv) : _mm512_sub_epi32(ev, _mm512_slli_epi32(cv, 1));
 }
 
+// The packed bits of output rows [y0, y1) of image n (counts / dot products of row y, pixel x at
+// pc + ((y - y0)·pc_row + x)·Opad): mask(class · Opad, counts of channel vector v, v) gives the output bits of
+// those 16 channels; two masks make one word.
+template <class Mask>
+__attribute__((always_inline)) inline void bits_rows(const ConvPlan& p, int64_t n, int64_t y0, int64_t y1,
+                                                     const int32_t* pc, int64_t pc_row, Mask mask) {
+  const int64_t nvec = p.Opad / 16, Opad = p.Opad;
+  for (int64_t y = y0; y < y1; ++y) {
+    const int64_t r = p.rc[y];
+    const int32_t* prow = pc + (y - y0) * pc_row * Opad;
+    uint32_t* out = static_cast<uint32_t*>(p.y) + ((n * p.OH + y) * p.OW) * p.Ow;
+    for (int64_t x = 0; x < p.OW; ++x) {
+      const int64_t cls = (r * p.NC + p.cc[x]) * Opad;
+      const int32_t* c = prow + x * Opad;
+      uint32_t* ow = out + x * p.Ow;
+      uint32_t word = 0;
+      for (int64_t v = 0; v < nvec; ++v) {
+        const uint32_t m = mask(cls, c + 16 * v, v);
+        if ((v & 1) == 0) {
+          word = m;
+        } else {
+          ow[v >> 1] = word | (m << 16);
+        }
+      }
+      if (nvec & 1) ow[nvec >> 1] = word;
+    }
+  }
+}
+
 // Output rows [y0, y1) of image n; the counts / dot products of row y, pixel x at pc + ((y - y0)·pc_row + x)·Opad.
 template <bool Dot>
 void epilogue512(const ConvPlan& p, int64_t n, int64_t y0, int64_t y1, const int32_t* pc, int64_t pc_row,
                  const int32_t* et) {
   const int64_t nvec = p.Opad / 16, Opad = p.Opad;
-  if (Dot && p.bits && p.tamx) {
-    // one compare of the dot product per 16 channels against the class's threshold, XOR the channels whose
-    // P0 is -1 (prepare_plan): no multiply, no border-table add; two masks make one packed word
-    for (int64_t y = y0; y < y1; ++y) {
-      const int64_t r = p.rc[y];
-      const int32_t* prow = pc + (y - y0) * pc_row * Opad;
-      uint32_t* out = static_cast<uint32_t*>(p.y) + ((n * p.OH + y) * p.OW) * p.Ow;
-      for (int64_t x = 0; x < p.OW; ++x) {
-        const int32_t* t = p.tamx + (r * p.NC + p.cc[x]) * Opad;
-        const int32_t* c = prow + x * Opad;
-        uint32_t* ow = out + x * p.Ow;
-        uint32_t word = 0;
-        for (int64_t v = 0; v < nvec; ++v) {
-          const uint32_t m = static_cast<uint32_t>(
-              _mm512_cmpge_epi32_mask(_mm512_loadu_si512(c + 16 * v), _mm512_loadu_si512(t + 16 * v)) ^ p.namx[v]);
-          if ((v & 1) == 0) {
-            word = m;
-          } else {
-            ow[v >> 1] = word | (m << 16);
-          }
-        }
-        if (nvec & 1) ow[nvec >> 1] = word;
-      }
-    }
-    return;
-  }
   if (p.bits) {
-    for (int64_t y = y0; y < y1; ++y) {
-      const int64_t r = p.rc[y];
-      const int32_t* prow = pc + (y - y0) * pc_row * Opad;
-      uint32_t* out = static_cast<uint32_t*>(p.y) + ((n * p.OH + y) * p.OW) * p.Ow;
-      for (int64_t x = 0; x < p.OW; ++x) {
-        const int32_t* e = et + (r * p.NC + p.cc[x]) * Opad;
-        const int32_t* c = prow + x * Opad;
-        uint32_t* ow = out + x * p.Ow;
-        uint32_t word = 0;
-        for (int64_t v = 0; v < nvec; ++v) {
-          const __m512i d = d16<Dot>(e + 16 * v, c + 16 * v);
-          const __m512i t = _mm512_mullo_epi32(_mm512_loadu_si512(p.p0i + 16 * v), d);
-          const uint32_t m = static_cast<uint32_t>(_mm512_cmpge_epi32_mask(t, _mm512_loadu_si512(p.p1i + 16 * v)));
-          if ((v & 1) == 0) {
-            word = m;
-          } else {
-            ow[v >> 1] = word | (m << 16);
-          }
-        }
-        if (nvec & 1) ow[nvec >> 1] = word;
-      }
-    }
+    // one packed word per 32 channels of each pixel, from two 16-channel masks: with every P0 in {-1, 0, 1}
+    // on AMX one compare of the dot product against the class's threshold, XOR the channels whose P0 is -1
+    // (prepare_plan: no multiply, no border-table add), else P0·D >= P1
+    if (Dot && p.tamx)
+      bits_rows(p, n, y0, y1, pc, pc_row, [&](int64_t cls, const int32_t* c, int64_t v) {
+        return static_cast<uint32_t>(
+            _mm512_cmpge_epi32_mask(_mm512_loadu_si512(c), _mm512_loadu_si512(p.tamx + cls + 16 * v)) ^ p.namx[v]);
+      });
+    else
+      bits_rows(p, n, y0, y1, pc, pc_row, [&](int64_t cls, const int32_t* c, int64_t v) {
+        const __m512i t = _mm512_mullo_epi32(_mm512_loadu_si512(p.p0i + 16 * v), d16<Dot>(et + cls + 16 * v, c));
+        return static_cast<uint32_t>(_mm512_cmpge_epi32_mask(t, _mm512_loadu_si512(p.p1i + 16 * v)));
+      });
     return;
   }
   // 16 output pixels × 16 channels at a time, transposed in registers, run through the fused chain and
