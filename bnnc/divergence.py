@@ -78,13 +78,13 @@ def run_values(model: onnx.ModelProto, runtime: str, x: np.ndarray, threads: int
 
         model = to_portable(model)
     elif runtime == "ort":
-        from bnnc.runtimes.ort import OrtLibraryError, fuse_stem, library_path, resolve_isa
+        from bnnc.runtimes.ort import OrtLibraryError, fuse_stem, library_path, runs_winograd_stem
 
         try:
             lib = library_path()
         except OrtLibraryError as e:
             raise BnncError(f"ONNX Runtime custom-op library: {e}") from None
-        if resolve_isa(lib=lib) in ("amx", "avx512"):  # as OrtDeployRunner: the stem runs as the Winograd op
+        if runs_winograd_stem(lib):  # as OrtDeployRunner: the stem runs as the Winograd op
             model = fuse_stem(model)[0]  # (its conv output is then not a value of this side)
     full = with_all_outputs(model)
     in_name = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}][0]

@@ -39,6 +39,7 @@ __all__ = [
     "fuse_stem",
     "library_path",
     "resolve_isa",
+    "runs_winograd_stem",
     "to_portable",
 ]
 
@@ -91,6 +92,12 @@ def resolve_isa(request: str | None = None, lib: str | None = None) -> str:
     if out.startswith("error: "):
         raise ValueError(out[len("error: "):])
     return out
+
+
+def runs_winograd_stem(lib: str | None = None) -> bool:
+    """Whether the library runs :func:`fuse_stem`'s ``WinogradConvMaxPool`` op here (an AVX-512 kernel: where it
+    picks its AVX-512 or AMX kernels), so the deploy runner rewrites the stem."""
+    return resolve_isa(lib=lib) in ("amx", "avx512")
 
 
 _ELF_MACHINES = {62: "x86_64", 183: "aarch64", 3: "i386", 40: "arm"}
@@ -189,7 +196,7 @@ class OrtDeployRunner:
         run_model, self.fused_nodes, self.fused_stems = self.model, 0, 0
         if mode == "library" and self.fuse:
             run_model, self.fused_nodes = fuse_chains(self.model)
-            if self.winograd_stem and resolve_isa(lib=self.library) in ("amx", "avx512"):  # AVX-512 op
+            if self.winograd_stem and runs_winograd_stem(self.library):
                 run_model, self.fused_stems = fuse_stem(run_model)
         try:
             self.session = ort.InferenceSession(run_model.SerializeToString(), opts,
