@@ -201,35 +201,45 @@ def percentile(values, q: float) -> float:
 def bnnc_layer_kernels(case: dict, target=None) -> dict:
     """The TVM kernels the bench times, compiled for the host: ``{"pack", "conv_bits", "conv_float"}``,
     each a :class:`bnnc.runtimes.tvm.kernels.Kernel` (callable on NumPy arrays; ``.lib`` is the compiled
-    executable) plus ``args`` (the constant inputs of each conv, in call order after X) and ``layout``
-    (the conv kernel the compiled graph selects: ``"amx"``, ``"blocked"`` or ``"OHWC"``)."""
+    executable) plus ``args`` (the constant inputs of each conv, in call order after X) and ``layout`` /
+    ``layout_float`` (the conv kernel the compiled graph selects for each output: ``"amx"``, an AVX-512
+    popcount engine ``"pop_channels"`` / ``"pop_pixels"``, ``"blocked"`` or ``"OHWC"``)."""
+    from bnnc.runtimes.tvm import amx
     from bnnc.runtimes.tvm import kernels as K
 
     s = case["shape"]
     attrs = dict(case["attrs"])
-    attrs.pop("in_channels")
+    cin = attrs.pop("in_channels")
     xshape = [1, s.cin, s.h, s.w]
     pshape = [1, s.h, s.w, K.num_words(s.cin)]
     out = {"pack": K.build_kernel(K.pack_sign_primfunc(xshape, False, target=target), target)}
-    # the kernel and weight layout the compiled graph uses (AMX tiles on an AMX CPU, blocked once at compile
-    # time for small output planes)
-    layout = K.conv_weight_layout(pshape, case["wp"].shape, target=target, amx=True, **attrs)
-    wp = {m: case["wp"] for m in ("bits", "float")}
-    if layout == "amx":
-        from bnnc.runtimes.tvm.amx import amx_conv_weights
-
-        wp = {m: amx_conv_weights(case["wp"], m) for m in ("bits", "float")}
-    elif layout == "blocked":
-        wp = {m: K.block_conv_weights(case["wp"]) for m in ("bits", "float")}
+    # the kernel and weight layout the compiled graph uses (runtimes/tvm/graph.py: AMX tiles on an AMX CPU, an
+    # AVX-512 popcount engine, or blocked once at compile time for small output planes), and its E form
+    base = K.conv_weight_layout(pshape, case["wp"].shape, target=target, amx=True, **attrs)
+    geo = {k: attrs[k] for k in ("strides", "pads", "dilations")}
+    tgt = target if target is not None else "cpu"
+    args = {}
     for mode in ("bits", "float"):
+        layout = base
+        if base != "amx":
+            layout = amx.pop_engine(pshape, case["wp"].shape, target=tgt, use=mode, in_channels=cin, **geo) or base
+        w, e, table = case["wp"], case["e"], False
+        if layout == "amx":
+            w = amx.amx_conv_weights(case["wp"], mode)
+        elif layout in K.POP_LAYOUTS:
+            w = K.pop_weights(case["wp"], layout)
+        elif layout == "blocked":
+            w = K.block_conv_weights(case["wp"])
+        if mode == "float" and (layout == "amx" or layout in K.POP_LAYOUTS):
+            e = amx.amx_e_table(case["e"], case["wp"].shape, wbits=False if layout in K.POP_LAYOUTS else None)
+            table = True
         f = K.binary_conv2d_packed_primfunc(pshape, case["wp"].shape, case["e"].shape, output=mode, target=target,
-                                            weight_layout=layout, **attrs)
+                                            weight_layout=layout, e_table=table, **attrs)
         out[f"conv_{mode}"] = K.build_kernel(f, target)
-    out["args"] = {
-        "bits": [wp["bits"], case["e"], case["rc"], case["cc"], case["direction"], case["thr"]],
-        "float": [wp["float"], case["e"], case["rc"], case["cc"], case["scale"], case["bias"]],
-    }
-    out["layout"] = layout
+        tail = [case["direction"], case["thr"]] if mode == "bits" else [case["scale"], case["bias"]]
+        args[mode] = [w, e, case["rc"], case["cc"], *tail]
+        out["layout" if mode == "bits" else "layout_float"] = layout
+    out["args"] = args
     return out
 
 
@@ -599,6 +609,7 @@ def run_layer_bench(shapes=RESNET18_3X3, threads: int = 1, repeat: int = 15, inc
         # the conv alone (bits) against the bound: the pack and epilogue are not popcount work; with the AMX
         # kernel (int8 tiles, not popcount) the rate may exceed the popcount bound
         row["conv_kernel"] = kern["layout"]
+        row["conv_kernel_float"] = kern["layout_float"]
         row["bitmacs_per_cycle"] = (shape.bops / (row["conv_bits_ms"] * 1e-3) / hz / threads) if hz else None
         row["frac_of_bound"] = row["bitmacs_per_cycle"] / th if (hz and th) else None
         rows.append(row)

@@ -28,9 +28,10 @@ def test_bench_kernels_match_numpy_reference():
     k = bench.bnnc_layer_kernels(case)
     xp = k["pack"](case["x"])
     np.testing.assert_array_equal(xp, pack_sign(case["x"]))
-    # the NumPy reference takes W as [O, KH, KW, Cw]; the kernels may take it blocked for their schedule
-    ref = {mode: binary_conv2d_packed(xp, case["wp"], *k["args"][mode][1:], output=mode, **case["attrs"])
-           for mode in ("bits", "float")}
+    # the NumPy reference takes W as [O, KH, KW, Cw] and E as [O, R, C]; the kernels may take W laid out for
+    # their schedule and E as a border table
+    ref = {mode: binary_conv2d_packed(xp, case["wp"], case["e"], *k["args"][mode][2:], output=mode,
+                                      **case["attrs"]) for mode in ("bits", "float")}
     for mode in ("bits", "float"):
         np.testing.assert_array_equal(k[f"conv_{mode}"](xp, *k["args"][mode]), ref[mode])
     # the bits case exercises both comparison directions and a non-trivial threshold

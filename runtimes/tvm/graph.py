@@ -457,51 +457,85 @@ class _Translator:
         xs = _shape(args[0])
         ws = _shape(args[1])
         es = _shape(args[2])
+        cin = int(a["in_channels"]) if "in_channels" in a else None
+        e_name, cc_name = node.input[2], node.input[4]
+        e_const = e_name in self.consts and e_name not in self.values
+        tgt = self.target if hasattr(self, "target") else self.family
+        geo = dict(strides=st, pads=pads, dilations=dil)
         layout = "OHWC"
+        wnp = None
         if w_const:
-            # constant weights: laid out once here (not per call) for the schedule that wants them: AMX B
-            # tiles (on an AMX target, see runtimes/tvm/amx.py) or blocked for the channels-in-lanes schedule
-            layout = K.conv_weight_layout(xs, ws, strides=st, pads=pads, dilations=dil, amx=True,
-                                          target=self.target if hasattr(self, "target") else self.family)
+            # constant weights: laid out once here (not per call) for the kernel that takes them: AMX tiles (on an
+            # AMX target, see runtimes/tvm/amx.py), an AVX-512 popcount engine (amx.pop_engine) or blocked for the
+            # channels-in-lanes TE schedule
+            layout = K.conv_weight_layout(xs, ws, amx=True, target=tgt, **geo)
             wnp = np.asarray(self.consts[wname]).astype(np.uint32)
-            if layout == "amx":
+
+        def conv_inputs(lay):
+            """The conv's arguments for the kernel of layout ``lay`` (weights and, for the kernels that take it,
+            E's border table made here once instead of in each call) and whether E is that table."""
+            ar = list(args)
+            if wnp is not None and lay == "amx":
                 from .amx import amx_conv_weights
 
-                args[1] = self.const(amx_conv_weights(wnp, output))
-            elif layout == "blocked":
-                args[1] = self.const(K.block_conv_weights(wnp))
-        cin = int(a["in_channels"]) if "in_channels" in a else None
-        e_tab = None
-        e_name = node.input[2]
-        if layout == "amx" and output == "float" and e_name in self.consts and e_name not in self.values:
-            from .amx import amx_e_table
+                ar[1] = self.const(amx_conv_weights(wnp, output))
+            elif wnp is not None and lay in K.POP_LAYOUTS:
+                ar[1] = self.const(K.pop_weights(wnp, lay))
+            elif wnp is not None and lay == "blocked":
+                ar[1] = self.const(K.block_conv_weights(wnp))
+            table = False
+            if (lay == "amx" or lay in K.POP_LAYOUTS) and output == "float" and e_const:
+                from .amx import amx_e_table
 
-            # the AMX float kernel's border table (E - Kbits by row class, channel, column class), made here once
-            # instead of by a serial loop in each call (1-8 µs a layer)
-            e_tab = amx_e_table(self.consts[e_name], ws)
-            args[2] = self.const(e_tab)
-        f = K.binary_conv2d_packed_primfunc(xs, ws, es, out_channels=o, kernel_shape=ks, strides=st, pads=pads,
-                                            dilations=dil, output=output, target=self.family,
-                                            weight_layout=layout, in_channels=cin, e_table=e_tab is not None)
-        oshape, odtype = K.output_spec(f)
-        if output == "float" and self.fuse and len(oshape) == 4:
+                # the float kernel's border table (E - Kbits by row class, channel, column class): 1-8 µs a layer
+                # as a serial loop in each call
+                ar[2] = self.const(amx_e_table(self.consts[e_name], ws,
+                                               wbits=False if lay in K.POP_LAYOUTS else None))
+                table = True
+            return ar, table
+
+        def pop(use):
+            if wnp is None or layout == "amx":
+                return None
+            from .amx import pop_engine
+
+            return pop_engine(xs, ws, target=tgt, use=use, in_channels=cin, **geo)
+
+        flayout = pop("bits" if output == "bits" else "float") or layout  # the conv alone
+        fargs, ftable = conv_inputs(flayout)
+
+        def make_f():  # the conv alone (made only where it is emitted: parsing a TIR kernel takes 0.1-0.3 s)
+            return K.binary_conv2d_packed_primfunc(xs, ws, es, out_channels=o, kernel_shape=ks, strides=st,
+                                                   pads=pads, dilations=dil, output=output, target=self.family,
+                                                   weight_layout=flayout, in_channels=cin, e_table=ftable)
+
+        oh, ow = K.conv_geometry(xs[1], xs[2], ks[0], ks[1], st, pads, dil)[3]
+        if output == "float":
+            oshape, odtype = [xs[0], o, oh, ow], "float32"
+        else:
+            oshape, odtype = [xs[0], oh, ow, K.num_words(o)], "uint32"
+        if output == "float" and self.fuse:
             conv = None
             if layout == "amx" or (_POPFUSE and self.family in ("x86", "cuda")):
                 # the chain (+ PackSign) goes into the conv's epilogue (AMX, x86 popcount or CUDA kernel): emitted
                 # with it
-                conv = dict(f=f, args=args, oshape=oshape, xs=xs, ws=ws, es=es, layout=layout,
+                clayout = pop("chain") or layout
+                cargs, ctable = (fargs, ftable) if clayout == flayout else conv_inputs(clayout)
+                conv = dict(make_f=make_f, fargs=fargs, args=cargs, oshape=oshape, xs=xs, ws=ws, es=es, layout=clayout,
                             attrs=dict(out_channels=o, kernel_shape=ks, strides=st, pads=pads, dilations=dil,
                                        in_channels=cin))
-                e_name, cc_name = node.input[2], node.input[4]
-                if self.family == "x86" and layout != "amx" and \
+                if self.family == "x86" and clayout in ("OHWC", "blocked") and \
                         all(nm in self.consts and nm not in self.values for nm in (e_name, cc_name)):
-                    # the popcount kernels take E by output column, made here once (not per call)
+                    # the TE popcount kernels take E by output column, made here once (not per call)
                     conv["e_columns"] = K.e_by_column(self.consts[e_name], self.consts[cc_name])
-                conv["e_table"] = e_tab  # args[2] is already the table
+                conv["e_table"] = ctable or None  # cargs[2] is already the table
             plan = self._plan_chain(self.cur, node.output[0], conv)
             if plan is not None and plan["fused_conv"] is not None:
                 return []
-        return self.call_kernel(f, "bconv", args, oshape, odtype)
+        f = make_f()
+        if [int(v) for v in K.output_spec(f)[0]] != [int(v) for v in oshape]:
+            raise AssertionError(f"BinaryConv2dPacked {node.name!r}: kernel output {K.output_spec(f)[0]} != {oshape}")
+        return self.call_kernel(f, "bconv", fargs, oshape, odtype)
 
     # -- fused element-wise chain after a float-output binary conv --------------------------------
     def _chain_steps(self, nd, v: str, extras: list):
@@ -637,7 +671,8 @@ class _Translator:
         if ac is not None:
             shape = list(ac["oshape"])
             y = None
-            ok = ac["layout"] != "amx" or len(plan["extras"]) <= _amx_max_extras()
+            # (the AMX and popcount-engine kernels take at most _amx_max_extras() chain operands)
+            ok = ac["layout"] in ("OHWC", "blocked") or len(plan["extras"]) <= _amx_max_extras()
         else:
             y = self.get(conv_out)
             shape = _shape(y)
@@ -656,7 +691,8 @@ class _Translator:
                 shapes.append(list(e.shape))
         if not ok:  # an operand that does not broadcast to the conv output (or is not float32): op by op
             if ac is not None:  # the deferred conv alone first
-                self.values[conv_out] = self.call_kernel(ac["f"], "bconv", ac["args"], ac["oshape"], "float32")
+                self.values[conv_out] = self.call_kernel(ac["make_f"](), "bconv", ac["fargs"], ac["oshape"],
+                                                         "float32")
             for j in plan["nodes"] + ([plan["pack"]] if plan["pack"] is not None else []):
                 self.node(g.node[j])
             return
@@ -669,9 +705,10 @@ class _Translator:
                 args.append(self.const(pn.input[1], "float32"))
         inplace = None
         if ac is not None:
-            if ac["layout"] == "amx" and plan["want_float"]:
+            if ac["layout"] not in ("OHWC", "blocked") and plan["want_float"]:
                 # the float result over a residual operand nothing reads afterwards: one buffer for the
-                # residual stream instead of two (amx.binary_conv2d_amx_chain_primfunc, inplace)
+                # residual stream instead of two (amx.binary_conv2d_amx_chain_primfunc, inplace; AMX and
+                # popcount engines)
                 for k, e in enumerate(plan["extras"]):
                     if isinstance(e, str) and list(shapes[k]) == list(shape) and self._dead_after(e, plan):
                         inplace = k
@@ -712,6 +749,7 @@ class _Translator:
         self.fused_chains.append(dict(conv=g.node[plan["conv"]].name, ops=[g.node[j].op_type for j in plan["nodes"]],
                                       steps=[s[0] for s in plan["steps"]], pack=pack is not None,
                                       float_out=plan["want_float"], amx=ac is not None and ac["layout"] == "amx",
+                                      kernel=ac["layout"] if ac is not None else None,
                                       in_conv=ac is not None, inplace=inplace is not None))
 
     # -- standard ONNX ops ------------------------------------------------------------------------

@@ -682,6 +682,20 @@ def _best_tile(ext: int, limit: int) -> int:
     return 1
 
 
+# the weight layouts of the AVX-512 popcount engines (runtimes/tvm/amx.py): blocked (block_conv_weights) with
+# channels in the lanes, as given with pixels in the lanes
+POP_LAYOUTS = ("pop_channels", "pop_pixels")
+
+
+def pop_weights(w: np.ndarray, layout: str) -> np.ndarray:
+    """Packed weights ``[O, KH, KW, Cw]`` → the weights of a popcount engine's kernel (:data:`POP_LAYOUTS`)."""
+    if layout == "pop_channels":
+        return block_conv_weights(w, 32)
+    if layout == "pop_pixels":
+        return np.ascontiguousarray(np.asarray(w, np.uint32))
+    raise ValueError(f"pop_weights: layout must be one of {POP_LAYOUTS}, got {layout!r}")
+
+
 def conv_weight_layout(x_shape, w_shape, *, strides, pads, dilations, target=None, amx: bool = False,
                        **_ignored) -> str:
     """The weight layout the x86 schedule of this conv wants: ``"amx"`` (the AMX-INT8 kernel, weights
@@ -743,13 +757,22 @@ def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, ke
         return binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, out_channels=out_channels,
                                           kernel_shape=kernel_shape, strides=strides, pads=pads,
                                           dilations=dilations, output=output, e_table=e_table)
+    if weight_layout in POP_LAYOUTS:  # the AVX-512 popcount engines of runtimes/tvm/amx.py (see pop_engine)
+        from .amx import binary_conv2d_amx_primfunc
+
+        if output == "bits" and weight_layout != "pop_channels":
+            raise ValueError("BinaryConv2dPacked: bits output takes the pop_channels engine")
+        return binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, out_channels=out_channels,
+                                          kernel_shape=kernel_shape, strides=strides, pads=pads,
+                                          dilations=dilations, output=output, e_table=e_table,
+                                          engine=weight_layout)
     if e_table:
         raise ValueError("binary_conv2d_packed_primfunc: e_table only with the AMX kernel")
     want = conv_weight_layout(x_shape, w_shape, strides=strides, pads=pads, dilations=dilations, target=target,
                               amx=False)
     if weight_layout not in ("OHWC", "blocked"):
-        raise ValueError(f"BinaryConv2dPacked: weight_layout must be 'OHWC', 'blocked' or 'amx', "
-                         f"got {weight_layout!r}")
+        raise ValueError(f"BinaryConv2dPacked: weight_layout must be 'OHWC', 'blocked', 'amx', 'pop_channels' or "
+                         f"'pop_pixels', got {weight_layout!r}")
     if weight_layout == "blocked" and want != "blocked":
         raise ValueError("BinaryConv2dPacked: blocked weights are only used by the x86 channels-in-lanes "
                          "schedule (stride 1, dilation 1, small output plane); see conv_weight_layout()")
@@ -947,6 +970,14 @@ def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channe
         return binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, extra_shapes=extra_shapes, steps=steps,
                                                 want_float=want_float, pack=pack, with_threshold=with_threshold,
                                                 inplace=inplace, e_table=e_table, **attrs)
+    if weight_layout in POP_LAYOUTS:  # the AVX-512 popcount engines (runtimes/tvm/amx.py, pop_engine)
+        from .amx import binary_conv2d_amx_chain_primfunc
+
+        if e_columns:
+            raise ValueError("binary_conv2d_packed_chain_primfunc: e_columns only with the TE popcount kernels")
+        return binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, extra_shapes=extra_shapes, steps=steps,
+                                                want_float=want_float, pack=pack, with_threshold=with_threshold,
+                                                inplace=inplace, e_table=e_table, engine=weight_layout, **attrs)
     if e_table:
         raise ValueError("binary_conv2d_packed_chain_primfunc: e_table only with the AMX kernel")
     if inplace is not None:
