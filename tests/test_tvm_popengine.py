@@ -33,9 +33,12 @@ CASES = [
     (1, 64, 12, 12, 96, 5, 1, (2, 2, 2, 2), 1, "bits", "pop_channels", None),  # 5x5
     (1, 256, 7, 7, 512, 3, 1, (1, 1, 1, 1), 1, "bits", "pop_channels", None),  # channel groups over tasks
     (1, 64, 20, 20, 64, 3, 1, (1, 1, 1, 1), 1, "bits", "pop_channels", (32, 32)),  # blocks of whole rows
+    (2, 70, 9, 7, 37, 3, 2, (1, 1, 1, 1), 1, "bits", "pop_channels", None),    # stride 2 (phase planes)
+    (1, 64, 23, 21, 64, 3, 2, (1, 1, 1, 1), 1, "bits", "pop_channels", (12, 32)),  # stride 2, row blocks
     (1, 100, 10, 9, 50, 3, 1, (0, 1, 1, 0), 2, "float", "pop_channels", None),
     (2, 96, 7, 7, 40, 3, 1, (0, 0, 0, 0), 1, "float", "pop_channels", None),   # pad 0, Cout % 32 != 0
     (1, 64, 20, 20, 64, 3, 1, (1, 1, 1, 1), 1, "float", "pop_channels", (32, 32)),
+    (2, 130, 11, 10, 70, 3, 2, (1, 1, 1, 1), 1, "float", "pop_channels", None),  # batch 2, stride 2
     (1, 64, 8, 8, 64, 3, 1, (1, 1, 1, 1), 1, "float", "pop_pixels", None),
     (2, 130, 11, 10, 70, 3, 2, (1, 1, 1, 1), 1, "float", "pop_pixels", None),  # batch 2, stride 2
     (1, 100, 10, 9, 50, 3, 1, (0, 1, 1, 0), 2, "float", "pop_pixels", None),
@@ -84,6 +87,7 @@ CHAIN_CASES = [
     (1, 64, 9, 11, 64, 1, True, True, "pop_channels"),
     (2, 70, 9, 7, 40, 1, True, False, "pop_channels"),   # batch 2, O % 32 != 0
     (1, 128, 5, 5, 96, 1, False, True, "pop_channels"),  # packed bits only
+    (2, 70, 9, 7, 40, 2, True, True, "pop_channels"),    # stride 2
     (1, 64, 9, 11, 64, 1, True, True, "pop_pixels"),
     (2, 70, 9, 7, 40, 2, True, False, "pop_pixels"),     # batch 2, stride 2
     (1, 64, 20, 20, 64, 1, False, False, "pop_pixels"),  # several pixel blocks: rows split between tasks
@@ -158,10 +162,13 @@ def test_selection_rule(monkeypatch):
     assert sel((1, 56, 56, 2), (64, 3, 3, 2), "bits", target=zen4) == "pop_channels"
     assert sel((1, 56, 56, 2), (64, 3, 3, 2), "float", target=zen4) == "pop_pixels"
     assert sel((1, 56, 56, 2), (128, 3, 3, 2), "float", s=(2, 2), target=zen4) == "pop_pixels"
-    assert sel((1, 56, 56, 2), (128, 3, 3, 2), "bits", s=(2, 2), target=zen4) is None  # strided bits: TE
+    assert sel((1, 56, 56, 2), (128, 3, 3, 2), "bits", s=(2, 2), target=zen4) == "pop_channels"
+    assert sel((1, 28, 28, 4), (256, 3, 3, 4), "float", s=(2, 2), target=zen4) == "pop_channels"  # 14x14 out
     assert sel((1, 14, 14, 8), (256, 3, 3, 8), "chain", target=zen4) == "pop_channels"
-    assert sel((1, 7, 7, 16), (512, 3, 3, 16), "chain", target=zen4) is None
+    assert sel((1, 14, 14, 8), (512, 3, 3, 8), "chain", s=(2, 2), target=zen4) == "pop_channels"  # 7x7 out
+    assert sel((1, 7, 7, 16), (512, 3, 3, 16), "chain", target=zen4) is None  # stride-1 7x7: TE
     assert sel((1, 56, 56, 2), (64, 3, 3, 2), "chain", target=zen4) is None
+    assert sel((1, 56, 56, 2), (128, 3, 3, 2), "chain", s=(2, 2), target=zen4) is None
     assert sel((1, 32, 32, 1), (16, 3, 3, 1), "bits", target=zen4) is None   # fewer than 32 output channels
     assert sel((1, 32, 32, 1), (32, 3, 3, 1), "bits", target=zen4, cin=16) is None  # taps packed to a word (TE)
     assert sel((1, 32, 32, 1), (32, 3, 3, 1), "bits", target=zen4, cin=32) == "pop_channels"
@@ -180,10 +187,10 @@ def test_engine_rejects_bad_arguments():
         amx.binary_conv2d_amx_chain_primfunc((1, 8, 8, 2), (64, 3, 3, 2), (64, 3, 3), out_channels=64,
                                              kernel_shape=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1),
                                              dilations=(1, 1), engine="avx2")
-    with pytest.raises(ValueError, match="stride 1"):
+    with pytest.raises(ValueError, match="packed weights"):
         amx.binary_conv2d_amx_chain_primfunc((1, 8, 8, 2), (64, 3, 3, 2), (64, 3, 3), out_channels=64,
-                                             kernel_shape=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1),
-                                             dilations=(1, 1), engine="pop_channels")
+                                             kernel_shape=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1),
+                                             dilations=(1, 1), engine="pop_channels", wbits=True)
     with pytest.raises(ValueError, match="pop_channels"):
         K.binary_conv2d_packed_primfunc((1, 8, 8, 2), (64, 3, 3, 2), (64, 3, 3), out_channels=64,
                                         kernel_shape=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dilations=(1, 1),
@@ -205,11 +212,10 @@ def test_graph_takes_engines_and_matches_te(stride, monkeypatch):
 
     monkeypatch.setenv("BNNC_TVM_AMX", "0")  # on an AMX host too: the engines take the convs AMX would
     rng = np.random.default_rng(31 + stride)
-    model, x, want = _residual_block(rng, h=10, w=12, stride=stride)  # 120 output positions: pop_channels
+    model, x, want = _residual_block(rng, h=10, w=12, stride=stride)  # 120 output positions
     t = _translated(model)
     kinds = [ch["kernel"] for ch in t.fused_chains if ch["in_conv"]]
-    # stride 2: the second conv's 5x6 output plane is below the engines' chain range (the TE kernel's)
-    assert kinds == ["pop_channels", "pop_channels" if stride == 1 else "OHWC"]
+    assert kinds == ["pop_channels", "pop_channels"]  # (stride 2: a 5x6 output plane, strided: the engine's too)
     for out, elem in (("pk1", onnx.TensorProto.UINT32), ("v", onnx.TensorProto.FLOAT),
                       ("y", onnx.TensorProto.FLOAT)):
         m = _with_output(model, out, elem)

@@ -53,7 +53,6 @@ environment disables AMX (the popcount schedules are used instead).
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 import platform
 
@@ -171,8 +170,8 @@ def target_has_popcnt512(target) -> bool:
 
 # output planes below this many positions: channels in the lanes (pop_channels) for the float output
 POP_CHANNELS_MAX_POSITIONS = 400
-# a fused chain takes the popcount engine on planes from 64 to 400 positions (14x14); elsewhere the TE kernels'
-POP_CHAIN_POSITIONS = (64, 400)
+# stride-1 planes below this many positions keep the TE kernel for a fused chain (7x7: 0.110 vs 0.115 ms)
+POP_CHAIN_MIN_POSITIONS_STRIDE1 = 64
 
 
 def pop_engine(x_shape, w_shape, *, strides, pads, dilations, target=None, use: str = "bits",
@@ -184,13 +183,16 @@ def pop_engine(x_shape, w_shape, *, strides, pads, dilations, target=None, use: 
     kernels do not pack several taps to a word (``in_channels`` <= 16); ``BNNC_TVM_POP=0`` in the environment
     turns the engines off.
 
-    Measured on one Zen 4 core (kernels alone, interleaved, ms, TE → engine): bits output, stride 1,
-    channels in the lanes everywhere: 56²×64 0.187 → 0.119, 28²×128 0.161 → 0.124, 14²×256 0.121 → 0.104,
-    7²×512 0.139 → 0.102 (the TE kernels' bit-packing epilogues ran 20–30 % of their time); float output
-    alone: 56²×64 pixels in the lanes 0.157 → 0.137, stride-2 56²→28² 0.085 → 0.077, 28²×128 even, 14²×256
-    channels in the lanes 0.139 → 0.112, 7²×512 0.118 → 0.109; conv + residual Add + PackSign: 14²×256
-    0.129 → 0.119 (channels), elsewhere even or slower (7²×512 0.110 → 0.115, 28²×128 0.135 → 0.143: the TE
-    chain stays)."""
+    Measured on one Zen 4 core (kernels alone, interleaved, ms, TE → engine): bits output, channels in the
+    lanes everywhere: 56²×64 0.187 → 0.119, 28²×128 0.161 → 0.124, 14²×256 0.121 → 0.104, 7²×512 0.139 →
+    0.102, stride 2 56²→28² 0.100 → 0.065, 28²→14² 0.078 → 0.056, 14²→7² 0.077 → 0.054 (the TE kernels'
+    bit-packing epilogues ran 20–30 % of their time); float output alone: output planes of >= 400 positions
+    pixels in the lanes (56²×64 0.157 → 0.137, stride-2 56²→28² 0.094 → 0.078, 28²×128 even), smaller ones
+    channels in the lanes (14²×256 0.139 → 0.112, 7²×512 0.118 → 0.109, 28²→14² 0.074 → 0.064, 14²→7² 0.077
+    → 0.061); conv + residual Add + PackSign: channels in the lanes on planes below 400 positions (14²×256
+    0.129 → 0.119, 28²→14² 0.076 → 0.071, 14²→7² 0.076 → 0.067) but for stride-1 7²×512 (0.110 → 0.115:
+    the TE kernel stays), the TE kernels on larger planes (pixels in the lanes 56²×64 even, 28²×128 0.135 →
+    0.143: the float residual stream, not the popcounts, sets the time there)."""
     if use not in ("bits", "float", "chain"):
         raise ValueError(f"pop_engine: use must be 'bits', 'float' or 'chain', got {use!r}")
     if os.environ.get("BNNC_TVM_POP", "1").strip().lower() in ("0", "false", "no", "off"):
@@ -204,14 +206,16 @@ def pop_engine(x_shape, w_shape, *, strides, pads, dilations, target=None, use: 
     (sh, sw), _p, _d, (oh, ow) = conv_geometry(h, w, kh, kw, strides, pads, dilations)
     if oh < 1 or ow < 1 or o < 32 or _tap_field_bits(cw, in_channels) is not None:
         return None
-    stride1 = (sh, sw) == (1, 1)
     npos = oh * ow
+    small = npos < POP_CHANNELS_MAX_POSITIONS
     if use == "bits":
-        return "pop_channels" if stride1 else None
+        return "pop_channels"
     if use == "float":
-        return "pop_channels" if stride1 and npos < POP_CHANNELS_MAX_POSITIONS else "pop_pixels"
-    lo, hi = POP_CHAIN_POSITIONS  # use == "chain"
-    return "pop_channels" if stride1 and lo <= npos < hi else None
+        return "pop_channels" if small else "pop_pixels"
+    # use == "chain"
+    if small and not ((sh, sw) == (1, 1) and npos < POP_CHAIN_MIN_POSITIONS_STRIDE1):
+        return "pop_channels"
+    return None
 
 
 def _round_up(a: int, m: int) -> int:
@@ -544,11 +548,8 @@ def _pop_geometry(x_shape, w_shape, strides, pads, dilations, engine, *, mb=None
         return _geometry(x_shape, w_shape, strides, pads, dilations, mb=mb, og=og, float_out=float_out,
                          quant=POP_QV * _TILE)
     rl = _geometry(x_shape, w_shape, strides, pads, dilations, og=og, float_out=float_out, quant=1)["rl"]
-    g = _geometry(x_shape, w_shape, strides, pads, dilations, mb=None if mb is None else _round_up(mb, rl), og=og,
-                  float_out=float_out, quant=rl)
-    if (g["sh"], g["sw"]) != (1, 1):
-        raise ValueError("pop_channels: stride 1 only")
-    return g
+    return _geometry(x_shape, w_shape, strides, pads, dilations, mb=None if mb is None else _round_up(mb, rl),
+                     og=og, float_out=float_out, quant=rl)
 
 
 def _popcount_macros(g, lp, cwq):
