@@ -236,6 +236,37 @@ def test_whole_model_with_amx(tmp_path, monkeypatch):
     assert np.array_equal(TVMModel.load(str(so), tm.meta()).run(x), y)
 
 
+def _chain_case(rng, n, c, h, w, o, s, with_t):
+    """A float 3×3 conv (pads 1) followed by a chain of every step kind, operands of every broadcast shape, and
+    its PackSign, on values of a 1/4 grid (exact float sums; many values land exactly on the thresholds):
+    (args, attrs, extras, steps, conv, v, thr, bits_ref) with the NumPy float32 results ``conv``, chain value
+    ``v`` and its packed bits ``bits_ref``."""
+    args, attrs = _case(rng, n, c, h, w, o, 3, s, (1, 1, 1, 1), 1, "float")
+    q = lambda shape, lo, hi: (rng.integers(lo, hi + 1, shape) / 4).astype(np.float32)  # noqa: E731
+    args[5] = rng.choice(np.float32([0.25, -0.25, 0.5]), o).astype(np.float32)
+    args[6] = q(o, -4, 4)
+    args[2] = (args[2] // 8).astype(np.int32)  # small sums: the float value stays on the 1/4 grid
+    conv = ref.binary_conv2d_packed(*args, **attrs)
+    yshape = conv.shape
+    extras = [q(yshape, -8, 8), q((1, o, 1, 1), -2, 2), q((o, 1, 1), 0, 2), q((1, 1, 1, yshape[3]), -2, 2),
+              np.float32([-1.0]), np.float32([1.0]), q((yshape[2], 1), -1, 1)]
+    steps = [("add", 0), ("rsub", 1), ("prelu", 2), ("neg",), ("sub", 3), ("mul", 2), ("relu",), ("add", 6),
+             ("max", 4), ("min", 5)]
+    v = conv + extras[0]
+    v = extras[1] - v
+    v = np.where(v < 0, v * extras[2], v).astype(np.float32)
+    v = -v
+    v = v - extras[3]
+    v = v * extras[2]
+    v = np.maximum(v, np.float32(0))
+    v = v + extras[6]
+    v = np.minimum(np.maximum(v, np.float32(-1)), np.float32(1)).astype(np.float32)
+    thr = rng.choice(np.float32([-1.0, -0.5, 0.0, 0.25, 1.0]), o).astype(np.float32)
+    bits_ref = ref.pack_sign(v, thr if with_t else None)
+    assert int((v == (thr if with_t else np.zeros(o, np.float32)).reshape(1, -1, 1, 1)).sum()) > 20  # ties
+    return args, attrs, extras, steps, conv, v, thr, bits_ref
+
+
 CHAIN_CASES = [
     # n, c, h, w, o, stride, want_float, with_threshold, bit weights
     (1, 64, 9, 11, 64, 1, True, True, False),
@@ -258,30 +289,9 @@ def test_amx_fused_chain_matches_unfused(case, block):
 
     n, c, h, w, o, s, want_float, with_t, wbits = case
     rng = np.random.default_rng(sum(case[:6]))
-    args, attrs = _case(rng, n, c, h, w, o, 3, s, (1, 1, 1, 1), 1, "float")
-    q = lambda shape, lo, hi: (rng.integers(lo, hi + 1, shape) / 4).astype(np.float32)  # noqa: E731
-    args[5] = rng.choice(np.float32([0.25, -0.25, 0.5]), o).astype(np.float32)
-    args[6] = q(o, -4, 4)
-    args[2] = (args[2] // 8).astype(np.int32)  # small sums: the float value stays on the 1/4 grid
+    args, attrs, extras, steps, conv, v, thr, bits_ref = _chain_case(rng, n, c, h, w, o, s, with_t)
     a = {k: v for k, v in attrs.items() if k != "in_channels"}
-    conv = ref.binary_conv2d_packed(*args, **attrs)
     yshape = conv.shape
-    extras = [q(yshape, -8, 8), q((1, o, 1, 1), -2, 2), q((o, 1, 1), 0, 2), q((1, 1, 1, yshape[3]), -2, 2),
-              np.float32([-1.0]), np.float32([1.0]), q((yshape[2], 1), -1, 1)]
-    steps = [("add", 0), ("rsub", 1), ("prelu", 2), ("neg",), ("sub", 3), ("mul", 2), ("relu",), ("add", 6),
-             ("max", 4), ("min", 5)]
-    v = conv + extras[0]
-    v = extras[1] - v
-    v = np.where(v < 0, v * extras[2], v).astype(np.float32)
-    v = -v
-    v = v - extras[3]
-    v = v * extras[2]
-    v = np.maximum(v, np.float32(0))
-    v = v + extras[6]
-    v = np.minimum(np.maximum(v, np.float32(-1)), np.float32(1)).astype(np.float32)
-    thr = rng.choice(np.float32([-1.0, -0.5, 0.0, 0.25, 1.0]), o).astype(np.float32)
-    bits_ref = ref.pack_sign(v, thr if with_t else None)
-    assert int((v == (thr if with_t else np.zeros(o, np.float32)).reshape(1, -1, 1, 1)).sum()) > 20  # ties
 
     f = amx.binary_conv2d_amx_chain_primfunc(args[0].shape, args[1].shape, args[2].shape, **a,
                                              extra_shapes=[e.shape for e in extras], steps=steps,

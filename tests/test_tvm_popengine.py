@@ -18,7 +18,7 @@ from bnnc.runtimes.tvm import kernels as K
 from bnnc.runtimes.tvm.target import cpu_target
 
 from bnnc.ops import deploy as ref
-from tests.test_tvm_amx import _case
+from tests.test_tvm_amx import _case, _chain_case
 
 HOST = cpu_target(2)
 pytestmark = pytest.mark.skipif(not amx.target_has_popcnt512(HOST),
@@ -103,30 +103,9 @@ def test_engine_fused_chain_matches_numpy(case):
 
     n, c, h, w, o, s, want_float, with_t, engine = case
     rng = np.random.default_rng(sum(case[:6]))
-    args, attrs = _case(rng, n, c, h, w, o, 3, s, (1, 1, 1, 1), 1, "float")
-    q = lambda shape, lo, hi: (rng.integers(lo, hi + 1, shape) / 4).astype(np.float32)  # noqa: E731
-    args[5] = rng.choice(np.float32([0.25, -0.25, 0.5]), o).astype(np.float32)
-    args[6] = q(o, -4, 4)
-    args[2] = (args[2] // 8).astype(np.int32)  # small sums: the float value stays on the 1/4 grid
+    args, attrs, extras, steps, conv, v, thr, bits_ref = _chain_case(rng, n, c, h, w, o, s, with_t)
     a = {k: v for k, v in attrs.items() if k not in ("in_channels", "output")}
-    conv = ref.binary_conv2d_packed(*args, **attrs)
     yshape = conv.shape
-    extras = [q(yshape, -8, 8), q((1, o, 1, 1), -2, 2), q((o, 1, 1), 0, 2), q((1, 1, 1, yshape[3]), -2, 2),
-              np.float32([-1.0]), np.float32([1.0]), q((yshape[2], 1), -1, 1)]
-    steps = [("add", 0), ("rsub", 1), ("prelu", 2), ("neg",), ("sub", 3), ("mul", 2), ("relu",), ("add", 6),
-             ("max", 4), ("min", 5)]
-    v = conv + extras[0]
-    v = extras[1] - v
-    v = np.where(v < 0, v * extras[2], v).astype(np.float32)
-    v = -v
-    v = v - extras[3]
-    v = v * extras[2]
-    v = np.maximum(v, np.float32(0))
-    v = v + extras[6]
-    v = np.minimum(np.maximum(v, np.float32(-1)), np.float32(1)).astype(np.float32)
-    thr = rng.choice(np.float32([-1.0, -0.5, 0.0, 0.25, 1.0]), o).astype(np.float32)
-    bits_ref = ref.pack_sign(v, thr if with_t else None)
-    assert int((v == (thr if with_t else np.zeros(o, np.float32)).reshape(1, -1, 1, 1)).sum()) > 20  # ties
     table = amx.amx_e_table(args[2], args[1].shape, wbits=False)
     wk = K.pop_weights(args[1], engine)
     outs = ([(yshape, "float32")] if want_float else []) + [(bits_ref.shape, "uint32")]
