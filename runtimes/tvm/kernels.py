@@ -706,7 +706,9 @@ def conv_weight_layout(x_shape, w_shape, *, strides, pads, dilations, target=Non
     default), AMX where :func:`runtimes.tvm.amx.use_amx` says so (an AMX target in a process with AMX
     enabled, shapes where it was measured faster); else channels
     in the lanes for stride-1, dilation-1 convs whose output plane is small (< 400 positions, e.g. 14x14
-    and 7x7), where the pixel-vectorized tile would leave lanes empty."""
+    and 7x7), where the pixel-vectorized tile would leave lanes empty. Where this is not ``"amx"``, the graph
+    translator then asks :func:`runtimes.tvm.amx.pop_engine` whether an AVX-512 popcount engine
+    (:data:`POP_LAYOUTS`, weights :func:`pop_weights`) takes the conv instead of the TE kernels."""
     if _family(target) != "x86":
         return "OHWC"
     if amx:
