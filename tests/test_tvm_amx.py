@@ -367,6 +367,22 @@ def test_amx_e_table_given_at_compile_time(wbits, monkeypatch):
         amx.amx_e_table(e[:, :, :1].repeat(17, axis=2), w.shape)
 
 
+@pytest.mark.parametrize("wbits", [False, True])
+def test_amx_bits_table_given_at_compile_time(wbits, monkeypatch):
+    """``e_table`` with bits output: the kernel takes its thresholds and signs made at compile time
+    (``amx_bits_table``) and gives the reference bits, as when it tabulates E, P0, P1 on each call."""
+    monkeypatch.setattr(amx, "BIT_WEIGHT_MIN_BYTES", 0 if wbits else 1 << 40)
+    rng = np.random.default_rng(62)
+    args, attrs = _case(rng, 2, 70, 9, 7, 37, 3, 2, (1, 1, 1, 1), 1, "bits")
+    a = {k: v for k, v in attrs.items() if k != "in_channels"}
+    want = ref.binary_conv2d_packed(*args, **attrs)
+    tab = amx.amx_bits_table(args[2], args[5], args[6], args[1].shape)
+    f = amx.binary_conv2d_amx_primfunc(args[0].shape, args[1].shape, args[2].shape, e_table=True, **a)
+    zero = np.zeros_like(args[5])  # P0, P1 are not read with the table
+    got = K.build_kernel(f, AMX_TARGET)(args[0], amx.amx_conv_weights(args[1], "bits"), tab, *args[3:5], zero, zero)
+    assert np.array_equal(got, want)
+
+
 def test_amx_chain_rejects_bad_operands():
     kw = dict(out_channels=64, kernel_shape=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dilations=(1, 1))
     with pytest.raises(ValueError, match="does not broadcast"):

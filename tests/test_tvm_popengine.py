@@ -82,6 +82,37 @@ def test_bits_thresholds_tie():
     assert np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("case", [(1, 64, 9, 9, 64, 3, 1, (1, 1, 1, 1), 1, "bits", False),
+                                  (2, 70, 9, 7, 37, 3, 2, (1, 1, 1, 1), 1, "bits", False),
+                                  (1, 64, 9, 9, 64, 3, 1, (1, 1, 1, 1), 1, "bits", True)], ids=_ids)
+def test_bits_table_given_at_compile_time(case):
+    """``e_table`` with bits output (``amx_bits_table`` of E, P0, P1 made once): the reference bits, as when the
+    kernel tabulates them on each call; the table is ceil(P1/|P0|) − sign(P0)·(E − Kbits) per (row class,
+    column class) and channel, then the signs; padded channels sign 0, threshold 1. Ties included."""
+    *c, ties = case
+    rng = np.random.default_rng(abs(hash(case)) % 2**32)
+    args, attrs = _case(rng, *c, ties=ties)
+    a = {k: v for k, v in attrs.items() if k not in ("in_channels", "output")}
+    want = ref.binary_conv2d_packed(*args, **attrs)
+    e, p0, p1 = args[2], args[5].astype(np.int64), args[6].astype(np.int64)
+    tab = amx.amx_bits_table(e, args[5], args[6], args[1].shape, wbits=False)
+    o, nrc = e.shape[0], e.shape[1] * e.shape[2]
+    kbits = 9 * 32 * args[1].shape[3]
+    assert tab.shape == (nrc + 1, 32 * -(-o // 32)) and tab.dtype == np.int32
+    assert np.array_equal(tab[nrc, :o], np.sign(p0)) and not tab[nrc, o:].any() and (tab[:nrc, o:] == 1).all()
+    r, ch = 1, 5
+    thr = -(-p1[ch] // abs(p0[ch])) if p0[ch] else p1[ch]
+    want_t = np.clip(thr - np.sign(p0[ch]) * (int(e[ch].reshape(-1)[r]) - kbits), -(2**31) + 1, 2**31 - 1)
+    assert tab[r, ch] == want_t
+    f = K.binary_conv2d_packed_primfunc(args[0].shape, args[1].shape, args[2].shape, output="bits",
+                                        weight_layout="pop_channels", target=HOST, e_table=True, **a)
+    zero = np.zeros_like(args[5])  # P0, P1 are not read with the table
+    got = K.build_kernel(f, HOST)(args[0], K.pop_weights(args[1], "pop_channels"), tab, *args[3:5], zero, zero)
+    assert np.array_equal(got, want)
+    with pytest.raises(ValueError, match="P0 and P1"):
+        amx.amx_bits_table(e, args[5][:3], args[6], args[1].shape)
+
+
 CHAIN_CASES = [
     # n, c, h, w, o, stride, want_float, with_threshold, engine
     (1, 64, 9, 11, 64, 1, True, True, "pop_channels"),

@@ -64,6 +64,7 @@ from bnnc.ops.deploy import num_words
 __all__ = [
     "AMX_MCPUS",
     "amx_conv_weights",
+    "amx_bits_table",
     "amx_e_table",
     "pop_engine",
     "POP_ENGINES",
@@ -131,6 +132,38 @@ def check_can_run(target, path="this model") -> None:
         raise RuntimeError(f"cannot run {path} here: it was compiled for an AMX CPU "
                            f"({target.get('mcpu') if isinstance(target, dict) else target}) and this "
                            f"machine/OS does not grant the AMX tile state; recompile it here")
+
+
+def amx_bits_table(e: np.ndarray, p0: np.ndarray, p1: np.ndarray, w_shape, wbits: bool | None = None) -> np.ndarray:
+    """The table of the bits-output kernel (:func:`binary_conv2d_amx_primfunc`, ``e_table``), made at compile
+    time from constant E ``[O, R, C]``, P0 and P1 (int32 ``[O]``) — what the kernel otherwise tabulates on each
+    call: int32 ``[R·C + 1, Opad]``, rows ``r·C + c`` the per-channel thresholds ``clamp(ceil(P1/|P0|) −
+    sign(P0)·(E[o, r, c] − Kbits))`` (P0 = 0: P1) of ``sign(P0)·dot >= thr`` (exact in int64, clamped into
+    int32: |dot| <= Kbits, so clamping never changes a decision), the last row ``sign(P0)``; padded channels:
+    sign 0, threshold 1 (bit 0). ``wbits``: as for :func:`amx_e_table` (False for the popcount engines)."""
+    e = np.asarray(e)
+    o, kh, kw, cw = [int(s) for s in w_shape]
+    if e.ndim != 3 or e.shape[0] != o:
+        raise ValueError(f"amx_bits_table: E must be [O={o}, R, C], got {list(e.shape)}")
+    p0 = np.asarray(p0, np.int64).reshape(-1)
+    p1 = np.asarray(p1, np.int64).reshape(-1)
+    if p0.shape != (o,) or p1.shape != (o,):
+        raise ValueError(f"amx_bits_table: P0 and P1 must have {o} elements")
+    wbits = weight_bits(w_shape) if wbits is None else bool(wbits)
+    kbits = kh * kw * (_round_up(WORD * cw, 64) if wbits else WORD * cw)
+    opad = _round_up(o, 2 * _TILE)
+    nrc = e.shape[1] * e.shape[2]
+    sg = np.zeros(opad, np.int64)
+    tq = np.ones(opad, np.int64)
+    sg[:o] = np.sign(p0)
+    ap = np.abs(p0)
+    tq[:o] = np.where(p0 != 0, -((-p1) // np.maximum(ap, 1)), p1)  # ceil(P1 / |P0|)
+    ekv = np.zeros((nrc, opad), np.int64)
+    ekv[:, :o] = e.reshape(o, nrc).T.astype(np.int64) - kbits
+    t = np.empty((nrc + 1, opad), np.int64)
+    t[:nrc] = np.clip(tq[None, :] - sg[None, :] * ekv, -(2**31) + 1, 2**31 - 1)
+    t[nrc] = sg
+    return t.astype(np.int32)
 
 
 def _x86_mcpu(target) -> str:
@@ -650,8 +683,10 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
     weights. ``wbits`` (default :func:`weight_bits` of ``w_shape``): the weights are bit masks, expanded
     tile by tile (1 weight tile × 4 pixel tiles per step). ``mb`` (pixels per task, a multiple of 32, of
     64 with bit weights) and ``og`` (output channels per task, a multiple of 32 dividing O rounded up to 32)
-    override the blocking chosen from the shape. ``e_table`` (float output only): E is :func:`amx_e_table` of
-    E, as for :func:`binary_conv2d_amx_chain_primfunc`."""
+    override the blocking chosen from the shape. ``e_table``: E is the kernel's table made at compile time,
+    :func:`amx_e_table` of E for float output (as for :func:`binary_conv2d_amx_chain_primfunc`),
+    :func:`amx_bits_table` of (E, P0, P1) for bits output (P0 and P1 are then not read); else the kernel makes
+    it on each call (a serial loop of R·C·O elements: 2–4 µs at 28²–7², Zen 4)."""
     from tvm.script import tirx as T
 
 
@@ -662,8 +697,6 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
                                                 kernel_shape=kernel_shape, strides=strides, pads=pads,
                                                 dilations=dilations, mb=mb, og=og, wbits=wbits, e_table=e_table,
                                                 engine=engine)
-    if e_table:
-        raise ValueError("binary_conv2d_amx_primfunc: e_table only with float output")
     from .kernels import check_conv_shapes
 
     n, h, w, cw, o, kh, kw = check_conv_shapes(x_shape, w_shape, out_channels, kernel_shape)
@@ -698,10 +731,12 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
     ntask = n * npb * ncg
     tile_config, zero_tiles, store_2x2, unpack_rows, gemm_bitweights = _amx_macros(g, h, w, cw)
     word_planes, _gemm_pixels, gemm_channels = _popcount_macros(g, lp, cw)
+    e_arg_shape = (nr * nc + 1, opad) if e_table else e_shape
+    sgo = nr * nc * opad  # the sign row of the table (e_table)
 
     @T.prim_func
     def amx_conv(X: T.Buffer((n, h, w, cw), "uint32"), Wt: T.Buffer(wshape, wdt),
-                 E: T.Buffer(e_shape, "int32"), RC: T.Buffer((oh,), "int32"), CC: T.Buffer((ow,), "int32"),
+                 E: T.Buffer(e_arg_shape, "int32"), RC: T.Buffer((oh,), "int32"), CC: T.Buffer((ow,), "int32"),
                  P0: T.Buffer((o,), "int32"), P1: T.Buffer((o,), "int32"), Y: T.Buffer(yshape, "uint32")):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         Xf = T.decl_buffer((n * h * w * cw,), "uint32", data=X.data)
@@ -710,6 +745,7 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
         Wq = T.decl_buffer((opad // _TILE * taps * nkc * _TILE,), "uint64", data=Wt.data)
         Wf32 = T.decl_buffer((opad * taps * cw if chan else 1,), "uint32", data=Wt.data)
         Ef = T.decl_buffer((o * nr * nc,), "int32", data=E.data)
+        Et = T.decl_buffer(((nr * nc + 1) * opad if e_table else 1,), "int32", data=E.data)
         Yf = T.decl_buffer((n * oh * ow * nwo,), "uint32", data=Y.data)
         img = T.alloc_buffer((nimg,), "int8", align=64)
         wpl = T.alloc_buffer((nwpl,), "uint32", align=64)
@@ -720,19 +756,20 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
         # P0·D >= P1 with D = dot + E - Kbits is, per channel, sg·dot >= thr with sg = sign(P0) and
         # thr = ceil(P1/|P0|) - sg·(E - Kbits) (P0 = 0: thr = P1), exact in int64, then clamped into int32
         # (|dot| <= Kbits, so clamping never changes a decision); padded channels: sg = 0, thr = 1 (bit 0).
-        for c in range(opad):
-            p0v = T.meta_var(T.Cast("int64", T.if_then_else(c < o, P0[T.min(c, o - 1)], 0)))
-            p1v = T.meta_var(T.Cast("int64", T.if_then_else(c < o, P1[T.min(c, o - 1)], 1)))
-            sg[c] = T.if_then_else(p0v > T.int64(0), 1, T.if_then_else(p0v < T.int64(0), -1, 0))
-            tq[c] = T.if_then_else(p0v != T.int64(0),
-                                   T.floordiv(p1v + T.abs(p0v) - T.int64(1), T.max(T.abs(p0v), T.int64(1))),
-                                   p1v)
-        for r in range(nr * nc):
+        if not e_table:
             for c in range(opad):
-                ekv = T.meta_var(T.if_then_else(c < o, Ef[T.min(c, o - 1) * (nr * nc) + r] - kbits, 0))
-                ek[r * opad + c] = T.Cast("int32", T.max(T.min(
-                    tq[c] - T.Cast("int64", sg[c]) * T.Cast("int64", ekv), T.int64(2**31 - 1)),
-                    T.int64(-(2**31) + 1)))
+                p0v = T.meta_var(T.Cast("int64", T.if_then_else(c < o, P0[T.min(c, o - 1)], 0)))
+                p1v = T.meta_var(T.Cast("int64", T.if_then_else(c < o, P1[T.min(c, o - 1)], 1)))
+                sg[c] = T.if_then_else(p0v > T.int64(0), 1, T.if_then_else(p0v < T.int64(0), -1, 0))
+                tq[c] = T.if_then_else(p0v != T.int64(0),
+                                       T.floordiv(p1v + T.abs(p0v) - T.int64(1), T.max(T.abs(p0v), T.int64(1))),
+                                       p1v)
+            for r in range(nr * nc):
+                for c in range(opad):
+                    ekv = T.meta_var(T.if_then_else(c < o, Ef[T.min(c, o - 1) * (nr * nc) + r] - kbits, 0))
+                    ek[r * opad + c] = T.Cast("int32", T.max(T.min(
+                        tq[c] - T.Cast("int64", sg[c]) * T.Cast("int64", ekv), T.int64(2**31 - 1)),
+                        T.int64(-(2**31) + 1)))
         if chan:
             word_planes(wpl, Xf)
         else:
@@ -787,8 +824,9 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
                     ebase = T.meta_var((RC[T.min(y, oh - 1)] * nc + CC[T.min(x, ow - 1)]) * opad)
                     for k in range(og // 32):
                         ch = T.meta_var(tg * og + k * 32)
-                        bit = T.meta_var(sg[T.Ramp(ch, 1, 32)] * acc[T.Ramp(vl * og + k * 32, 1, 32)]
-                                         >= ek[T.Ramp(ebase + ch, 1, 32)])
+                        sgv = T.meta_var(Et[T.Ramp(sgo + ch, 1, 32)] if e_table else sg[T.Ramp(ch, 1, 32)])
+                        ekv = T.meta_var(Et[T.Ramp(ebase + ch, 1, 32)] if e_table else ek[T.Ramp(ebase + ch, 1, 32)])
+                        bit = T.meta_var(sgv * acc[T.Ramp(vl * og + k * 32, 1, 32)] >= ekv)
                         Yf[((ti * oh + y) * ow + x) * nwo + tg * (og // 32) + k] = T.reinterpret(
                             "uint32", bit.astype("uint1x32"))
 

@@ -484,13 +484,21 @@ class _Translator:
             elif wnp is not None and lay == "blocked":
                 ar[1] = self.const(K.block_conv_weights(wnp))
             table = False
+            wb = False if lay in K.POP_LAYOUTS else None
             if (lay == "amx" or lay in K.POP_LAYOUTS) and output == "float" and e_const:
                 from .amx import amx_e_table
 
                 # the float kernel's border table (E - Kbits by row class, channel, column class): 1-8 µs a layer
                 # as a serial loop in each call
-                ar[2] = self.const(amx_e_table(self.consts[e_name], ws,
-                                               wbits=False if lay in K.POP_LAYOUTS else None))
+                ar[2] = self.const(amx_e_table(self.consts[e_name], ws, wbits=wb))
+                table = True
+            elif (lay == "amx" or lay in K.POP_LAYOUTS) and output == "bits" and e_const and \
+                    all(nm in self.consts and nm not in self.values for nm in node.input[5:7]):
+                from .amx import amx_bits_table
+
+                # the bits kernel's thresholds by (row class, column class) and channel signs: 2-4 µs a layer
+                ar[2] = self.const(amx_bits_table(self.consts[e_name], self.consts[node.input[5]],
+                                                  self.consts[node.input[6]], ws, wbits=wb))
                 table = True
             return ar, table
 
