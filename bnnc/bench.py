@@ -223,20 +223,11 @@ def bnnc_layer_kernels(case: dict, target=None) -> dict:
         layout = base
         if base != "amx":
             layout = amx.pop_engine(pshape, case["wp"].shape, target=tgt, use=mode, in_channels=cin, **geo) or base
-        w, e, table = case["wp"], case["e"], False
-        if layout == "amx":
-            w = amx.amx_conv_weights(case["wp"], mode)
-        elif layout in K.POP_LAYOUTS:
-            w = K.pop_weights(case["wp"], layout)
-        elif layout == "blocked":
-            w = K.block_conv_weights(case["wp"])
-        if mode == "float" and (layout == "amx" or layout in K.POP_LAYOUTS):
-            e = amx.amx_e_table(case["e"], case["wp"].shape, wbits=False if layout in K.POP_LAYOUTS else None)
-            table = True
+        tail = [case["direction"], case["thr"]] if mode == "bits" else [case["scale"], case["bias"]]
+        w, e, table = K.conv_kernel_args(layout, mode, case["wp"], case["e"], *tail)
         f = K.binary_conv2d_packed_primfunc(pshape, case["wp"].shape, case["e"].shape, output=mode, target=target,
                                             weight_layout=layout, e_table=table, **attrs)
         out[f"conv_{mode}"] = K.build_kernel(f, target)
-        tail = [case["direction"], case["thr"]] if mode == "bits" else [case["scale"], case["bias"]]
         args[mode] = [w, e, case["rc"], case["cc"], *tail]
         out["layout" if mode == "bits" else "layout_float"] = layout
     out["args"] = args

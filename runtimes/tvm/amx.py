@@ -39,7 +39,7 @@ The tile configuration is per thread: each parallel task loads it (``ldtilecfg``
 **Popcount engines** (x86 with AVX-512 VPOPCNTDQ, no AMX needed; :func:`pop_engine` picks them): the same two
 kernels, word planes of the packed input instead of int8 images, and AVX-512 register tiles of
 ``dot = Kbits − 2·popcount(x XOR w)`` instead of AMX tiles (:func:`_popcount_macros`): ``pop_channels`` (32
-output channels in the lanes, up to 8 pixels of a row per tile; stride 1; weights
+output channels in the lanes, up to 8 pixels of a row per tile; any stride; weights
 ``kernels.block_conv_weights``) for the bits output and small planes, ``pop_pixels`` (16-pixel vectors of
 virtual pixels, 8 channels per tile; any stride; weights as given) for the float output of large planes. The
 int32 block and the epilogues are the AMX kernels' (the float epilogue per output row for these engines).
@@ -149,8 +149,7 @@ def amx_bits_table(e: np.ndarray, p0: np.ndarray, p1: np.ndarray, w_shape, wbits
     p1 = np.asarray(p1, np.int64).reshape(-1)
     if p0.shape != (o,) or p1.shape != (o,):
         raise ValueError(f"amx_bits_table: P0 and P1 must have {o} elements")
-    wbits = weight_bits(w_shape) if wbits is None else bool(wbits)
-    kbits = kh * kw * (_round_up(WORD * cw, 64) if wbits else WORD * cw)
+    kbits = _table_kbits(w_shape, wbits)
     opad = _round_up(o, 2 * _TILE)
     nrc = e.shape[1] * e.shape[2]
     sg = np.zeros(opad, np.int64)
@@ -353,6 +352,14 @@ def amx_conv_weights(w: np.ndarray, output: str = "bits", bits: bool | None = No
     return np.ascontiguousarray(t)
 
 
+def _table_kbits(w_shape, wbits: bool | None) -> int:
+    """Kbits of the compile-time tables: the dot's length, ``KH·KW·64·nkc`` with bit weights (``wbits``, default
+    :func:`weight_bits` of ``w_shape``), else ``KH·KW·32·Cw``."""
+    o, kh, kw, cw = [int(s) for s in w_shape]
+    wbits = weight_bits(w_shape) if wbits is None else bool(wbits)
+    return kh * kw * (_round_up(WORD * cw, 64) if wbits else WORD * cw)
+
+
 def amx_e_table(e: np.ndarray, w_shape, wbits: bool | None = None) -> np.ndarray:
     """The border table of the float-output AMX kernel, ``E`` ``[O, R, C]`` (int32, C <= 16) → int32
     ``[R, Opad, 16]`` with ``T[r, c, j] = E[c, r, j] − Kbits`` (0 for padded channels and columns j >= C):
@@ -365,8 +372,7 @@ def amx_e_table(e: np.ndarray, w_shape, wbits: bool | None = None) -> np.ndarray
     if e.ndim != 3 or e.shape[0] != o or e.shape[2] > _TILE:
         raise ValueError(f"amx_e_table: E must be [O={o}, R, C <= {_TILE}], got {list(e.shape)}")
     nr, nc = e.shape[1], e.shape[2]
-    wbits = weight_bits(w_shape) if wbits is None else bool(wbits)
-    kbits = kh * kw * (_round_up(WORD * cw, 64) if wbits else WORD * cw)
+    kbits = _table_kbits(w_shape, wbits)
     t = np.zeros((nr, _round_up(o, 2 * _TILE), _TILE), np.int64)
     t[:, :o, :nc] = e.astype(np.int64).transpose(1, 0, 2) - kbits
     if t.min() < -(2**31) or t.max() >= 2**31:
@@ -559,7 +565,7 @@ def _amx_macros(g, h, w, cw):
 # the same epilogues) with AVX-512 VPOPCNTDQ register tiles instead of AMX tiles, for x86 CPUs without AMX.
 
 # pixels in the lanes ("pop_pixels"): POP_OC output channels x POP_QV vectors of 16 virtual pixels (24 zmm
-# accumulators), block [channel][pixel]; channels in the lanes ("pop_channels", stride 1): up to POP_XT pixels
+# accumulators), block [channel][pixel]; channels in the lanes ("pop_channels", any stride): up to POP_XT pixels
 # of an output row x 32 channels (2 zmm each), block [pixel][channel], weights blocked [O/32, KH, KW, Cw, 32]
 POP_OC = 8
 POP_QV = 3
@@ -1065,9 +1071,9 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     @T.macro
     def epi_rows(accb, ti, tg, tp, bufs):
         # the popcount engines' epilogue of the task's block: per output row of the block, pieces of 16 columns
-        # from x = 0 (fewer masked pieces than 16-pixel groups of the block, which cross row ends: 28²×128 with
-        # its chain, kernel alone, 0.143 → 0.13x ms); acc and wb are padded by 16 lanes (PW) on both sides for
-        # the rows the block starts or ends in
+        # from x = 0 (fewer masked pieces than 16-pixel groups of the block, which cross row ends: 7²×512 with
+        # its chain, channels in the lanes, kernel alone 0.119 → 0.115 ms); acc and wb are padded by 16 lanes
+        # (PW) on both sides for the rows the block starts or ends in
         for yb in range(nyb):
             y = T.meta_var((tp * mb) // rl + yb)
             if y < oh and y * rl < tp * mb + mb:

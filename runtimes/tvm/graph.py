@@ -471,35 +471,21 @@ class _Translator:
             layout = K.conv_weight_layout(xs, ws, amx=True, target=tgt, **geo)
             wnp = np.asarray(self.consts[wname]).astype(np.uint32)
 
+        p_const = all(nm in self.consts and nm not in self.values for nm in node.input[5:7])
+
         def conv_inputs(lay):
-            """The conv's arguments for the kernel of layout ``lay`` (weights and, for the kernels that take it,
-            E's border table made here once instead of in each call) and whether E is that table."""
+            """The conv's arguments for the kernel of layout ``lay`` (K.conv_kernel_args: weights laid out and,
+            for the kernels that take it, E's table made here once instead of by a serial loop in each call, 1-8
+            µs a layer) and whether E is that table."""
             ar = list(args)
-            if wnp is not None and lay == "amx":
-                from .amx import amx_conv_weights
-
-                ar[1] = self.const(amx_conv_weights(wnp, output))
-            elif wnp is not None and lay in K.POP_LAYOUTS:
-                ar[1] = self.const(K.pop_weights(wnp, lay))
-            elif wnp is not None and lay == "blocked":
-                ar[1] = self.const(K.block_conv_weights(wnp))
-            table = False
-            wb = False if lay in K.POP_LAYOUTS else None
-            if (lay == "amx" or lay in K.POP_LAYOUTS) and output == "float" and e_const:
-                from .amx import amx_e_table
-
-                # the float kernel's border table (E - Kbits by row class, channel, column class): 1-8 µs a layer
-                # as a serial loop in each call
-                ar[2] = self.const(amx_e_table(self.consts[e_name], ws, wbits=wb))
-                table = True
-            elif (lay == "amx" or lay in K.POP_LAYOUTS) and output == "bits" and e_const and \
-                    all(nm in self.consts and nm not in self.values for nm in node.input[5:7]):
-                from .amx import amx_bits_table
-
-                # the bits kernel's thresholds by (row class, column class) and channel signs: 2-4 µs a layer
-                ar[2] = self.const(amx_bits_table(self.consts[e_name], self.consts[node.input[5]],
-                                                  self.consts[node.input[6]], ws, wbits=wb))
-                table = True
+            if wnp is None:
+                return ar, False
+            ps = [self.consts[nm] for nm in node.input[5:7]] if p_const else [None, None]
+            wk, ek, table = K.conv_kernel_args(lay, output, wnp, self.consts[e_name] if e_const else None, *ps)
+            if lay != "OHWC":
+                ar[1] = self.const(wk)
+            if table:
+                ar[2] = self.const(ek)
             return ar, table
 
         def pop(use):

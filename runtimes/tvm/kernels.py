@@ -696,6 +696,33 @@ def pop_weights(w: np.ndarray, layout: str) -> np.ndarray:
     raise ValueError(f"pop_weights: layout must be one of {POP_LAYOUTS}, got {layout!r}")
 
 
+def conv_kernel_args(layout: str, output: str, w: np.ndarray, e: np.ndarray, p0=None, p1=None):
+    """Constant weights ``[O, KH, KW, Cw]`` and E ``[O, R, C]`` → ``(W, E argument, e_table)`` of the conv kernel
+    of ``layout`` (:func:`conv_weight_layout`, :data:`POP_LAYOUTS`), made once at compile time: the weights laid
+    out for it; for the AMX kernel and the popcount engines E's table in place of E (``amx_e_table`` for float
+    output, ``amx_bits_table`` for bits output when P0 and P1 are given too), else E as given (None: E is not a
+    constant). What the graph translator passes and the layer bench times."""
+    from .amx import amx_bits_table, amx_conv_weights, amx_e_table
+
+    w = np.asarray(w, np.uint32)
+    if layout == "amx":
+        wk = amx_conv_weights(w, output)
+    elif layout in POP_LAYOUTS:
+        wk = pop_weights(w, layout)
+    elif layout == "blocked":
+        wk = block_conv_weights(w)
+    else:
+        wk = w
+    if e is None or (layout != "amx" and layout not in POP_LAYOUTS):  # (E not constant: no table)
+        return wk, e, False
+    wbits = False if layout in POP_LAYOUTS else None
+    if output == "float":
+        return wk, amx_e_table(e, w.shape, wbits=wbits), True
+    if p0 is not None and p1 is not None:
+        return wk, amx_bits_table(e, p0, p1, w.shape, wbits=wbits), True
+    return wk, e, False
+
+
 def conv_weight_layout(x_shape, w_shape, *, strides, pads, dilations, target=None, amx: bool = False,
                        **_ignored) -> str:
     """The weight layout the x86 schedule of this conv wants: ``"amx"`` (the AMX-INT8 kernel, weights
@@ -748,28 +775,24 @@ def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, ke
     ``weight_layout="blocked"``: W is passed as :func:`block_conv_weights` of the ``[O, KH, KW, Cw]``
     weights (``w_shape`` stays the unblocked shape); allowed only where :func:`conv_weight_layout` says
     so. With ``"OHWC"`` a conv that gets the channels-in-lanes schedule transposes W in the kernel.
-    ``e_table`` (AMX kernel, float output): E is :func:`runtimes.tvm.amx.amx_e_table` of E."""
+    ``e_table`` (AMX kernel, popcount engines): E is the kernel's table (:func:`conv_kernel_args`)."""
     fam = _family(target)
     n, h, w, cw = [int(s) for s in x_shape]
     o, kh, kw, _ = [int(s) for s in w_shape]
     (sh, sw), (pt, pl, pb, pr), (dh, dw), (oh, ow) = conv_geometry(h, w, kh, kw, strides, pads, dilations)
-    if weight_layout == "amx":  # W = amx.amx_conv_weights(W); AMX-INT8 kernel (runtimes/tvm/amx.py)
+    if weight_layout == "amx" or weight_layout in POP_LAYOUTS:
+        # the hand-written TIR kernels of runtimes/tvm/amx.py: AMX-INT8 (W = amx.amx_conv_weights(W)) or an
+        # AVX-512 popcount engine (W = pop_weights(W, layout), see amx.pop_engine)
         from .amx import binary_conv2d_amx_primfunc
 
-        return binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, out_channels=out_channels,
-                                          kernel_shape=kernel_shape, strides=strides, pads=pads,
-                                          dilations=dilations, output=output, e_table=e_table)
-    if weight_layout in POP_LAYOUTS:  # the AVX-512 popcount engines of runtimes/tvm/amx.py (see pop_engine)
-        from .amx import binary_conv2d_amx_primfunc
-
-        if output == "bits" and weight_layout != "pop_channels":
+        if output == "bits" and weight_layout == "pop_pixels":
             raise ValueError("BinaryConv2dPacked: bits output takes the pop_channels engine")
         return binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, out_channels=out_channels,
                                           kernel_shape=kernel_shape, strides=strides, pads=pads,
                                           dilations=dilations, output=output, e_table=e_table,
                                           engine=weight_layout)
     if e_table:
-        raise ValueError("binary_conv2d_packed_primfunc: e_table only with the AMX kernel")
+        raise ValueError("binary_conv2d_packed_primfunc: e_table only with the AMX kernel and the popcount engines")
     want = conv_weight_layout(x_shape, w_shape, strides=strides, pads=pads, dilations=dilations, target=target,
                               amx=False)
     if weight_layout not in ("OHWC", "blocked"):
@@ -964,15 +987,7 @@ def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channe
              "dilations": dilations}
     if not (want_float or pack):
         raise ValueError("binary_conv2d_packed_chain_primfunc: nothing to produce")
-    if weight_layout == "amx":
-        from .amx import binary_conv2d_amx_chain_primfunc
-
-        if e_columns:
-            raise ValueError("binary_conv2d_packed_chain_primfunc: e_columns only with the popcount kernels")
-        return binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, extra_shapes=extra_shapes, steps=steps,
-                                                want_float=want_float, pack=pack, with_threshold=with_threshold,
-                                                inplace=inplace, e_table=e_table, **attrs)
-    if weight_layout in POP_LAYOUTS:  # the AVX-512 popcount engines (runtimes/tvm/amx.py, pop_engine)
+    if weight_layout == "amx" or weight_layout in POP_LAYOUTS:  # AMX or a popcount engine (runtimes/tvm/amx.py)
         from .amx import binary_conv2d_amx_chain_primfunc
 
         if e_columns:
