@@ -34,6 +34,9 @@ struct ConvPlan {
   // (dot >= tamx[class · Opad + o]) XOR bit o % 16 of namx[o / 16] (prepare_plan), else null
   const int32_t* tamx;
   const uint16_t* namx;
+  // popcount kernels, bits output, every P0 in {-1, 0, +1}: the output bit as one compare of the popcount,
+  // (pc <= tpc[class · Opad + o]) XOR bit o % 16 of namx[o / 16] (prepare_plan), else null
+  const int32_t* tpc;
   int64_t NC;
   const int32_t* rc;
   const int32_t* cc;

@@ -230,6 +230,7 @@ void prepare_plan(ConvPlan& p, ConvStorage& st, const int32_t* e, int64_t NR, in
   p.etamx = nullptr;
   p.tamx = nullptr;
   p.namx = nullptr;
+  p.tpc = nullptr;
 #if defined(__x86_64__)
   if (amx) {
     st.wamx.assign(static_cast<size_t>(amx_weight_bytes(p)) / 8, 0);
@@ -263,17 +264,36 @@ void prepare_plan(ConvPlan& p, ConvStorage& st, const int32_t* e, int64_t NR, in
     p.p0i = st.p0i.data();
     p.p1i = st.p1i.data();
     p.Ow = (O + 31) / 32;
+    if (p.small_dir) {
+      // bit = P0·(E - 2·pc) >= P1 with P0 in {-1, 0, 1}: P0 = 1: pc <= floor((E - P1) / 2); P0 = -1:
+      // pc >= ceil((P1 + E) / 2), the complement of pc <= ceil((P1 + E) / 2) - 1; P0 = 0: the constant
+      // 0 >= P1, as the complement (or not) of pc <= INT32_MAX. The complemented channels (namx) are those of
+      // the AMX table below.
+      auto floor2 = [](int64_t a) { return a >= 0 ? a / 2 : -((-a + 1) / 2); };
+      const int64_t ncls = static_cast<int64_t>(st.et.size()) / Opad;
+      st.tpc.assign(st.et.size(), 0);
+      st.namx.assign(static_cast<size_t>(Opad / 16), 0);
+      for (int64_t o = 0; o < Opad; ++o) {
+        const int64_t a = st.p0i[o], b = st.p1i[o];
+        if (a == -1 || (a == 0 && !(0 >= b))) st.namx[o / 16] = static_cast<uint16_t>(st.namx[o / 16] | (1u << (o % 16)));
+        for (int64_t c = 0; c < ncls; ++c) {
+          const int64_t e = st.et[c * Opad + o];
+          int64_t t = a == 1 ? floor2(e - b) : a == -1 ? -floor2(-(b + e)) - 1 : INT32_MAX;
+          t = t < INT32_MIN ? INT32_MIN : t > INT32_MAX ? INT32_MAX : t;
+          st.tpc[c * Opad + o] = static_cast<int32_t>(t);
+        }
+      }
+      p.tpc = st.tpc.data();
+      p.namx = st.namx.data();
+    }
     if (p.etamx && p.small_dir) {
       // bit = P0·(E' + dot) >= P1 with P0 in {-1, 0, 1} (E' = etamx): P0 = 1: dot >= P1 - E'; P0 = -1:
       // dot <= -P1 - E', the complement of dot >= 1 - P1 - E'; P0 = 0: the constant 0 >= P1, as the
       // complement (or not) of dot >= INT32_MIN. Thresholds clamped to int32 (|dot| is far smaller).
       const int64_t ncls = static_cast<int64_t>(st.etamx.size()) / Opad;
       st.tamx.assign(st.etamx.size(), 0);
-      st.namx.assign(static_cast<size_t>(Opad / 16), 0);
       for (int64_t o = 0; o < Opad; ++o) {
         const int64_t a = st.p0i[o], b = st.p1i[o];
-        const bool neg = a == -1 || (a == 0 && !(0 >= b));
-        if (neg) st.namx[o / 16] = static_cast<uint16_t>(st.namx[o / 16] | (1u << (o % 16)));
         for (int64_t c = 0; c < ncls; ++c) {
           const int64_t e = st.etamx[c * Opad + o];
           int64_t t = a == 1 ? b - e : a == -1 ? 1 - b - e : INT32_MIN;
@@ -282,7 +302,6 @@ void prepare_plan(ConvPlan& p, ConvStorage& st, const int32_t* e, int64_t NR, in
         }
       }
       p.tamx = st.tamx.data();
-      p.namx = st.namx.data();
     }
   } else {
     const float* a = static_cast<const float*>(p0);
@@ -309,6 +328,7 @@ void attach_plan(ConvPlan& p, const ConvPlan& q) {
   p.etamx = q.etamx;
   p.tamx = q.tamx;
   p.namx = q.namx;
+  p.tpc = q.tpc;
   p.small_dir = q.small_dir;
   p.p0i = q.p0i;
   p.p1i = q.p1i;

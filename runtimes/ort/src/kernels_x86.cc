@@ -180,12 +180,17 @@ void epilogue512(const ConvPlan& p, int64_t n, int64_t y0, int64_t y1, const int
   const int64_t nvec = p.Opad / 16, Opad = p.Opad;
   if (p.bits) {
     // one packed word per 32 channels of each pixel, from two 16-channel masks: with every P0 in {-1, 0, 1}
-    // on AMX one compare of the dot product against the class's threshold, XOR the channels whose P0 is -1
-    // (prepare_plan: no multiply, no border-table add), else P0·D >= P1
+    // one compare of the dot product (AMX) or the popcount against the class's threshold, XOR the channels
+    // whose P0 is -1 (prepare_plan: no multiply, no border-table add), else P0·D >= P1
     if (Dot && p.tamx)
       bits_rows(p, n, y0, y1, pc, pc_row, [&](int64_t cls, const int32_t* c, int64_t v) {
         return static_cast<uint32_t>(
             _mm512_cmpge_epi32_mask(_mm512_loadu_si512(c), _mm512_loadu_si512(p.tamx + cls + 16 * v)) ^ p.namx[v]);
+      });
+    else if (!Dot && p.tpc)
+      bits_rows(p, n, y0, y1, pc, pc_row, [&](int64_t cls, const int32_t* c, int64_t v) {
+        return static_cast<uint32_t>(
+            _mm512_cmple_epi32_mask(_mm512_loadu_si512(c), _mm512_loadu_si512(p.tpc + cls + 16 * v)) ^ p.namx[v]);
       });
     else
       bits_rows(p, n, y0, y1, pc, pc_row, [&](int64_t cls, const int32_t* c, int64_t v) {
