@@ -518,7 +518,7 @@ class _Translator:
                 conv = dict(make_f=make_f, fargs=fargs, args=cargs, oshape=oshape, xs=xs, ws=ws, es=es, layout=clayout,
                             attrs=dict(out_channels=o, kernel_shape=ks, strides=st, pads=pads, dilations=dil,
                                        in_channels=cin))
-                if self.family == "x86" and clayout in ("OHWC", "blocked") and \
+                if self.family == "x86" and clayout not in K.TIR_LAYOUTS and \
                         all(nm in self.consts and nm not in self.values for nm in (e_name, cc_name)):
                     # the TE popcount kernels take E by output column, made here once (not per call)
                     conv["e_columns"] = K.e_by_column(self.consts[e_name], self.consts[cc_name])
@@ -666,7 +666,7 @@ class _Translator:
             shape = list(ac["oshape"])
             y = None
             # (the AMX and popcount-engine kernels take at most _amx_max_extras() chain operands)
-            ok = ac["layout"] in ("OHWC", "blocked") or len(plan["extras"]) <= _amx_max_extras()
+            ok = ac["layout"] not in K.TIR_LAYOUTS or len(plan["extras"]) <= _amx_max_extras()
         else:
             y = self.get(conv_out)
             shape = _shape(y)
@@ -699,7 +699,7 @@ class _Translator:
                 args.append(self.const(pn.input[1], "float32"))
         inplace = None
         if ac is not None:
-            if ac["layout"] not in ("OHWC", "blocked") and plan["want_float"]:
+            if ac["layout"] in K.TIR_LAYOUTS and plan["want_float"]:
                 # the float result over a residual operand nothing reads afterwards: one buffer for the
                 # residual stream instead of two (amx.binary_conv2d_amx_chain_primfunc, inplace; AMX and
                 # popcount engines)

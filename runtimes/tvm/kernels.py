@@ -685,6 +685,10 @@ def _best_tile(ext: int, limit: int) -> int:
 # the weight layouts of the AVX-512 popcount engines (runtimes/tvm/amx.py): blocked (block_conv_weights) with
 # channels in the lanes, as given with pixels in the lanes
 POP_LAYOUTS = ("pop_channels", "pop_pixels")
+# the layouts whose kernels are the hand-written TIR ones of runtimes/tvm/amx.py (AMX-INT8 and the popcount
+# engines): they take E's table (conv_kernel_args) and write a fused chain's float result in place; the others
+# ("OHWC", "blocked") are the TE kernels of this module
+TIR_LAYOUTS = ("amx", *POP_LAYOUTS)
 
 
 def pop_weights(w: np.ndarray, layout: str) -> np.ndarray:
@@ -713,7 +717,7 @@ def conv_kernel_args(layout: str, output: str, w: np.ndarray, e: np.ndarray, p0=
         wk = block_conv_weights(w)
     else:
         wk = w
-    if e is None or (layout != "amx" and layout not in POP_LAYOUTS):  # (E not constant: no table)
+    if e is None or layout not in TIR_LAYOUTS:  # (E not constant: no table)
         return wk, e, False
     wbits = False if layout in POP_LAYOUTS else None
     if output == "float":
@@ -780,7 +784,7 @@ def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, ke
     n, h, w, cw = [int(s) for s in x_shape]
     o, kh, kw, _ = [int(s) for s in w_shape]
     (sh, sw), (pt, pl, pb, pr), (dh, dw), (oh, ow) = conv_geometry(h, w, kh, kw, strides, pads, dilations)
-    if weight_layout == "amx" or weight_layout in POP_LAYOUTS:
+    if weight_layout in TIR_LAYOUTS:
         # the hand-written TIR kernels of runtimes/tvm/amx.py: AMX-INT8 (W = amx.amx_conv_weights(W)) or an
         # AVX-512 popcount engine (W = pop_weights(W, layout), see amx.pop_engine)
         from .amx import binary_conv2d_amx_primfunc
@@ -987,7 +991,7 @@ def binary_conv2d_packed_chain_primfunc(x_shape, w_shape, e_shape, *, out_channe
              "dilations": dilations}
     if not (want_float or pack):
         raise ValueError("binary_conv2d_packed_chain_primfunc: nothing to produce")
-    if weight_layout == "amx" or weight_layout in POP_LAYOUTS:  # AMX or a popcount engine (runtimes/tvm/amx.py)
+    if weight_layout in TIR_LAYOUTS:  # AMX or a popcount engine (runtimes/tvm/amx.py)
         from .amx import binary_conv2d_amx_chain_primfunc
 
         if e_columns:
