@@ -265,43 +265,35 @@ void prepare_plan(ConvPlan& p, ConvStorage& st, const int32_t* e, int64_t NR, in
     p.p1i = st.p1i.data();
     p.Ow = (O + 31) / 32;
     if (p.small_dir) {
-      // bit = P0·(E - 2·pc) >= P1 with P0 in {-1, 0, 1}: P0 = 1: pc <= floor((E - P1) / 2); P0 = -1:
-      // pc >= ceil((P1 + E) / 2), the complement of pc <= ceil((P1 + E) / 2) - 1; P0 = 0: the constant
-      // 0 >= P1, as the complement (or not) of pc <= INT32_MAX. The complemented channels (namx) are those of
-      // the AMX table below.
+      // every P0 in {-1, 0, 1}: the output bit as one compare against a threshold per class and channel, XOR
+      // the channels in namx (P0 = -1, or P0 = 0 with the constant 0 >= P1 false), thresholds clamped to int32.
+      // Popcount kernels, bit = P0·(E - 2·pc) >= P1 (tpc, compare pc <= t): P0 = 1: t = floor((E - P1) / 2);
+      // P0 = -1: pc >= ceil((P1 + E) / 2), the complement of t = ceil((P1 + E) / 2) - 1; P0 = 0: t = INT32_MAX.
+      // AMX, bit = P0·(E' + dot) >= P1 with E' = etamx (tamx, compare dot >= t): P0 = 1: t = P1 - E';
+      // P0 = -1: dot <= -P1 - E', the complement of t = 1 - P1 - E'; P0 = 0: t = INT32_MIN.
       auto floor2 = [](int64_t a) { return a >= 0 ? a / 2 : -((-a + 1) / 2); };
+      auto clamp32 = [](int64_t t) {
+        return static_cast<int32_t>(t < INT32_MIN ? INT32_MIN : t > INT32_MAX ? INT32_MAX : t);
+      };
       const int64_t ncls = static_cast<int64_t>(st.et.size()) / Opad;
       st.tpc.assign(st.et.size(), 0);
       st.namx.assign(static_cast<size_t>(Opad / 16), 0);
+      if (p.etamx) st.tamx.assign(st.etamx.size(), 0);
       for (int64_t o = 0; o < Opad; ++o) {
         const int64_t a = st.p0i[o], b = st.p1i[o];
         if (a == -1 || (a == 0 && !(0 >= b))) st.namx[o / 16] = static_cast<uint16_t>(st.namx[o / 16] | (1u << (o % 16)));
         for (int64_t c = 0; c < ncls; ++c) {
           const int64_t e = st.et[c * Opad + o];
-          int64_t t = a == 1 ? floor2(e - b) : a == -1 ? -floor2(-(b + e)) - 1 : INT32_MAX;
-          t = t < INT32_MIN ? INT32_MIN : t > INT32_MAX ? INT32_MAX : t;
-          st.tpc[c * Opad + o] = static_cast<int32_t>(t);
+          st.tpc[c * Opad + o] = clamp32(a == 1 ? floor2(e - b) : a == -1 ? -floor2(-(b + e)) - 1 : INT32_MAX);
+          if (p.etamx) {
+            const int64_t ea = st.etamx[c * Opad + o];
+            st.tamx[c * Opad + o] = clamp32(a == 1 ? b - ea : a == -1 ? 1 - b - ea : INT32_MIN);
+          }
         }
       }
       p.tpc = st.tpc.data();
       p.namx = st.namx.data();
-    }
-    if (p.etamx && p.small_dir) {
-      // bit = P0·(E' + dot) >= P1 with P0 in {-1, 0, 1} (E' = etamx): P0 = 1: dot >= P1 - E'; P0 = -1:
-      // dot <= -P1 - E', the complement of dot >= 1 - P1 - E'; P0 = 0: the constant 0 >= P1, as the
-      // complement (or not) of dot >= INT32_MIN. Thresholds clamped to int32 (|dot| is far smaller).
-      const int64_t ncls = static_cast<int64_t>(st.etamx.size()) / Opad;
-      st.tamx.assign(st.etamx.size(), 0);
-      for (int64_t o = 0; o < Opad; ++o) {
-        const int64_t a = st.p0i[o], b = st.p1i[o];
-        for (int64_t c = 0; c < ncls; ++c) {
-          const int64_t e = st.etamx[c * Opad + o];
-          int64_t t = a == 1 ? b - e : a == -1 ? 1 - b - e : INT32_MIN;
-          t = t < INT32_MIN ? INT32_MIN : t > INT32_MAX ? INT32_MAX : t;
-          st.tamx[c * Opad + o] = static_cast<int32_t>(t);
-        }
-      }
-      p.tamx = st.tamx.data();
+      if (p.etamx) p.tamx = st.tamx.data();
     }
   } else {
     const float* a = static_cast<const float*>(p0);
