@@ -204,7 +204,6 @@ def bnnc_layer_kernels(case: dict, target=None) -> dict:
     executable) plus ``args`` (the constant inputs of each conv, in call order after X) and ``layout`` /
     ``layout_float`` (the conv kernel the compiled graph selects for each output: ``"amx"``, an AVX-512
     popcount engine ``"pop_channels"`` / ``"pop_pixels"``, ``"blocked"`` or ``"OHWC"``)."""
-    from bnnc.runtimes.tvm import amx
     from bnnc.runtimes.tvm import kernels as K
 
     s = case["shape"]
@@ -220,9 +219,7 @@ def bnnc_layer_kernels(case: dict, target=None) -> dict:
     tgt = target if target is not None else "cpu"
     args = {}
     for mode in ("bits", "float"):
-        layout = base
-        if base != "amx":
-            layout = amx.pop_engine(pshape, case["wp"].shape, target=tgt, use=mode, in_channels=cin, **geo) or base
+        layout = K.conv_kernel_layout(base, pshape, case["wp"].shape, use=mode, target=tgt, in_channels=cin, **geo)
         tail = [case["direction"], case["thr"]] if mode == "bits" else [case["scale"], case["bias"]]
         w, e, table = K.conv_kernel_args(layout, mode, case["wp"], case["e"], *tail)
         f = K.binary_conv2d_packed_primfunc(pshape, case["wp"].shape, case["e"].shape, output=mode, target=target,

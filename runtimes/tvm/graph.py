@@ -488,14 +488,11 @@ class _Translator:
                 ar[2] = self.const(ek)
             return ar, table
 
-        def pop(use):
-            if wnp is None or layout == "amx":
-                return None
-            from .amx import pop_engine
+        def kernel(use):  # (weights not constant: the TE kernels, which take them as given)
+            return layout if wnp is None else K.conv_kernel_layout(layout, xs, ws, use=use, target=tgt,
+                                                                   in_channels=cin, **geo)
 
-            return pop_engine(xs, ws, target=tgt, use=use, in_channels=cin, **geo)
-
-        flayout = pop("bits" if output == "bits" else "float") or layout  # the conv alone
+        flayout = kernel("bits" if output == "bits" else "float")  # the conv alone
         fargs, ftable = conv_inputs(flayout)
 
         def make_f():  # the conv alone (made only where it is emitted: parsing a TIR kernel takes 0.1-0.3 s)
@@ -513,7 +510,7 @@ class _Translator:
             if layout == "amx" or (_POPFUSE and self.family in ("x86", "cuda")):
                 # the chain (+ PackSign) goes into the conv's epilogue (AMX, x86 popcount or CUDA kernel): emitted
                 # with it
-                clayout = pop("chain") or layout
+                clayout = kernel("chain")
                 cargs, ctable = (fargs, ftable) if clayout == flayout else conv_inputs(clayout)
                 conv = dict(make_f=make_f, fargs=fargs, args=cargs, oshape=oshape, xs=xs, ws=ws, es=es, layout=clayout,
                             attrs=dict(out_channels=o, kernel_shape=ks, strides=st, pads=pads, dilations=dil,

@@ -700,6 +700,20 @@ def pop_weights(w: np.ndarray, layout: str) -> np.ndarray:
     raise ValueError(f"pop_weights: layout must be one of {POP_LAYOUTS}, got {layout!r}")
 
 
+def conv_kernel_layout(base: str, x_shape, w_shape, *, use: str, strides, pads, dilations, target=None,
+                       in_channels: int | None = None) -> str:
+    """The kernel (its weight layout) a conv with constant weights takes for ``use`` (``"bits"`` / ``"float"``
+    output alone, ``"chain"``: float output with a fused chain), given ``base`` = :func:`conv_weight_layout`:
+    AMX stays AMX; else the AVX-512 popcount engine :func:`runtimes.tvm.amx.pop_engine` picks, if any, else
+    ``base``. The one rule of the graph translator and the layer bench."""
+    if base == "amx":
+        return base
+    from .amx import pop_engine
+
+    return pop_engine(x_shape, w_shape, strides=strides, pads=pads, dilations=dilations, target=target, use=use,
+                      in_channels=in_channels) or base
+
+
 def conv_kernel_args(layout: str, output: str, w: np.ndarray, e: np.ndarray, p0=None, p1=None):
     """Constant weights ``[O, KH, KW, Cw]`` and E ``[O, R, C]`` → ``(W, E argument, e_table)`` of the conv kernel
     of ``layout`` (:func:`conv_weight_layout`, :data:`POP_LAYOUTS`), made once at compile time: the weights laid
@@ -737,8 +751,8 @@ def conv_weight_layout(x_shape, w_shape, *, strides, pads, dilations, target=Non
     default), AMX where :func:`runtimes.tvm.amx.use_amx` says so (an AMX target in a process with AMX
     enabled, shapes where it was measured faster); else channels
     in the lanes for stride-1, dilation-1 convs whose output plane is small (< 400 positions, e.g. 14x14
-    and 7x7), where the pixel-vectorized tile would leave lanes empty. Where this is not ``"amx"``, the graph
-    translator then asks :func:`runtimes.tvm.amx.pop_engine` whether an AVX-512 popcount engine
+    and 7x7), where the pixel-vectorized tile would leave lanes empty. Where this is not ``"amx"``,
+    :func:`conv_kernel_layout` then asks :func:`runtimes.tvm.amx.pop_engine` whether an AVX-512 popcount engine
     (:data:`POP_LAYOUTS`, weights :func:`pop_weights`) takes the conv instead of the TE kernels."""
     if _family(target) != "x86":
         return "OHWC"
