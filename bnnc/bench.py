@@ -203,7 +203,7 @@ def bnnc_layer_kernels(case: dict, target=None) -> dict:
     each a :class:`bnnc.runtimes.tvm.kernels.Kernel` (callable on NumPy arrays; ``.lib`` is the compiled
     executable) plus ``args`` (the constant inputs of each conv, in call order after X) and ``layout`` /
     ``layout_float`` (the conv kernel the compiled graph selects for each output: ``"amx"``, an AVX-512
-    popcount engine ``"pop_channels"`` / ``"pop_pixels"``, ``"blocked"`` or ``"OHWC"``)."""
+    popcount engine ``"pop_channels"``, ``"blocked"`` or ``"OHWC"``)."""
     from bnnc.runtimes.tvm import kernels as K
 
     s = case["shape"]

@@ -1,5 +1,4 @@
-"""The AVX-512 popcount engines of the hand-written TIR kernels (runtimes/tvm/amx.py: ``pop_channels``,
-``pop_pixels``): bit-exact against the NumPy reference of BinaryConv2dPacked (bits and float output) and of
+"""The AVX-512 popcount engine of the hand-written TIR kernels (runtimes/tvm/amx.py: ``pop_channels``): bit-exact against the NumPy reference of BinaryConv2dPacked (bits and float output) and of
 the fused chain; the selection rule; whole graphs compiled with them equal the reference and the TE kernels.
 
 The kernels run where the host has AVX-512 VPOPCNTDQ (Ice Lake and later, Zen 4 and later); elsewhere the
@@ -39,11 +38,10 @@ CASES = [
     (2, 96, 7, 7, 40, 3, 1, (0, 0, 0, 0), 1, "float", "pop_channels", None),   # pad 0, Cout % 32 != 0
     (1, 64, 20, 20, 64, 3, 1, (1, 1, 1, 1), 1, "float", "pop_channels", (32, 32)),
     (2, 130, 11, 10, 70, 3, 2, (1, 1, 1, 1), 1, "float", "pop_channels", None),  # batch 2, stride 2
-    (1, 64, 8, 8, 64, 3, 1, (1, 1, 1, 1), 1, "float", "pop_pixels", None),
-    (2, 130, 11, 10, 70, 3, 2, (1, 1, 1, 1), 1, "float", "pop_pixels", None),  # batch 2, stride 2
-    (1, 100, 10, 9, 50, 3, 1, (0, 1, 1, 0), 2, "float", "pop_pixels", None),
-    (1, 64, 20, 20, 64, 3, 1, (1, 1, 1, 1), 1, "float", "pop_pixels", (48, 32)),  # blocks cross row ends
-    (1, 33, 6, 6, 33, 1, 2, (0, 0, 0, 0), 1, "float", "pop_pixels", None),     # 1x1 stride 2
+    (1, 64, 8, 8, 64, 3, 1, (1, 1, 1, 1), 1, "float", "pop_channels", None),
+    (1, 64, 20, 20, 64, 3, 1, (1, 1, 1, 1), 1, "float", "pop_channels", (48, 32)),  # mb rounded to whole rows
+    (1, 33, 6, 6, 33, 1, 2, (0, 0, 0, 0), 1, "float", "pop_channels", None),     # 1x1 stride 2
+    (1, 64, 37, 35, 96, 3, 1, (1, 1, 1, 1), 1, "float", "pop_channels", None),   # 3 pieces per row, partial last
 ]
 
 
@@ -119,9 +117,7 @@ CHAIN_CASES = [
     (2, 70, 9, 7, 40, 1, True, False, "pop_channels"),   # batch 2, O % 32 != 0
     (1, 128, 5, 5, 96, 1, False, True, "pop_channels"),  # packed bits only
     (2, 70, 9, 7, 40, 2, True, True, "pop_channels"),    # stride 2
-    (1, 64, 9, 11, 64, 1, True, True, "pop_pixels"),
-    (2, 70, 9, 7, 40, 2, True, False, "pop_pixels"),     # batch 2, stride 2
-    (1, 64, 20, 20, 64, 1, False, False, "pop_pixels"),  # several pixel blocks: rows split between tasks
+    (1, 64, 20, 20, 64, 1, False, False, "pop_channels"),  # several pixel blocks: rows split between tasks
 ]
 
 
@@ -170,8 +166,8 @@ def test_selection_rule(monkeypatch):
         assert sel((1, 7, 7, 16), (512, 3, 3, 16), use, target=zen4) == "pop_channels"
         assert sel((1, 14, 14, 8), (256, 3, 3, 8), use, target=zen4) == "pop_channels"
     assert sel((1, 56, 56, 2), (64, 3, 3, 2), "bits", target=zen4) == "pop_channels"
-    assert sel((1, 56, 56, 2), (64, 3, 3, 2), "float", target=zen4) == "pop_pixels"
-    assert sel((1, 56, 56, 2), (128, 3, 3, 2), "float", s=(2, 2), target=zen4) == "pop_pixels"
+    assert sel((1, 56, 56, 2), (64, 3, 3, 2), "float", target=zen4) == "pop_channels"
+    assert sel((1, 56, 56, 2), (128, 3, 3, 2), "float", s=(2, 2), target=zen4) == "pop_channels"
     assert sel((1, 56, 56, 2), (128, 3, 3, 2), "bits", s=(2, 2), target=zen4) == "pop_channels"
     assert sel((1, 28, 28, 4), (256, 3, 3, 4), "float", s=(2, 2), target=zen4) == "pop_channels"  # 14x14 out
     assert sel((1, 14, 14, 8), (256, 3, 3, 8), "chain", target=zen4) == "pop_channels"
@@ -204,7 +200,7 @@ def test_engine_rejects_bad_arguments():
     with pytest.raises(ValueError, match="pop_channels"):
         K.binary_conv2d_packed_primfunc((1, 8, 8, 2), (64, 3, 3, 2), (64, 3, 3), out_channels=64,
                                         kernel_shape=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dilations=(1, 1),
-                                        output="bits", weight_layout="pop_pixels", target=HOST)
+                                        output="bits", weight_layout="pop_pixels", target=HOST)  # retired engine
     with pytest.raises(ValueError, match="layout"):
         K.pop_weights(np.zeros((64, 3, 3, 2), np.uint32), "blocked")
 

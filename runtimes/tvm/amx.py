@@ -40,9 +40,8 @@ The tile configuration is per thread: each parallel task loads it (``ldtilecfg``
 kernels, word planes of the packed input instead of int8 images, and AVX-512 register tiles of
 ``dot = Kbits − 2·popcount(x XOR w)`` instead of AMX tiles (:func:`_popcount_macros`): ``pop_channels`` (32
 output channels in the lanes, up to 8 pixels of a row per tile; any stride; weights
-``kernels.block_conv_weights``) for the bits output and small planes, ``pop_pixels`` (16-pixel vectors of
-virtual pixels, 8 channels per tile; any stride; weights as given) for the float output of large planes. The
-int32 block and the epilogues are the AMX kernels' (the float epilogue per output row for these engines).
+``kernels.block_conv_weights``) for the bits and the float output. The int32 block and the epilogues are the
+AMX kernels' (the float epilogue per output row, the [pixel][channel] block transposed 16×16 in registers).
 
 Linux keeps the AMX tile state disabled until the process asks for it (``arch_prctl(ARCH_REQ_XCOMP_PERM,
 XFEATURE_XTILEDATA)``); without it the first tile instruction raises SIGILL. :func:`enabled` makes that
@@ -200,7 +199,7 @@ def target_has_popcnt512(target) -> bool:
     return _x86_mcpu(target) in POPCNT512_MCPUS
 
 
-# output planes below this many positions: channels in the lanes (pop_channels) for the float output
+# output planes below this many positions: the popcount engine for a fused chain (larger: the TE kernels)
 POP_CHANNELS_MAX_POSITIONS = 400
 # stride-1 planes below this many positions keep the TE kernel for a fused chain (7x7: 0.110 vs 0.115 ms)
 POP_CHAIN_MIN_POSITIONS_STRIDE1 = 64
@@ -218,10 +217,12 @@ def pop_engine(x_shape, w_shape, *, strides, pads, dilations, target=None, use: 
     Measured on one Zen 4 core (kernels alone, interleaved, ms, TE → engine): bits output, channels in the
     lanes everywhere: 56²×64 0.187 → 0.119, 28²×128 0.161 → 0.124, 14²×256 0.121 → 0.104, 7²×512 0.139 →
     0.102, stride 2 56²→28² 0.100 → 0.065, 28²→14² 0.078 → 0.056, 14²→7² 0.077 → 0.054 (the TE kernels'
-    bit-packing epilogues ran 20–30 % of their time); float output alone: output planes of >= 400 positions
-    pixels in the lanes (56²×64 0.157 → 0.137, stride-2 56²→28² 0.094 → 0.078, 28²×128 even), smaller ones
-    channels in the lanes (14²×256 0.139 → 0.112, 7²×512 0.118 → 0.109, 28²→14² 0.074 → 0.064, 14²→7² 0.077
-    → 0.061); conv + residual Add + PackSign: channels in the lanes on planes below 400 positions (14²×256
+    bit-packing epilogues ran 20–30 % of their time); float output alone, channels in the lanes: 14²×256 0.139
+    → 0.112, 7²×512 0.118 → 0.109, 28²→14² 0.074 → 0.064, 14²→7² 0.077 → 0.061, and with its block transposed
+    in registers on every plane (the retired pixels-in-the-lanes engine, 8 channels × 48 pixels per tile, had
+    taken planes >= 400 positions; engine A/B in one process, min of 31 rounds: 56²×64 0.1488 → 0.1427, 28²×128
+    0.126 → 0.117, stride-2 56²→28² 0.0756 → 0.0731; 2 threads 0.078 → 0.079, 0.074 → 0.067, 0.048 → 0.045);
+    conv + residual Add + PackSign: channels in the lanes on planes below 400 positions (14²×256
     0.129 → 0.119, 28²→14² 0.076 → 0.071, 14²→7² 0.076 → 0.067) but for stride-1 7²×512 (0.110 → 0.115:
     the TE kernel stays), the TE kernels on larger planes (pixels in the lanes 56²×64 even, 28²×128 0.135 →
     0.143: the float residual stream, not the popcounts, sets the time there)."""
@@ -243,7 +244,7 @@ def pop_engine(x_shape, w_shape, *, strides, pads, dilations, target=None, use: 
     if use == "bits":
         return "pop_channels"
     if use == "float":
-        return "pop_channels" if small else "pop_pixels"
+        return "pop_channels"
     # use == "chain"
     if small and not ((sh, sw) == (1, 1) and npos < POP_CHAIN_MIN_POSITIONS_STRIDE1):
         return "pop_channels"
@@ -564,13 +565,10 @@ def _amx_macros(g, h, w, cw):
 # The popcount engines: the same kernels (word planes in, int32 block ``dot = Kbits − 2·popcount`` per task,
 # the same epilogues) with AVX-512 VPOPCNTDQ register tiles instead of AMX tiles, for x86 CPUs without AMX.
 
-# pixels in the lanes ("pop_pixels"): POP_OC output channels x POP_QV vectors of 16 virtual pixels (24 zmm
-# accumulators), block [channel][pixel]; channels in the lanes ("pop_channels", any stride): up to POP_XT pixels
-# of an output row x 32 channels (2 zmm each), block [pixel][channel], weights blocked [O/32, KH, KW, Cw, 32]
-POP_OC = 8
-POP_QV = 3
+# channels in the lanes ("pop_channels", any stride): up to POP_XT pixels of an output row x 32 channels (2 zmm
+# each), block [pixel][channel], weights blocked [O/32, KH, KW, Cw, 32]
 POP_XT = 8
-POP_ENGINES = ("pop_pixels", "pop_channels")
+POP_ENGINES = ("pop_channels",)
 
 
 def pop_row_tile(ow: int) -> int:
@@ -578,14 +576,10 @@ def pop_row_tile(ow: int) -> int:
     return max(t for t in range(1, min(POP_XT, ow) + 1) if ow % t == 0)
 
 
-def _pop_geometry(x_shape, w_shape, strides, pads, dilations, engine, *, mb=None, og=None, float_out=False):
-    """:func:`_geometry` for a popcount engine: ``mb`` a multiple of the register tile's pixels: 48 virtual
-    pixels with pixels in the lanes; whole output rows with channels in the lanes (a given ``mb`` rounded up
-    to them). (Rows rounded up to 16 pixels as well made 7 tasks of 464 pixels at 56²×64, bits output: 2
-    threads got 4 and 3.)"""
-    if engine == "pop_pixels":
-        return _geometry(x_shape, w_shape, strides, pads, dilations, mb=mb, og=og, float_out=float_out,
-                         quant=POP_QV * _TILE)
+def _pop_geometry(x_shape, w_shape, strides, pads, dilations, *, mb=None, og=None, float_out=False):
+    """:func:`_geometry` for the popcount engine: ``mb`` whole output rows (a given ``mb`` rounded up to them).
+    (Rows rounded up to 16 pixels as well made 7 tasks of 464 pixels at 56²×64, bits output: 2 threads got 4
+    and 3.)"""
     rl = _geometry(x_shape, w_shape, strides, pads, dilations, og=og, float_out=float_out, quant=1)["rl"]
     return _geometry(x_shape, w_shape, strides, pads, dilations, mb=None if mb is None else _round_up(mb, rl),
                      og=og, float_out=float_out, quant=rl)
@@ -596,10 +590,7 @@ def _popcount_macros(g, lp, cwq):
     word plane, ``cwq`` words per pixel in the planes):
 
     * ``word_planes(wpl, Xf)``: the packed input as word planes ``[image, phase, word, position]`` (0 outside
-      the image and for words >= Cw), the layout both engines (and the AMX float kernel's unpack) read;
-    * ``gemm_pixels(Wt, wpl, acc, aoff, ti, tg, tp)``: the task's block ``acc[channel][pixel]`` (og × mb, from
-      ``aoff``), weights
-      ``[O, KH, KW, Cw]`` as given;
+      the image and for words >= Cw), the layout the engine (and the AMX float kernel's unpack) reads;
     * ``gemm_channels(Wb, wpl, acc, aoff, ti, tg, tp)``: ``acc[pixel][channel]`` (mb × og), weights blocked
       ``[O/32, KH, KW, Cw, 32]`` (:func:`kernels.block_conv_weights`); pixels x >= OW are not written."""
     from tvm.script import tirx as T
@@ -610,7 +601,6 @@ def _popcount_macros(g, lp, cwq):
     kbits = taps * WORD * cw
     L = _TILE
     i32v = f"int32x{L}"
-    pq = POP_QV * L
     nrows = n * nph * lrows
     xt = pop_row_tile(ow)
     rows = mb // rl if npb > 1 else oh  # output rows of a task (channels in the lanes)
@@ -627,29 +617,6 @@ def _popcount_macros(g, lp, cwq):
                     i, ph, inside, pix = T.meta_var(_plane_source(row, c, g, h, w))
                     wpl[((i * nph + ph) * cwq + wq) * lp + row % lrows * rl + c] = T.if_then_else(
                         T.And(inside, wq < cw), Xf[pix * cw + T.min(wq, cw - 1)], T.uint32(0))
-
-    @T.macro
-    def gemm_pixels(Wt, wpl, acc, aoff, ti, tg, tp):
-        # per (tap, word): POP_QV vector loads of the word plane, one broadcast weight word per channel
-        for cb in range(og // POP_OC):
-            for pg in range(mb // pq):
-                racc = T.alloc_buffer((POP_OC * POP_QV * L,), "int32", scope="local")
-                for k in T.unroll(POP_OC * POP_QV):
-                    racc[T.Ramp(k * L, 1, L)] = T.Broadcast(T.int32(0), L)
-                for a in range(kh):
-                    for b in range(kw):
-                        for wq in range(cw):
-                            pbase = T.meta_var(plane(ti, a, b, wq) + tp * mb + pg * pq)
-                            for v in T.unroll(POP_QV):
-                                for c in T.unroll(POP_OC):
-                                    wv = T.meta_var(Wt[T.min(tg * og + cb * POP_OC + c, o - 1), a, b, wq])
-                                    racc[T.Ramp((c * POP_QV + v) * L, 1, L)] = racc[T.Ramp((c * POP_QV + v) * L, 1, L)] \
-                                        + T.Cast(i32v, T.popcount(T.bitwise_xor(wpl[T.Ramp(pbase + v * L, 1, L)],
-                                                                                T.Broadcast(wv, L))))
-                for c in T.unroll(POP_OC):
-                    for v in T.unroll(POP_QV):
-                        acc[T.Ramp(aoff + (cb * POP_OC + c) * mb + pg * pq + v * L, 1, L)] = T.Broadcast(T.int32(kbits), L) \
-                            - racc[T.Ramp((c * POP_QV + v) * L, 1, L)] * T.Broadcast(T.int32(2), L)
 
     @T.macro
     def gemm_channels(Wb, wpl, acc, aoff, ti, tg, tp):
@@ -678,7 +645,7 @@ def _popcount_macros(g, lp, cwq):
                                     T.Broadcast(T.int32(kbits), L) - racc[T.Ramp((2 * j + k) * L, 1, L)] \
                                     * T.Broadcast(T.int32(2), L)
 
-    return word_planes, gemm_pixels, gemm_channels
+    return word_planes, gemm_channels
 
 
 def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kernel_shape, strides, pads,
@@ -714,7 +681,7 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
         raise ValueError("binary_conv2d_amx_primfunc: the popcount engine takes packed weights")
     wbits = False if chan else weight_bits(w_shape) if wbits is None else bool(wbits)
     if chan:
-        g = _pop_geometry(x_shape, w_shape, strides, pads, dilations, engine, mb=mb, og=og)
+        g = _pop_geometry(x_shape, w_shape, strides, pads, dilations, mb=mb, og=og)
     else:
         g = _geometry(x_shape, w_shape, strides, pads, dilations, mb=mb, og=og, wbits=wbits)
     e_shape = tuple(int(s) for s in e_shape)
@@ -736,7 +703,7 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
     nwpl = n * nph * cw * lp if chan else 1
     ntask = n * npb * ncg
     tile_config, zero_tiles, store_2x2, unpack_rows, gemm_bitweights = _amx_macros(g, h, w, cw)
-    word_planes, _gemm_pixels, gemm_channels = _popcount_macros(g, lp, cw)
+    word_planes, gemm_channels = _popcount_macros(g, lp, cw)
     e_arg_shape = (nr * nc + 1, opad) if e_table else e_shape
     sgo = nr * nc * opad  # the sign row of the table (e_table)
 
@@ -880,6 +847,18 @@ def _chain_vec(val, steps, extras, ext_shapes, idx4, x0, mask, out_rank=4):
     return val
 
 
+def _transpose16_shuffles() -> dict:
+    """Lane indices (into the 32 lanes of a concatenated vector pair) of the shuffles of a 16×16 int32 transpose
+    in registers: rounds of unpack lo/hi of dwords, of qwords, then two rounds of 128-bit-lane selections (even /
+    odd lanes), which LLVM emits as ``vpunpck[lh]dq``, ``vpunpck[lh]qdq`` and ``vshufi64x2``: 64 shuffles per
+    16×16 block."""
+    lo = [i for b in range(4) for i in (4 * b, 16 + 4 * b, 4 * b + 1, 17 + 4 * b)]
+    lod = [i for b in range(4) for i in (4 * b, 4 * b + 1, 16 + 4 * b, 17 + 4 * b)]
+    return dict(lo=lo, hi=[i + 2 for i in lo], lod=lod, hid=[i + 2 for i in lod],
+                even=[4 * s + k for s in (0, 2, 4, 6) for k in range(4)],
+                odd=[4 * s + k for s in (1, 3, 5, 7) for k in range(4)])
+
+
 def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels, kernel_shape, strides, pads,
                                      dilations, extra_shapes=(), steps=(), want_float=True, pack=False,
                                      with_threshold=False, mb=None, og=None, wbits=None, inplace=None,
@@ -922,8 +901,7 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     if engine not in ("amx",) + POP_ENGINES:
         raise ValueError(f"binary_conv2d_amx_chain_primfunc: engine must be one of "
                          f"{('amx',) + POP_ENGINES}, got {engine!r}")
-    popc = engine in POP_ENGINES
-    chan = engine == "pop_channels"  # the block is [pixel][channel]
+    popc = engine in POP_ENGINES  # the popcount engine: the block is [pixel][channel]
     if popc and wbits:
         raise ValueError("binary_conv2d_amx_chain_primfunc: the popcount engines take packed weights")
     wbits = False if popc else weight_bits(w_shape) if wbits is None else bool(wbits)
@@ -931,7 +909,7 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
         raise ValueError("binary_conv2d_amx_chain_primfunc: e_table is made for the default weight form "
                          "(amx_e_table); pass E instead with wbits overridden")
     if popc:
-        g = _pop_geometry(x_shape, w_shape, strides, pads, dilations, engine, mb=mb, og=og, float_out=True)
+        g = _pop_geometry(x_shape, w_shape, strides, pads, dilations, mb=mb, og=og, float_out=True)
     else:
         g = _geometry(x_shape, w_shape, strides, pads, dilations, mb=mb, og=og, wbits=wbits, float_out=True)
     e_shape = tuple(int(s) for s in e_shape)
@@ -959,7 +937,7 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     e_arg_shape = (nr, opad, _TILE) if e_table else e_shape
     nwo = num_words(o)
     nwg = og // 32  # words per channel group
-    wshape = (opad // 32, kh, kw, cw, 32) if chan else (o, kh, kw, cw) if popc else \
+    wshape = (opad // 32, kh, kw, cw, 32) if popc else \
         (opad // _TILE, taps, nkc, _TILE) if wbits else (opad // _TILE, taps, nkc, _TILE, 64)
     wdt = "uint32" if popc else "uint64" if wbits else "int8"
     # 32-bit words per pixel in the word plane (words >= cw are 0; the popcount engine reads words < cw only)
@@ -970,7 +948,7 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     cw64 = max(1, cw // 2)
     lpos = g["lpos"]
     tile_config, zero_tiles, store_2x2, unpack_rows, gemm_bitweights = _amx_macros(g, h, w, cw)
-    word_planes, gemm_pixels, gemm_channels = _popcount_macros(g, lp, cwq)
+    word_planes, gemm_channels = _popcount_macros(g, lp, cwq)
     # int8 weights with several channel groups: the VNNI image twice. With T threads the runtime gives thread k
     # the k-th contiguous share of a parallel loop's iterations: thread k writes copy k (of the unpack loop
     # below) and its GEMM tasks (every pixel block of its channel groups) read copy k, in its own cache, not
@@ -988,7 +966,7 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     nyb = mb // rl + 2  # output rows a task's block can touch
     # popcount engines: the int32 block and the PackSign words padded by PW lanes (of pixels) on both sides
     PW = _TILE
-    apad = (PW * og if chan else PW) if popc else 0
+    apad = PW * og if popc else 0
     wpad = PW if popc else 0
     wrow = mb + 2 * wpad
     ccpad = rl + 2 * _TILE  # CC padded by 16 on each side, indexed by x + 16
@@ -997,6 +975,7 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
     a_shapes = [ext_shapes[k] if k < len(ext_shapes) else (1,) for k in range(_MAX_EXTRAS)]
     L = _TILE
     f32v, i32v = f"float32x{L}", f"int32x{L}"
+    tsh = _transpose16_shuffles()
 
     @T.macro
     def unpack_quad16(img, wpl, dst, t, pos):
@@ -1027,13 +1006,45 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
         wreg = T.alloc_buffer((L,), "uint32", scope="local")  # constant index: a register
         if pack:
             wreg[T.Ramp(0, 1, L)] = wb[T.Ramp(wbase, 1, L)]
+        tr = T.alloc_buffer((32 * L if pst != 1 else 1,), "int32", scope="local")
+        if pst != 1:
+            # pixels pst apart ([pixel][channel] block, arow = 1): the 16 pixels × 32 channels as two 16×16
+            # blocks transposed in registers (tr: channel c32's 16 pixels at 16·c32), instead of 16 scalar loads
+            # and inserts per channel vector (vpgatherdd was slower still on Zen 4)
+            for hh in range(2):
+                tq = T.alloc_buffer((L * L,), "int32", scope="local")
+                tu = T.alloc_buffer((L * L,), "int32", scope="local")
+                for q in T.unroll(L):
+                    tq[T.Ramp(q * L, 1, L)] = accb[T.Ramp(abase + q * pst + hh * L, 1, L)]
+                # row q = pixel q's 16 channels → row c = channel c's 16 pixels (_transpose16_shuffles)
+                for i in T.unroll(8):
+                    tu[T.Ramp(2 * i * L, 1, L)] = T.Shuffle([tq[T.Ramp(2 * i * L, 1, L)],
+                                                             tq[T.Ramp((2 * i + 1) * L, 1, L)]], tsh["lo"])
+                    tu[T.Ramp((2 * i + 1) * L, 1, L)] = T.Shuffle([tq[T.Ramp(2 * i * L, 1, L)],
+                                                                   tq[T.Ramp((2 * i + 1) * L, 1, L)]], tsh["hi"])
+                for k in T.unroll(4):
+                    for v in T.unroll(2):
+                        tq[T.Ramp((4 * k + 2 * v) * L, 1, L)] = T.Shuffle(
+                            [tu[T.Ramp((4 * k + v) * L, 1, L)], tu[T.Ramp((4 * k + v + 2) * L, 1, L)]], tsh["lod"])
+                        tq[T.Ramp((4 * k + 2 * v + 1) * L, 1, L)] = T.Shuffle(
+                            [tu[T.Ramp((4 * k + v) * L, 1, L)], tu[T.Ramp((4 * k + v + 2) * L, 1, L)]], tsh["hid"])
+                for k in T.unroll(2):
+                    for j in T.unroll(4):
+                        tu[T.Ramp((8 * k + j) * L, 1, L)] = T.Shuffle(
+                            [tq[T.Ramp((8 * k + j) * L, 1, L)], tq[T.Ramp((8 * k + 4 + j) * L, 1, L)]], tsh["even"])
+                        tu[T.Ramp((8 * k + 4 + j) * L, 1, L)] = T.Shuffle(
+                            [tq[T.Ramp((8 * k + j) * L, 1, L)], tq[T.Ramp((8 * k + 4 + j) * L, 1, L)]], tsh["odd"])
+                for j in T.unroll(8):
+                    tr[T.Ramp((hh * L + j) * L, 1, L)] = T.Shuffle(
+                        [tu[T.Ramp(j * L, 1, L)], tu[T.Ramp((8 + j) * L, 1, L)]], tsh["even"])
+                    tr[T.Ramp((hh * L + 8 + j) * L, 1, L)] = T.Shuffle(
+                        [tu[T.Ramp(j * L, 1, L)], tu[T.Ramp((8 + j) * L, 1, L)]], tsh["odd"])
         for c32 in range(32):
             ch = T.meta_var(tg * og + cwd * 32 + c32)
             if ch < o:
                 tab = T.meta_var(ekt[T.Ramp((RC[y] * opad + ch) * L, 1, L)])
-                # (pixels pst apart: 16 scalar loads; vpgatherdd was slower on Zen 4, 7²×512 chain 0.119 → 0.133 ms)
-                dd = T.meta_var(accb[T.Ramp(abase + c32 * arow, pst, L)] + T.call_llvm_pure_intrin(
-                    i32v, "llvm.x86.avx512.permvar.si.512", tab, ccv))
+                accv = T.meta_var(tr[T.Ramp(c32 * L, 1, L)] if pst != 1 else accb[T.Ramp(abase + c32 * arow, 1, L)])
+                dd = T.meta_var(accv + T.call_llvm_pure_intrin(i32v, "llvm.x86.avx512.permvar.si.512", tab, ccv))
                 # float32(D)·P0 rounded once (vmulps with embedded round-to-nearest: LLVM keeps the intrinsic, so
                 # it is never contracted with + P1 into an FMA)
                 val0 = T.meta_var(T.call_llvm_pure_intrin(
@@ -1083,13 +1094,9 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
                     vs = T.meta_var(T.Ramp(vl0, 1, L))
                     m = T.meta_var(T.And(xs < T.Broadcast(ow, L), T.And(vs >= T.Broadcast(0, L),
                                                                           vs < T.Broadcast(mb, L))))
-                    for cwd in range(nwg):
-                        if chan:  # [pixel][channel]: 16 pixels og apart
-                            epi_piece(accb, PW * og + vl0 * og + cwd * 32, 1, og, y, xc * L, m,
-                                      cwd * wrow + PW + vl0, cwd, ti, tg, bufs)
-                        else:
-                            epi_piece(accb, PW + cwd * 32 * mb + vl0, mb, 1, y, xc * L, m,
-                                      cwd * wrow + PW + vl0, cwd, ti, tg, bufs)
+                    for cwd in range(nwg):  # [pixel][channel]: 16 pixels og apart
+                        epi_piece(accb, PW * og + vl0 * og + cwd * 32, 1, og, y, xc * L, m,
+                                  cwd * wrow + PW + vl0, cwd, ti, tg, bufs)
 
     @T.prim_func
     def amx_conv_chain(X: T.Buffer((n, h, w, cw), "uint32"), Wt: T.Buffer(wshape, wdt),
@@ -1106,7 +1113,7 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
         YO = T.decl_buffer(yf_shape, "float32", data=ydst.data)
         Xf = T.decl_buffer((n * h * w * cw,), "uint32", data=X.data)
         Wf = T.decl_buffer((opad // _TILE * taps * nkc * _TILE_BYTES,), "int8", data=Wt.data)
-        Wf32 = T.decl_buffer((opad * taps * cw if chan else 1,), "uint32", data=Wt.data)
+        Wf32 = T.decl_buffer((opad * taps * cw if popc else 1,), "uint32", data=Wt.data)
         Wq = T.decl_buffer((opad // _TILE * taps * nkc * _TILE,), "uint64", data=Wt.data)
         X64 = T.decl_buffer((n * h * w * cw64,), "uint64", data=X.data)
         wpl = T.alloc_buffer((nwpl,), "uint32", align=64)
@@ -1175,10 +1182,8 @@ def binary_conv2d_amx_chain_primfunc(x_shape, w_shape, e_shape, *, out_channels,
             tg = T.meta_var(task // npb % ncg)  # channel group outer: with 2 threads each gets whole groups
             tp = T.meta_var(task % npb)         # (its share of the weights, the partial last pixel blocks)
             bufs = T.meta_var((ekt, RC, ccp, P0, P1, (A0, A1, A2, A3, A4, A5, A6, A7), YO, TH, wb))
-            if chan:
+            if popc:
                 gemm_channels(Wf32, wpl, acc, apad, ti, tg, tp)
-            elif popc:
-                gemm_pixels(Wt, wpl, acc, apad, ti, tg, tp)
             elif wbits:
                 gemm_bitweights(img8, Wq, accp, ti, tg, tp)  # pixels in the tile rows, as the bits kernel
             else:

@@ -682,9 +682,9 @@ def _best_tile(ext: int, limit: int) -> int:
     return 1
 
 
-# the weight layouts of the AVX-512 popcount engines (runtimes/tvm/amx.py): blocked (block_conv_weights) with
-# channels in the lanes, as given with pixels in the lanes
-POP_LAYOUTS = ("pop_channels", "pop_pixels")
+# the weight layout of the AVX-512 popcount engine (runtimes/tvm/amx.py): blocked (block_conv_weights), channels
+# in the lanes
+POP_LAYOUTS = ("pop_channels",)
 # the layouts whose kernels are the hand-written TIR ones of runtimes/tvm/amx.py (AMX-INT8 and the popcount
 # engines): they take E's table (conv_kernel_args) and write a fused chain's float result in place; the others
 # ("OHWC", "blocked") are the TE kernels of this module
@@ -695,8 +695,6 @@ def pop_weights(w: np.ndarray, layout: str) -> np.ndarray:
     """Packed weights ``[O, KH, KW, Cw]`` → the weights of a popcount engine's kernel (:data:`POP_LAYOUTS`)."""
     if layout == "pop_channels":
         return block_conv_weights(w, 32)
-    if layout == "pop_pixels":
-        return np.ascontiguousarray(np.asarray(w, np.uint32))
     raise ValueError(f"pop_weights: layout must be one of {POP_LAYOUTS}, got {layout!r}")
 
 
@@ -803,8 +801,6 @@ def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, ke
         # AVX-512 popcount engine (W = pop_weights(W, layout), see amx.pop_engine)
         from .amx import binary_conv2d_amx_primfunc
 
-        if output == "bits" and weight_layout == "pop_pixels":
-            raise ValueError("BinaryConv2dPacked: bits output takes the pop_channels engine")
         return binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, out_channels=out_channels,
                                           kernel_shape=kernel_shape, strides=strides, pads=pads,
                                           dilations=dilations, output=output, e_table=e_table,
@@ -814,8 +810,8 @@ def binary_conv2d_packed_primfunc(x_shape, w_shape, e_shape, *, out_channels, ke
     want = conv_weight_layout(x_shape, w_shape, strides=strides, pads=pads, dilations=dilations, target=target,
                               amx=False)
     if weight_layout not in ("OHWC", "blocked"):
-        raise ValueError(f"BinaryConv2dPacked: weight_layout must be 'OHWC', 'blocked', 'amx', 'pop_channels' or "
-                         f"'pop_pixels', got {weight_layout!r}")
+        raise ValueError(f"BinaryConv2dPacked: weight_layout must be 'OHWC', 'blocked', 'amx' or 'pop_channels', "
+                         f"got {weight_layout!r}")
     if weight_layout == "blocked" and want != "blocked":
         raise ValueError("BinaryConv2dPacked: blocked weights are only used by the x86 channels-in-lanes "
                          "schedule (stride 1, dilation 1, small output plane); see conv_weight_layout()")
