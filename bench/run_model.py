@@ -63,20 +63,6 @@ def export_zoo(name: str, size: int, folder: str) -> str:
     return path
 
 
-def _timer(call, setup=None):
-    """Seconds per call of ``call`` over ``number`` calls; ``setup`` (untimed) runs first in each block."""
-
-    def t(number: int) -> float:
-        if setup is not None:
-            setup()
-        t0 = time.perf_counter()
-        for _ in range(number):
-            call()
-        return (time.perf_counter() - t0) / number
-
-    return t
-
-
 def measure(timers: dict, repeat: int, block_s: float) -> dict:
     from bnnc.bench import _interleaved, percentile
 
@@ -125,7 +111,7 @@ def bench_model(path: str, batch: int, repeat: int, block_s: float, tvm_threads=
     from bnnc.runtimes.tvm import set_num_threads
 
     import bnnc
-    from bnnc.bench import _ort_session, fp32_twin
+    from bnnc.bench import _ort_session, _py_timer, fp32_twin
     from bnnc.compile import read_onnx
 
     export, _ = read_onnx(path)
@@ -146,17 +132,17 @@ def bench_model(path: str, batch: int, repeat: int, block_s: float, tvm_threads=
     res["checks"]["bnnc-tvm"] = dict(same_top1=bool(np.array_equal(y.argmax(1), ref.argmax(1))),
                                      max_abs_diff=float(np.abs(y - ref).max()))
     for t in tvm_threads:
-        timers[f"bnnc-tvm-{t}t"] = _timer(lambda: tvm_m.run(x), setup=lambda t=t: set_num_threads(t))
+        timers[f"bnnc-tvm-{t}t"] = _py_timer(lambda: tvm_m.run(x), setup=lambda t=t: set_num_threads(t))
     if ort_lib:
         lib = OrtDeployRunner(deploy, num_threads=1, mode="library")
         y = lib.run(x)
         res["checks"]["bnnc-ort"] = dict(same_top1=bool(np.array_equal(y.argmax(1), ref.argmax(1))),
                                          max_abs_diff=float(np.abs(y - ref).max()))
-        timers["bnnc-ort-1t"] = _timer(lambda: lib.run(x))
+        timers["bnnc-ort-1t"] = _py_timer(lambda: lib.run(x))
     for t in fp32_threads:
         s = _ort_session(fp32_bytes, t, optimize=True)
         name = s.get_inputs()[0].name
-        timers[f"ort-fp32-{t}t"] = _timer(lambda s=s, name=name: s.run(None, {name: x}))
+        timers[f"ort-fp32-{t}t"] = _py_timer(lambda s=s, name=name: s.run(None, {name: x}))
     res["contenders"] = measure(timers, repeat, block_s)
     c = {k: v["p50_ms"] for k, v in res["contenders"].items()}
     ratios = {}

@@ -33,6 +33,7 @@ Throughput is reported in GBOPs/s with 1 BOP = one binary multiply-accumulate (o
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import shutil
@@ -150,12 +151,24 @@ def _tvm_timer(module, fname, dev, args):
     return t
 
 
-def _py_timer(call):
+def _py_timer(call, setup=None):
+    """A timer of ``call()`` in a Python loop; ``setup`` (untimed) runs first in each block. Python's garbage
+    collector is off while the loop runs, as in ``timeit``, so a collection of the heap (large in a process that
+    imported torch) cannot land in one contender's block."""
+
     def t(number: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(number):
-            call()
-        return (time.perf_counter() - t0) / number
+        if setup is not None:
+            setup()
+        was_on = gc.isenabled()
+        gc.disable()
+        try:
+            t0 = time.perf_counter()
+            for _ in range(number):
+                call()
+            return (time.perf_counter() - t0) / number
+        finally:
+            if was_on:
+                gc.enable()
 
     return t
 
