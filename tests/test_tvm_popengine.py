@@ -82,11 +82,14 @@ def test_bits_thresholds_tie():
 
 @pytest.mark.parametrize("case", [(1, 64, 9, 9, 64, 3, 1, (1, 1, 1, 1), 1, "bits", False),
                                   (2, 70, 9, 7, 37, 3, 2, (1, 1, 1, 1), 1, "bits", False),
-                                  (1, 64, 9, 9, 64, 3, 1, (1, 1, 1, 1), 1, "bits", True)], ids=_ids)
+                                  (1, 64, 9, 9, 64, 3, 1, (1, 1, 1, 1), 1, "bits", True),
+                                  (1, 256, 7, 7, 512, 3, 1, (1, 1, 1, 1), 1, "bits", False)], ids=_ids)
 def test_bits_table_given_at_compile_time(case):
-    """``e_table`` with bits output (``amx_bits_table`` of E, P0, P1 made once): the reference bits, as when the
-    kernel tabulates them on each call; the table is ceil(P1/|P0|) − sign(P0)·(E − Kbits) per (row class,
-    column class) and channel, then the signs; padded channels sign 0, threshold 1. Ties included."""
+    """``e_table`` with bits output: ``amx_bits_table`` of E, P0, P1 (the AMX kernel's) is ceil(P1/|P0|) −
+    sign(P0)·(E − Kbits) per (row class, column class) and channel, then the signs; padded channels sign 0,
+    threshold 1. ``pop_bits_table`` (the popcount engine's, which decides the bits in its register tile) makes
+    the same decision for every popcount 0..Kbits, and the engine with it gives the reference bits, as when the
+    kernel tabulates them on each call. Ties, P0 = 0 and thresholds at the int32 ends included."""
     *c, ties = case
     rng = np.random.default_rng(abs(hash(case)) % 2**32)
     args, attrs = _case(rng, *c, ties=ties)
@@ -104,8 +107,15 @@ def test_bits_table_given_at_compile_time(case):
     assert tab[r, ch] == want_t
     f = K.binary_conv2d_packed_primfunc(args[0].shape, args[1].shape, args[2].shape, output="bits",
                                         weight_layout="pop_channels", target=HOST, e_table=True, **a)
+    ptab = amx.pop_bits_table(e, args[5], args[6], args[1].shape)
+    assert ptab.shape == tab.shape and ptab.dtype == np.int32
+    pc = np.arange(kbits + 1, dtype=np.int64)[:, None, None]
+    dot_form = tab[-1].astype(np.int64) * (kbits - 2 * pc) >= tab[:-1].astype(np.int64)  # [pc, class, channel]
+    pop_form = (pc <= ptab[:-1].astype(np.int64)) != (ptab[-1] != 0)
+    assert np.array_equal(dot_form, pop_form)
+    assert not pop_form[:, :, o:].any()  # padded channels: bit 0
     zero = np.zeros_like(args[5])  # P0, P1 are not read with the table
-    got = K.build_kernel(f, HOST)(args[0], K.pop_weights(args[1], "pop_channels"), tab, *args[3:5], zero, zero)
+    got = K.build_kernel(f, HOST)(args[0], K.pop_weights(args[1], "pop_channels"), ptab, *args[3:5], zero, zero)
     assert np.array_equal(got, want)
     with pytest.raises(ValueError, match="P0 and P1"):
         amx.amx_bits_table(e, args[5][:3], args[6], args[1].shape)

@@ -717,8 +717,9 @@ def conv_kernel_args(layout: str, output: str, w: np.ndarray, e: np.ndarray, p0=
     of ``layout`` (:func:`conv_weight_layout`, :data:`POP_LAYOUTS`), made once at compile time: the weights laid
     out for it; for the AMX kernel and the popcount engines E's table in place of E (``amx_e_table`` for float
     output, ``amx_bits_table`` for bits output when P0 and P1 are given too), else E as given (None: E is not a
-    constant). What the graph translator passes and the layer bench times."""
-    from .amx import amx_bits_table, amx_conv_weights, amx_e_table
+    constant; the popcount engine's bits table is ``pop_bits_table``). What the graph translator passes and the
+    layer bench times."""
+    from .amx import amx_bits_table, amx_conv_weights, amx_e_table, pop_bits_table
 
     w = np.asarray(w, np.uint32)
     if layout == "amx":
@@ -735,6 +736,8 @@ def conv_kernel_args(layout: str, output: str, w: np.ndarray, e: np.ndarray, p0=
     if output == "float":
         return wk, amx_e_table(e, w.shape, wbits=wbits), True
     if p0 is not None and p1 is not None:
+        if layout in POP_LAYOUTS:
+            return wk, pop_bits_table(e, p0, p1, w.shape), True
         return wk, amx_bits_table(e, p0, p1, w.shape, wbits=wbits), True
     return wk, e, False
 
