@@ -607,7 +607,8 @@ def _pop_geometry(x_shape, w_shape, strides, pads, dilations, *, mb=None, og=Non
 
 def _popcount_macros(g, lp, cwq, bits_table=None):
     """TVMScript fragments of the popcount engines, closed over the geometry ``g`` (``lp`` positions per
-    word plane, ``cwq`` words per pixel in the planes); ``bits_table`` (``(nr, nc, opad, nwo)``, bits output with
+    word plane, ``cwq`` words per pixel in the planes); ``bits_table`` (``(nc, opad, nwo, sgo)``: column classes,
+    padded channels, output words per pixel, offset of the neg row; bits output with
     :func:`pop_bits_table`): ``gemm_channels`` decides the output bits in its register tile instead of writing
     the int32 block:
 
@@ -628,8 +629,7 @@ def _popcount_macros(g, lp, cwq, bits_table=None):
     xt = pop_row_tile(ow)
     rows = mb // rl if npb > 1 else oh  # output rows of a task (channels in the lanes)
     fused = bits_table is not None
-    fnr, fnc, fopad, fnwo = bits_table if fused else (1, 1, 1, 1)
-    fsgo = fnr * fnc * fopad  # the neg row of the table
+    fnc, fopad, fnwo, fsgo = bits_table if fused else (1, 1, 1, 0)
 
     def plane(ti, a, b, wq):  # word plane of tap (a, b), word wq of image ti, shifted by the tap's offset
         return ((((ti * nph + ((a * dh) % sh) * sw + (b * dw) % sw) * cwq + wq) * lp)
@@ -671,6 +671,11 @@ def _popcount_macros(g, lp, cwq, bits_table=None):
                             tb, rcb, ccb, yb = T.meta_var(fb)
                             y = T.meta_var(tp * rows + yr)
                             ch0 = T.meta_var(tg * og + cb * 32)
+                            # the complemented channels of these 32 as one word, once per tile
+                            ngw = T.alloc_buffer((2,), "uint32", scope="local")
+                            for k in T.unroll(2):
+                                ng = T.meta_var(tb[T.Ramp(fsgo + ch0 + k * L, 1, L)] != T.Broadcast(T.int32(0), L))
+                                ngw[k] = T.Cast("uint32", T.reinterpret("uint16", ng.astype("uint1x16")))
                             for j in T.unroll(xt):
                                 x = T.meta_var(xb * xt + j)
                                 cls = T.meta_var(rcb[y] * fnc + ccb[x])
@@ -678,10 +683,9 @@ def _popcount_macros(g, lp, cwq, bits_table=None):
                                 for k in T.unroll(2):
                                     le = T.meta_var(racc[T.Ramp((2 * j + k) * L, 1, L)]
                                                     <= tb[T.Ramp(cls * fopad + ch0 + k * L, 1, L)])
-                                    ng = T.meta_var(tb[T.Ramp(fsgo + ch0 + k * L, 1, L)] != T.Broadcast(T.int32(0), L))
-                                    m[k] = T.bitwise_xor(T.Cast("uint32", T.reinterpret("uint16", le.astype("uint1x16"))),
-                                                         T.Cast("uint32", T.reinterpret("uint16", ng.astype("uint1x16"))))
-                                yb[((ti * oh + y) * ow + x) * fnwo + ch0 // 32] = m[0] | (m[1] << T.uint32(16))
+                                    m[k] = T.Cast("uint32", T.reinterpret("uint16", le.astype("uint1x16")))
+                                yb[((ti * oh + y) * ow + x) * fnwo + ch0 // 32] = \
+                                    (m[0] | (m[1] << T.uint32(16))) ^ (ngw[0] | (ngw[1] << T.uint32(16)))
                         else:
                             for j in T.unroll(xt):
                                 for k in T.unroll(2):
@@ -753,9 +757,9 @@ def binary_conv2d_amx_primfunc(x_shape, w_shape, e_shape, *, out_channels, kerne
     # 14²×256 0.102 → 0.099, 7²×512 0.098 → 0.097, stride-2 56²→28² 0.062 → 0.055 (2 threads: 0.090 → 0.077,
     # 0.060 → 0.054, the others even)
     fused = chan and e_table
-    word_planes, gemm_channels = _popcount_macros(g, lp, cw, bits_table=(nr, nc, opad, nwo) if fused else None)
     e_arg_shape = (nr * nc + 1, opad) if e_table else e_shape
-    sgo = nr * nc * opad  # the sign row of the table (e_table)
+    sgo = nr * nc * opad  # the sign row of the table (e_table; pop_bits_table: the neg row)
+    word_planes, gemm_channels = _popcount_macros(g, lp, cw, bits_table=(nc, opad, nwo, sgo) if fused else None)
 
     @T.prim_func
     def amx_conv(X: T.Buffer((n, h, w, cw), "uint32"), Wt: T.Buffer(wshape, wdt),

@@ -715,10 +715,10 @@ def conv_kernel_layout(base: str, x_shape, w_shape, *, use: str, strides, pads, 
 def conv_kernel_args(layout: str, output: str, w: np.ndarray, e: np.ndarray, p0=None, p1=None):
     """Constant weights ``[O, KH, KW, Cw]`` and E ``[O, R, C]`` → ``(W, E argument, e_table)`` of the conv kernel
     of ``layout`` (:func:`conv_weight_layout`, :data:`POP_LAYOUTS`), made once at compile time: the weights laid
-    out for it; for the AMX kernel and the popcount engines E's table in place of E (``amx_e_table`` for float
-    output, ``amx_bits_table`` for bits output when P0 and P1 are given too), else E as given (None: E is not a
-    constant; the popcount engine's bits table is ``pop_bits_table``). What the graph translator passes and the
-    layer bench times."""
+    out for it; for the AMX kernel and the popcount engine E's table in place of E (``amx_e_table`` for float
+    output; for bits output when P0 and P1 are given too ``amx_bits_table``, or ``pop_bits_table`` for the
+    popcount engine), else E as given (None: E is not a constant). What the graph translator passes and the layer
+    bench times."""
     from .amx import amx_bits_table, amx_conv_weights, amx_e_table, pop_bits_table
 
     w = np.asarray(w, np.uint32)
