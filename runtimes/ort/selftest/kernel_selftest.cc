@@ -58,6 +58,22 @@ void reference(const Case& c, const std::vector<uint32_t>& x, const std::vector<
 
 // AMX: drop the pre-expanded int8 weights (small layers), so that the bits → int8 expansion path runs too
 bool g_amx_bits_only = false;
+// AVX-512 float output: 0 = row by row (run_conv_serial); > 0 = conv_band_float_avx512 in bands of that many
+// rows; -1 = bands of the driver's height (float_band_rows_avx512)
+int64_t g_band = 0;
+// AVX-512 bits output (P0 in {-1, 0, 1}): decided in the GEMM's register blocks (conv_row_bits_avx512)
+bool g_bits_fused = false;
+
+#if defined(__x86_64__)
+void run_bands_avx512(const ConvPlan& p, int64_t band) {
+  if (band < 0) band = float_band_rows_avx512(p);
+  std::vector<uint32_t> patch(static_cast<size_t>(row_buf_words(p)) + 1);
+  std::vector<int32_t> pc(static_cast<size_t>(float_band_slots_avx512(p, band) * p.OW * p.Opad) + 1);
+  for (int64_t n = 0; n < p.N; ++n)
+    for (int64_t y0 = 0; y0 < p.OH; y0 += band)
+      conv_band_float_avx512(p, n, y0, y0 + band < p.OH ? y0 + band : p.OH, patch.data(), pc.data());
+}
+#endif
 
 // conv == nullptr: the AMX whole-image kernels
 bool run_case(const Case& c, std::mt19937& rng, ConvRowPcFn conv, EpilogueRowFn epi) {
@@ -149,6 +165,13 @@ bool run_case(const Case& c, std::mt19937& rng, ConvRowPcFn conv, EpilogueRowFn 
 #if defined(__x86_64__)
   if (conv == nullptr && g_amx_bits_only) p.wamx8 = nullptr;
   if (conv == nullptr) run_conv_serial_amx(p);
+  else if (g_band != 0 && !c.bits) run_bands_avx512(p, g_band);
+  else if (g_bits_fused) {
+    if (p.tpc == nullptr) return false;  // every P0 in {-1, 0, 1} here: prepare_plan must give the table
+    std::vector<uint32_t> patch(static_cast<size_t>(row_buf_words(p)) + 1);
+    for (int64_t n = 0; n < p.N; ++n)
+      for (int64_t y = 0; y < p.OH; ++y) conv_row_bits_avx512(p, n, y, gather_row(p, n, y, patch.data()));
+  }
   else
 #endif
     run_conv_serial(p, conv, epi);
@@ -165,7 +188,7 @@ int test_isa(const char* name, ConvRowPcFn conv, EpilogueRowFn epi) {
                      {3, 1, 2, 2}, {3, 2, 2, 2}, {5, 3, 2, 1}})
         for (bool bits : {true, false})
           for (bool wide : {false, true}) {
-            if (wide && !bits) continue;
+            if ((wide && !bits) || (g_band != 0 && bits) || (g_bits_fused && (!bits || wide))) continue;
             // odd sizes; a taller image now and then so that row blocks and tiles crossing rows occur
             const int64_t H = (C == 64 || O == 64) ? 23 : 7;
             Case c{2, H, H == 7 ? 9 : 37, C, O, g[0], g[1], g[2], g[3], bits, wide};
@@ -189,9 +212,22 @@ int main() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2")) rc |= test_isa("avx2", conv_row_pc_avx2, epilogue_row_avx2);
   else std::printf("SKIP avx2: not supported by this CPU\n");
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq"))
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq")) {
     rc |= test_isa("avx512", conv_row_pc_avx512, epilogue_row_avx512);
-  else std::printf("SKIP avx512: not supported by this CPU\n");
+    for (int64_t band : {-1, 1, 3, 1000}) {  // float output in bands: the driver's height, 1 row, 3 rows, whole images
+      g_band = band;
+      char name[64];
+      if (band < 0) std::snprintf(name, sizeof name, "avx512 float, bands of the driver's height");
+      else std::snprintf(name, sizeof name, "avx512 float, bands of %lld rows", static_cast<long long>(band));
+      rc |= test_isa(name, conv_row_pc_avx512, epilogue_row_avx512);
+    }
+    g_band = 0;
+    g_bits_fused = true;
+    rc |= test_isa("avx512 bits decided in the register blocks", conv_row_pc_avx512, epilogue_row_avx512);
+    g_bits_fused = false;
+  } else {
+    std::printf("SKIP avx512: not supported by this CPU\n");
+  }
 #endif
 #if defined(__x86_64__)
   if (amx_available()) {

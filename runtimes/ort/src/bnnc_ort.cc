@@ -400,6 +400,7 @@ struct ConvTask {
   IsaImpl impl;
   const int8_t* amx_img;  // AMX: the unpacked images, amx_img_bytes apart
   int64_t amx_img_bytes, amx_nblk;
+  int64_t band = 0, nband = 0;  // AVX-512 float output: rows per task, tasks per image
 };
 
 thread_local std::vector<uint32_t> t_patch;
@@ -433,9 +434,29 @@ void conv_row_task(void* data, size_t idx) {
   if (t_patch.size() < np) t_patch.resize(np);
   if (t_pc.size() < nc) t_pc.resize(nc);
   if (!p.bits && t_fbuf.size() < nc) t_fbuf.resize(nc);
+#if defined(__x86_64__) || defined(__i386__)
+  if (p.bits && p.tpc && (task.impl.isa == Isa::Avx512 || task.impl.isa == Isa::Amx)) {
+    conv_row_bits_avx512(p, n, y, gather_row(p, n, y, t_patch.data()));
+    return;
+  }
+#endif
   task.impl.conv(p, gather_row(p, n, y, t_patch.data()), t_pc.data());
   task.impl.epi(p, n, y, t_pc.data(), p.bits ? nullptr : t_fbuf.data());
 }
+
+#if defined(__x86_64__) || defined(__i386__)
+void conv_band_task(void* data, size_t idx) {
+  const ConvTask& task = *static_cast<const ConvTask*>(data);
+  const ConvPlan& p = *task.plan;
+  const int64_t n = static_cast<int64_t>(idx) / task.nband, b = static_cast<int64_t>(idx) % task.nband;
+  const int64_t y0 = b * task.band, y1 = std::min(p.OH, y0 + task.band);
+  const size_t np = static_cast<size_t>(row_buf_words(p));
+  const size_t nc = static_cast<size_t>(float_band_slots_avx512(p, y1 - y0) * p.OW * p.Opad);
+  if (t_patch.size() < np) t_patch.resize(np);
+  if (t_pc.size() < nc) t_pc.resize(nc);
+  conv_band_float_avx512(p, n, y0, y1, t_patch.data(), t_pc.data());
+}
+#endif
 
 struct ConvKernel {
   const char* op = "BinaryConv2dPacked";
@@ -637,6 +658,14 @@ struct ConvKernel {
       task.amx_img = amx_img.data() + (64 - reinterpret_cast<uintptr_t>(amx_img.data()) % 64) % 64;
       parallel_for(ctx, static_cast<size_t>(p.N), amx_unpack_task, &task);
       parallel_for(ctx, static_cast<size_t>(p.N * task.amx_nblk), amx_block_task, &task);
+      return;
+    }
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+    if (!p.bits && (impl.isa == Isa::Avx512 || impl.isa == Isa::Amx)) {  // float output in bands of rows
+      task.band = float_band_rows_avx512(p);
+      task.nband = (p.OH + task.band - 1) / task.band;
+      parallel_for(ctx, static_cast<size_t>(p.N * task.nband), conv_band_task, &task);
       return;
     }
 #endif

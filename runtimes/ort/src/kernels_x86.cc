@@ -18,8 +18,22 @@ namespace bnnc {
 
 namespace {
 
-template <int PB, int OB>
-__attribute__((always_inline)) inline void block512(const RowSrc& src, const uint32_t* wt, int64_t Opad, int64_t x, int64_t o0, int32_t* pc) {
+// Bits output decided in the register block (popcount kernels with p.tpc): the row's class-table row, the
+// row's output words.
+struct RowBits {
+  const int32_t* trow;  // tpc + rc[y]·NC·Opad
+  const int32_t* cc;
+  const uint16_t* neg;  // namx
+  uint32_t* out;        // output words of the row's pixel 0
+  int64_t Ow;
+};
+
+// PB pixels (x .. x + PB - 1) × OB 16-channel vectors (from o0) of one row: popcounts into pc (rows of Opad),
+// or with rb (Bits) each pixel's output words straight from the accumulators: bit o = (pc <= T[class][o]) XOR
+// neg[o], two 16-channel masks per word (o0 is a multiple of 64, so vector pairs are words).
+template <int PB, int OB, bool Bits>
+__attribute__((always_inline)) inline void block512(const RowSrc& src, const uint32_t* wt, int64_t Opad, int64_t x,
+                                                    int64_t o0, int32_t* pc, const RowBits* rb) {
   __m512i acc[PB][OB];
   for (int q = 0; q < PB; ++q)
     for (int b = 0; b < OB; ++b) acc[q][b] = _mm512_setzero_si512();
@@ -37,6 +51,24 @@ __attribute__((always_inline)) inline void block512(const RowSrc& src, const uin
       }
     }
   }
+  if (Bits) {
+    const int64_t v0 = o0 / 16;
+    for (int q = 0; q < PB; ++q) {
+      const int32_t* tc = rb->trow + rb->cc[x + q] * Opad + o0;
+      uint32_t* ow = rb->out + (x + q) * rb->Ow + o0 / 32;
+      for (int b = 0; b < OB; b += 2) {
+        uint32_t word = static_cast<uint32_t>(
+            _mm512_cmple_epi32_mask(acc[q][b], _mm512_loadu_si512(tc + 16 * b)) ^ rb->neg[v0 + b]);
+        if (b + 1 < OB)
+          word |= static_cast<uint32_t>(static_cast<uint16_t>(
+                      _mm512_cmple_epi32_mask(acc[q][b + 1], _mm512_loadu_si512(tc + 16 * b + 16)) ^
+                      rb->neg[v0 + b + 1]))
+                  << 16;
+        ow[b / 2] = word;
+      }
+    }
+    return;
+  }
   for (int q = 0; q < PB; ++q)
     for (int b = 0; b < OB; ++b)
       _mm512_storeu_si512(reinterpret_cast<void*>(pc + (x + q) * Opad + o0 + 16 * b), acc[q][b]);
@@ -45,14 +77,27 @@ __attribute__((always_inline)) inline void block512(const RowSrc& src, const uin
 // The row's pixels 4 at a time and the last 1-3 as one block: single-pixel blocks load OB weight vectors
 // per OB popcounts (7²×512, where 3 of 7 pixels went so, on one Zen 4 core: bits 0.162 → 0.119 ms, float
 // 0.156 → 0.141; chain_bench, interleaved with the previous library).
-template <int OB>
-inline void cols512(const ConvPlan& p, const RowSrc& src, int32_t* pc, int64_t o0) {
+template <int OB, bool Bits>
+inline void cols512(const ConvPlan& p, const RowSrc& src, int32_t* pc, int64_t o0, const RowBits* rb) {
   int64_t x = 0;
-  for (; x + 4 <= p.OW; x += 4) block512<4, OB>(src, p.wt, p.Opad, x, o0, pc);
+  for (; x + 4 <= p.OW; x += 4) block512<4, OB, Bits>(src, p.wt, p.Opad, x, o0, pc, rb);
   switch (p.OW - x) {
-    case 3: block512<3, OB>(src, p.wt, p.Opad, x, o0, pc); break;
-    case 2: block512<2, OB>(src, p.wt, p.Opad, x, o0, pc); break;
-    case 1: block512<1, OB>(src, p.wt, p.Opad, x, o0, pc); break;
+    case 3: block512<3, OB, Bits>(src, p.wt, p.Opad, x, o0, pc, rb); break;
+    case 2: block512<2, OB, Bits>(src, p.wt, p.Opad, x, o0, pc, rb); break;
+    case 1: block512<1, OB, Bits>(src, p.wt, p.Opad, x, o0, pc, rb); break;
+    default: break;
+  }
+}
+
+template <bool Bits>
+void conv_row512(const ConvPlan& p, const RowSrc& src, int32_t* pc, const RowBits* rb) {
+  const int64_t nvec = p.Opad / 16;
+  int64_t v = 0;
+  for (; v + 4 <= nvec; v += 4) cols512<4, Bits>(p, src, pc, v * 16, rb);
+  switch (nvec - v) {
+    case 3: cols512<3, Bits>(p, src, pc, v * 16, rb); break;
+    case 2: cols512<2, Bits>(p, src, pc, v * 16, rb); break;
+    case 1: cols512<1, Bits>(p, src, pc, v * 16, rb); break;
     default: break;
   }
 }
@@ -84,16 +129,12 @@ __attribute__((always_inline)) inline void transpose16(__m512* t) {
 
 }  // namespace
 
-void conv_row_pc_avx512(const ConvPlan& p, const RowSrc& src, int32_t* pc) {
-  const int64_t nvec = p.Opad / 16;
-  int64_t v = 0;
-  for (; v + 4 <= nvec; v += 4) cols512<4>(p, src, pc, v * 16);
-  switch (nvec - v) {
-    case 3: cols512<3>(p, src, pc, v * 16); break;
-    case 2: cols512<2>(p, src, pc, v * 16); break;
-    case 1: cols512<1>(p, src, pc, v * 16); break;
-    default: break;
-  }
+void conv_row_pc_avx512(const ConvPlan& p, const RowSrc& src, int32_t* pc) { conv_row512<false>(p, src, pc, nullptr); }
+
+void conv_row_bits_avx512(const ConvPlan& p, int64_t n, int64_t y, const RowSrc& src) {
+  const RowBits rb{p.tpc + p.rc[y] * p.NC * p.Opad, p.cc, p.namx,
+                   static_cast<uint32_t*>(p.y) + ((n * p.OH + y) * p.OW) * p.Ow, p.Ow};
+  conv_row512<true>(p, src, nullptr, &rb);
 }
 
 namespace {
@@ -173,6 +214,100 @@ __attribute__((always_inline)) inline void bits_rows(const ConvPlan& p, int64_t 
   }
 }
 
+// One group of cnt (Full: 16) output pixels, counts / dot products of pixel q at cp[q], border-table row at
+// ep[q], channel o of pixel q stored at dst[o·plane + q] (and, not Plain, through the chain, PackSign into bw).
+template <bool Dot, bool Full, bool Plain>
+__attribute__((always_inline)) inline void group512(const ConvPlan& p, const int32_t* const* ep,
+                                                    const int32_t* const* cp, int64_t cnt, float* dst, int64_t plane,
+                                                    uint32_t* bw, __m512i lane) {
+  const int64_t nvec = p.Opad / 16, Ow = (p.O + 31) / 32;
+  const __mmask16 m = static_cast<__mmask16>(Full ? 0xffffu : (1u << cnt) - 1u);
+  __m512i word = _mm512_setzero_si512();
+  for (int64_t v = 0; v < nvec; ++v) {
+    const __m512 s0 = _mm512_loadu_ps(p.p0f + 16 * v), s1 = _mm512_loadu_ps(p.p1f + 16 * v);
+    __m512 t[16];
+    for (int q = 0; q < 16; ++q) {
+      if (Full || q < cnt) {
+        const __m512i d = d16<Dot>(ep[q] + 16 * v, cp[q] + 16 * v);
+        t[q] = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), s0), s1);
+      } else {
+        t[q] = _mm512_setzero_ps();
+      }
+    }
+    transpose16(t);
+    const int64_t o0 = 16 * v, oend = p.O - o0 < 16 ? p.O - o0 : 16;
+    float* dv = dst + o0 * plane;
+    if (Plain) {
+      if (Full && oend == 16) {  // no per-store channel check
+        for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dv + j * plane, t[j]);
+      } else {
+        for (int64_t j = 0; j < oend; ++j) _mm512_mask_storeu_ps(dv + j * plane, m, t[j]);
+      }
+      continue;
+    }
+    const float* res = p.res ? p.res + (dv - static_cast<float*>(p.y)) : nullptr;
+    for (int64_t j = 0; j < oend; ++j) {
+      const __m512 val = p.nchain ? chain16(p, t[j], o0 + j, res ? res + j * plane : nullptr, m) : t[j];
+      _mm512_mask_storeu_ps(dv + j * plane, m, val);
+      if (bw) {
+        const __m512 th = _mm512_set1_ps(p.tpack ? p.tpack[o0 + j] : 0.0f);
+        word = _mm512_mask_or_epi32(word, _mm512_cmp_ps_mask(val, th, _CMP_GE_OQ), word,
+                                    _mm512_set1_epi32(static_cast<int>(1u << ((o0 + j) & 31))));
+      }
+    }
+    if (bw && ((v & 1) || v + 1 == nvec)) {  // word v / 2 of the 16 pixels complete
+      uint32_t* yo = bw + (v >> 1);
+      if (Ow == 1) _mm512_mask_storeu_epi32(yo, m, word);
+      else _mm512_mask_i32scatter_epi32(yo, m, lane, word, 4);
+      word = _mm512_setzero_si512();
+    }
+  }
+}
+
+// Float output of the flat pixel range [f_begin, f_end) of image n (pixel f = y·OW + x): 16 output pixels × 16
+// channels at a time, transposed in registers, run through the fused chain and stored straight into the
+// NCHW planes. The range runs over rows as one (the rows are consecutive in every plane), so only its last
+// vector is partial (7×7 maps: 4 vectors instead of 7 half-empty ones; 56-wide rows two at a time: 7 whole
+// vectors, each a whole cache line of its plane, instead of 8 with half of them straddling two lines). The
+// counts / dot products of pixel (y, x) are at pc + (((y - ybase) mod slots)·pc_row + x)·Opad (a ring of
+// `slots` rows). The fused PackSign compares the same registers and ORs channel c's bit into 16 pixel lanes,
+// one packed word per two channel vectors.
+template <bool Dot>
+void float_range512(const ConvPlan& p, int64_t n, int64_t f_begin, int64_t f_end, const int32_t* pc, int64_t ybase,
+                    int64_t slots, int64_t pc_row, const int32_t* et) {
+  const int64_t Opad = p.Opad;
+  float* out = static_cast<float*>(p.y);
+  const int64_t plane = p.OH * p.OW, Ow = (p.O + 31) / 32, total = f_end - f_begin;
+  const __m512i lane = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int>(Ow)));
+  uint32_t* bits0 = p.ybits ? p.ybits + (n * plane + f_begin) * Ow : nullptr;
+  int64_t gy = f_begin / p.OW, gx = f_begin % p.OW;  // row and column of the group's first pixel
+  int64_t gs = (gy - ybase) % slots;                  // and its ring slot
+  for (int64_t f0 = 0; f0 < total; f0 += 16) {
+    const int64_t cnt = total - f0 < 16 ? total - f0 : 16;
+    const int32_t* ep[16];
+    const int32_t* cp[16];
+    for (int64_t q = 0; q < cnt; ++q) {
+      ep[q] = et + (p.rc[gy] * p.NC + p.cc[gx]) * Opad;
+      cp[q] = pc + (gs * pc_row + gx) * Opad;
+      if (++gx == p.OW) {
+        gx = 0;
+        ++gy;
+        if (++gs == slots) gs = 0;
+      }
+    }
+    const int64_t off = n * p.O * plane + f_begin + f0;
+    if (!p.nchain && !bits0) {
+      if (cnt == 16) group512<Dot, true, true>(p, ep, cp, cnt, out + off, plane, nullptr, lane);
+      else group512<Dot, false, true>(p, ep, cp, cnt, out + off, plane, nullptr, lane);
+    } else {
+      uint32_t* bw = bits0 ? bits0 + f0 * Ow : nullptr;
+      if (cnt == 16) group512<Dot, true, false>(p, ep, cp, cnt, out + off, plane, bw, lane);
+      else group512<Dot, false, false>(p, ep, cp, cnt, out + off, plane, bw, lane);
+    }
+  }
+}
+
 // Output rows [y0, y1) of image n; the counts / dot products of row y, pixel x at pc + ((y - y0)·pc_row + x)·Opad.
 template <bool Dot>
 void epilogue512(const ConvPlan& p, int64_t n, int64_t y0, int64_t y1, const int32_t* pc, int64_t pc_row,
@@ -199,70 +334,8 @@ void epilogue512(const ConvPlan& p, int64_t n, int64_t y0, int64_t y1, const int
       });
     return;
   }
-  // 16 output pixels × 16 channels at a time, transposed in registers, run through the fused chain and
-  // stored straight into the NCHW planes. The pixels run over all rows [y0, y1) as one flat range (the
-  // rows are consecutive in every plane), so only the range's last vector is partial (7×7 maps: 4 vectors
-  // instead of 7 half-empty ones). The fused PackSign compares the same registers and ORs channel c's bit
-  // into 16 pixel lanes, one packed word per two channel vectors.
-  float* out = static_cast<float*>(p.y);
-  const int64_t plane = p.OH * p.OW, Ow = (p.O + 31) / 32, total = (y1 - y0) * p.OW;
-  const __m512i lane = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                          _mm512_set1_epi32(static_cast<int>(Ow)));
-  uint32_t* bits0 = p.ybits ? p.ybits + (n * plane + y0 * p.OW) * Ow : nullptr;
-  int64_t gy = y0, gx = 0;  // row and column of the group's first pixel
-  for (int64_t f0 = 0; f0 < total; f0 += 16) {
-    const int64_t cnt = total - f0 < 16 ? total - f0 : 16;
-    const __mmask16 m = static_cast<__mmask16>(cnt == 16 ? 0xffffu : (1u << cnt) - 1u);
-    const int32_t* ep[16];
-    const int32_t* cp[16];
-    for (int64_t q = 0; q < cnt; ++q) {
-      ep[q] = et + (p.rc[gy] * p.NC + p.cc[gx]) * Opad;
-      cp[q] = pc + ((gy - y0) * pc_row + gx) * Opad;
-      if (++gx == p.OW) {
-        gx = 0;
-        ++gy;
-      }
-    }
-    __m512i word = _mm512_setzero_si512();
-    for (int64_t v = 0; v < nvec; ++v) {
-      const __m512 s0 = _mm512_loadu_ps(p.p0f + 16 * v), s1 = _mm512_loadu_ps(p.p1f + 16 * v);
-      __m512 t[16];
-      for (int q = 0; q < 16; ++q) {
-        if (q < cnt) {
-          const __m512i d = d16<Dot>(ep[q] + 16 * v, cp[q] + 16 * v);
-          t[q] = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), s0), s1);
-        } else {
-          t[q] = _mm512_setzero_ps();
-        }
-      }
-      transpose16(t);
-      const int64_t o0 = 16 * v, oend = p.O - o0 < 16 ? p.O - o0 : 16;
-      const int64_t off = (n * p.O + o0) * plane + y0 * p.OW + f0;
-      float* dst = out + off;
-      if (!p.nchain && !bits0) {
-        for (int64_t j = 0; j < oend; ++j) _mm512_mask_storeu_ps(dst + j * plane, m, t[j]);
-        continue;
-      }
-      const float* res = p.res ? p.res + off : nullptr;
-      for (int64_t j = 0; j < oend; ++j) {
-        const __m512 val = p.nchain ? chain16(p, t[j], o0 + j, res ? res + j * plane : nullptr, m) : t[j];
-        _mm512_mask_storeu_ps(dst + j * plane, m, val);
-        if (bits0) {
-          const __m512 th = _mm512_set1_ps(p.tpack ? p.tpack[o0 + j] : 0.0f);
-          word = _mm512_mask_or_epi32(word, _mm512_cmp_ps_mask(val, th, _CMP_GE_OQ), word,
-                                      _mm512_set1_epi32(static_cast<int>(1u << ((o0 + j) & 31))));
-        }
-      }
-      if (bits0 && ((v & 1) || v + 1 == nvec)) {  // word v / 2 of the 16 pixels complete
-        uint32_t* yo = bits0 + f0 * Ow + (v >> 1);
-        if (Ow == 1) _mm512_mask_storeu_epi32(yo, m, word);
-        else _mm512_mask_i32scatter_epi32(yo, m, lane, word, 4);
-        word = _mm512_setzero_si512();
-      }
-    }
-  }
+  float_range512<Dot>(p, n, y0 * p.OW, y1 * p.OW, pc, y0, y1 - y0, pc_row, et);
 }
-
 }  // namespace
 
 void epilogue_row_avx512(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, float* /*fbuf*/) {
@@ -276,6 +349,37 @@ void epilogue_row_avx512(const ConvPlan& p, int64_t n, int64_t y, const int32_t*
 void epilogue_dot_rows_avx512(const ConvPlan& p, int64_t n, int64_t y0, int64_t y1, const int32_t* dot,
                               int64_t dot_row) {
   epilogue512<true>(p, n, y0, y1, dot, dot_row, p.etamx);
+}
+
+int64_t float_band_rows_avx512(const ConvPlan& p) {
+  int64_t g = 16, w = p.OW;  // rows per band: the fewest whose pixels fill whole 16-pixel vectors ...
+  while (w) {
+    const int64_t t = g % w;
+    g = w;
+    w = t;
+  }
+  const int64_t band = 16 / g, half = (p.OH + 1) / 2;  // ... but at least two bands per image (2 threads)
+  return band < half ? band : (half > 0 ? half : 1);
+}
+
+int64_t float_band_slots_avx512(const ConvPlan& p, int64_t band) {
+  // the rows of < 16 pending pixels (at most ceil(15 / OW)) plus the row being computed
+  const int64_t s = 15 / p.OW + 2;
+  return s < band ? s : band;
+}
+
+void conv_band_float_avx512(const ConvPlan& p, int64_t n, int64_t y0, int64_t y1, uint32_t* patch, int32_t* pc) {
+  const int64_t OW = p.OW, slots = float_band_slots_avx512(p, y1 - y0);
+  int64_t done = y0 * OW, s = 0;  // pixels [y0·OW, done) stored
+  for (int64_t y = y0; y < y1; ++y) {
+    conv_row_pc_avx512(p, gather_row(p, n, y, patch), pc + s * OW * p.Opad);
+    if (++s == slots) s = 0;
+    const int64_t avail = (y + 1) * OW, upto = y + 1 == y1 ? avail : done + (avail - done) / 16 * 16;
+    if (upto > done) {
+      float_range512<false>(p, n, done, upto, pc, y0, slots, OW, p.et);
+      done = upto;
+    }
+  }
 }
 
 // PackSign: 16 positions per vector; per channel one compare into a mask and one masked OR of the
