@@ -220,7 +220,7 @@ def target_has_popcnt512(target) -> bool:
 
 
 # output planes below this many positions: the popcount engine for a fused chain (larger: the TE kernels)
-POP_CHANNELS_MAX_POSITIONS = 400
+POP_CHAIN_MAX_POSITIONS = 400
 # stride-1 planes below this many positions keep the TE kernel for a fused chain (7x7: 0.110 vs 0.115 ms)
 POP_CHAIN_MIN_POSITIONS_STRIDE1 = 64
 
@@ -259,14 +259,10 @@ def pop_engine(x_shape, w_shape, *, strides, pads, dilations, target=None, use: 
     (sh, sw), _p, _d, (oh, ow) = conv_geometry(h, w, kh, kw, strides, pads, dilations)
     if oh < 1 or ow < 1 or o < 32 or _tap_field_bits(cw, in_channels) is not None:
         return None
-    npos = oh * ow
-    small = npos < POP_CHANNELS_MAX_POSITIONS
-    if use == "bits":
+    if use in ("bits", "float"):
         return "pop_channels"
-    if use == "float":
-        return "pop_channels"
-    # use == "chain"
-    if small and not ((sh, sw) == (1, 1) and npos < POP_CHAIN_MIN_POSITIONS_STRIDE1):
+    npos = oh * ow  # use == "chain"
+    if npos < POP_CHAIN_MAX_POSITIONS and not ((sh, sw) == (1, 1) and npos < POP_CHAIN_MIN_POSITIONS_STRIDE1):
         return "pop_channels"
     return None
 
