@@ -283,6 +283,73 @@ def _bnnc_chain(case: dict, mode: str, threads: int):
     return tm, _tvm_timer(tm.vm, "main", tm.dev, [x])
 
 
+def _ort_bound_timer(sess, x, like):
+    """A timer of ``sess`` run through IOBinding on OrtValues bound once (input ``x``, an output buffer
+    shaped as ``like``): ORT's own time without the per-call numpy conversion and output allocation of
+    ``InferenceSession.run`` (10–20 µs per call), as TVM's ``time_evaluator`` times the compiled function
+    alone. Returns the objects to keep alive (the output OrtValue last) and the timer."""
+    import onnxruntime as ort
+
+    io = sess.io_binding()
+    xv = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x))
+    yv = ort.OrtValue.ortvalue_from_numpy(np.empty_like(like))
+    io.bind_ortvalue_input(sess.get_inputs()[0].name, xv)
+    io.bind_ortvalue_output(sess.get_outputs()[0].name, yv)
+    sess.run_with_iobinding(io)
+    return [io, xv, yv], _py_timer(lambda: sess.run_with_iobinding(io))
+
+
+def _ort_lib_chain(case: dict, mode: str, threads: int, lib: str | None = None, isa: str = "auto"):
+    """``PackSign → BinaryConv2dPacked(output=mode)`` on ONNX Runtime with the bnnc custom-op library (``lib``,
+    default: :func:`bnnc.runtimes.ort.library_path`; kernels ``isa``, forced through ``BNNC_ORT_ISA``),
+    checked bit for bit against ``bnnc.ops.deploy`` (also through IOBinding). Returns (objects to keep alive,
+    timer)."""
+    import onnxruntime as ort
+
+    from bnnc.runtimes.ort import library_path
+
+    lib = lib or library_path()
+    model = _deploy_chain_model(case, mode)
+    model.ir_version = min(model.ir_version, 10)  # onnx writes a newer IR than ORT reads; nothing IR-11+ is used
+    old = os.environ.get("BNNC_ORT_ISA")
+    os.environ["BNNC_ORT_ISA"] = isa
+    try:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3
+        opts.register_custom_ops_library(lib)
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    finally:
+        if old is None:
+            os.environ.pop("BNNC_ORT_ISA", None)
+        else:
+            os.environ["BNNC_ORT_ISA"] = old
+    want = case["ref_bits" if mode == "bits" else "ref_float"]
+    got = sess.run(None, {"x": case["x"]})[0]
+    if got.shape != want.shape or not np.array_equal(got.view(np.uint32), want.view(np.uint32)):
+        raise AssertionError(f"ORT library ({isa}) {mode}: output differs from bnnc.ops.deploy")
+    keep, timer = _ort_bound_timer(sess, case["x"], got)
+    if not np.array_equal(keep[-1].numpy().view(np.uint32), want.view(np.uint32)):
+        raise AssertionError(f"ORT library ({isa}) {mode}: output through IOBinding differs from bnnc.ops.deploy")
+    return (sess, keep), timer
+
+
+def ort_lib_status() -> tuple[bool, str]:
+    """(available, the ISA its kernels run here, or why the ORT custom-op library is not available)."""
+    try:
+        import importlib
+
+        importlib.import_module("onnxruntime")
+        from bnnc.runtimes.ort import library_path, resolve_isa
+
+        lib = library_path(build=False)
+        return True, resolve_isa("auto", lib)
+    except Exception as e:  # noqa: BLE001 - report the reason verbatim
+        return False, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+
 def _ort_conv(case: dict, threads: int):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -302,8 +369,8 @@ def _ort_conv(case: dict, threads: int):
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
     sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    feed = {"x": case["x"]}
-    return sess, _py_timer(lambda: sess.run(None, feed))
+    keep, timer = _ort_bound_timer(sess, case["x"], sess.run(None, {"x": case["x"]})[0])
+    return (sess, keep), timer
 
 
 def openvino_status() -> tuple[bool, str]:
@@ -519,7 +586,7 @@ def popcount_bound(measure_peak: bool = True) -> dict:
 
 def run_layer_bench(shapes=RESNET18_3X3, threads: int = 1, repeat: int = 15, include_openvino: bool = True,
                     block_s: float = 0.02, bound: dict | None = None, chain: bool = True,
-                    verbose: bool = False) -> list[dict]:
+                    verbose: bool = False, include_ort_lib: bool = True) -> list[dict]:
     """Time one binary conv layer per shape on every contender; returns one dict per shape.
 
     Keys (times in ms, medians of ``repeat`` interleaved rounds of ~``block_s`` s each):
@@ -529,7 +596,11 @@ def run_layer_bench(shapes=RESNET18_3X3, threads: int = 1, repeat: int = 15, inc
     ``bnnc_chain_float_ms``, ``bnnc_chain_bits_ms`` (one Relax module each); ``bnnc_sum_float_ms``,
     ``bnnc_sum_bits_ms`` (pack + conv timed separately); ``pack_ms``, ``conv_float_ms``, ``conv_bits_ms``;
     ``ort_fp32_ms``; ``openvino_ms`` (float output) and ``openvino_note`` (version, or why there is no
-    number); ``speedup_vs_ort`` (ORT ms / bnnc ms), ``ratio_vs_openvino`` (OpenVINO ms / bnnc ms: > 1
+    number); ``ort_lib_ms`` / ``ort_lib_bits_ms``: the same two-node graph (float / bits out) on ONNX Runtime
+    with the bnnc custom-op library, ``ort_lib_speedup_vs_ort`` (ORT FP32 ms / ort_lib_ms),
+    ``ort_lib_vs_bnnc`` (ort_lib_ms / bnnc_ms: the library's time in units of the TVM backend's) and
+    ``ort_lib_note`` (the ISA its kernels run, or why there is no number; ``include_ort_lib=False``: not
+    requested). Every ONNX Runtime contender is timed through IOBinding on buffers bound once; ``speedup_vs_ort`` (ORT ms / bnnc ms), ``ratio_vs_openvino`` (OpenVINO ms / bnnc ms: > 1
     means bnnc is faster); ``gbops`` (BOPs / bnnc_ms, in 1e9/s); ``bitmacs_per_cycle`` (the bits conv
     kernel alone, per thread) and ``frac_of_bound`` (of the theoretical popcount bound) when the clock
     is known; ``bnnc_p90_ms``, ``ort_fp32_p90_ms``, ``openvino_p90_ms``: the 90th percentile over rounds.
@@ -541,6 +612,7 @@ def run_layer_bench(shapes=RESNET18_3X3, threads: int = 1, repeat: int = 15, inc
     threads = int(threads)
     set_num_threads(threads)
     ov_ok, ov_note = openvino_status() if include_openvino else (False, "not requested")
+    lib_ok, lib_note = ort_lib_status() if include_ort_lib else (False, "not requested")
     if bound is None:
         bound = popcount_bound(measure_peak=False)
     rows = []
@@ -575,9 +647,14 @@ def run_layer_bench(shapes=RESNET18_3X3, threads: int = 1, repeat: int = 15, inc
                 tm, t = _bnnc_chain(case, mode, threads)
                 _check(f"bnnc chain ({mode})", tm.run(case["x"]), case[f"ref_{mode}"])
                 timers[f"chain_{mode}"] = t
-        sess, ort_t = _ort_conv(case, threads)
+        (sess, keep_fp32), ort_t = _ort_conv(case, threads)
         _check("ORT Conv", sess.run(None, {"x": case["x"]})[0], _float_conv_ref(case), exact=False)
         timers["ort"] = ort_t
+        keep_lib = []
+        if lib_ok:
+            for mode in ("float", "bits"):  # checked bit for bit inside
+                kept, timers[f"ortlib_{mode}"] = _ort_lib_chain(case, mode, threads)
+                keep_lib.append(kept)
         note = ov_note
         if ov_ok:
             try:
@@ -605,6 +682,11 @@ def run_layer_bench(shapes=RESNET18_3X3, threads: int = 1, repeat: int = 15, inc
         row["openvino_p90_ms"] = p90.get("ov")
         row["speedup_vs_ort"] = row["ort_fp32_ms"] / row["bnnc_ms"]
         row["ratio_vs_openvino"] = row["openvino_ms"] / row["bnnc_ms"] if row["openvino_ms"] else None
+        row["ort_lib_ms"], row["ort_lib_bits_ms"] = ms.get("ortlib_float"), ms.get("ortlib_bits")
+        row["ort_lib_p90_ms"] = p90.get("ortlib_float")
+        row["ort_lib_note"] = lib_note
+        row["ort_lib_speedup_vs_ort"] = row["ort_fp32_ms"] / row["ort_lib_ms"] if row["ort_lib_ms"] else None
+        row["ort_lib_vs_bnnc"] = row["ort_lib_ms"] / row["bnnc_ms"] if row["ort_lib_ms"] else None
         row["gbops"] = shape.bops / (row["bnnc_ms"] * 1e-3) / 1e9
         hz, th = bound.get("freq_hz"), bound.get("theory_bitmacs_per_cycle")
         # the conv alone (bits) against the bound: the pack and epilogue are not popcount work; with the AMX
@@ -629,18 +711,21 @@ def format_layer_table(rows, header: bool = True, bound: dict | None = None) -> 
     if header:
         lines += ["| shape | threads | bnnc ms | ORT FP32 ms | OpenVINO ms | speedup vs ORT | ratio vs OpenVINO "
                   "| GBOPs/s | bnnc bits-out ms | kernels: pack + conv(float) / conv(bits) ms "
-                  "| conv bit-MACs/cycle (of bound) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| conv bit-MACs/cycle (of bound) | ORT library ms (vs ORT FP32, ÷ bnnc TVM) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         bmc = "—" if r["bitmacs_per_cycle"] is None else (
             f"{r['bitmacs_per_cycle']:.0f}" + (f" ({r['frac_of_bound']:.0%})" if r["frac_of_bound"] else "")
             + (" AMX" if r.get("conv_kernel") == "amx" else ""))
         ov = _f(r["openvino_ms"]) if r["openvino_ms"] is not None else f"n/a: {r['openvino_note']}"
+        lib = (f"{_f(r['ort_lib_ms'])} ({_f(r['ort_lib_speedup_vs_ort'], '{:.1f}×')}, "
+               f"{_f(r['ort_lib_vs_bnnc'], '{:.2f}')}; {r['ort_lib_note']})" if r.get("ort_lib_ms") is not None
+               else f"n/a: {r.get('ort_lib_note', 'not measured')}")
         lines.append(
             f"| {r['shape']} | {r['threads']} | {_f(r['bnnc_ms'])} | {_f(r['ort_fp32_ms'])} | {ov} "
             f"| {_f(r['speedup_vs_ort'], '{:.1f}×')} | {_f(r['ratio_vs_openvino'], '{:.2f}×')} "
             f"| {_f(r['gbops'], '{:.0f}')} | {_f(r['bnnc_chain_bits_ms'])} "
-            f"| {_f(r['pack_ms'])} + {_f(r['conv_float_ms'])} / {_f(r['conv_bits_ms'])} | {bmc} |")
+            f"| {_f(r['pack_ms'])} + {_f(r['conv_float_ms'])} / {_f(r['conv_bits_ms'])} | {bmc} | {lib} |")
     if bound is not None:
         hz = bound.get("freq_hz")
         lines.append("")
@@ -965,6 +1050,9 @@ def add_arguments(ap) -> None:
                     "(default 1)")
     ap.add_argument("--repeat", type=int, default=15, help="interleaved rounds per contender (default 15)")
     ap.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO column")
+    ap.add_argument("--no-ort-lib", action="store_true",
+                    help="skip the column of the ONNX Runtime custom-op library (libbnnc_ort.so, built at install "
+                         "or by `python -m bnnc.runtimes.ort.build`)")
     ap.add_argument("--no-memory", action="store_true", help="model bench: skip the peak-RSS probes (one fresh "
                     "process per contender)")
     ap.add_argument("--shapes", help="layer shapes H,W,Cin,Cout[;...] (default: ResNet-18 3x3 layers)")
@@ -1060,7 +1148,7 @@ def run_from_args(args) -> int:
     allrows = []
     for t in args.threads:
         allrows += run_layer_bench(shapes, threads=t, repeat=args.repeat, include_openvino=not args.no_openvino,
-                                   bound=bound)
+                                   bound=bound, include_ort_lib=not args.no_ort_lib)
     if args.json:
         print(json.dumps({"bound": bound, "rows": allrows}, indent=1))
     else:

@@ -12,7 +12,7 @@ from .util import atomic_path
 __all__ = ["plot_layer_latency", "plot_layer_speedup", "plot_model_latency", "plot_accuracy_vs_latency",
            "plot_training_curves"]
 
-_COLORS = {"bnnc": "#1f77b4", "ORT FP32": "#ff7f0e", "OpenVINO": "#2ca02c", "reference": "#7f7f7f"}
+_COLORS = {"bnnc": "#1f77b4", "bnnc TVM": "#1f77b4", "bnnc ORT library": "#9467bd", "ORT FP32": "#ff7f0e", "OpenVINO": "#2ca02c", "reference": "#7f7f7f"}
 
 
 def _figure(w=7.0, h=4.0):
@@ -55,13 +55,17 @@ def _bars(ax, labels, series: dict, ylabel: str, errors: dict | None = None):
 
 
 def plot_layer_latency(rows, path, title: str | None = None) -> Path:
-    """Latency per layer shape (p50 bars, p90 whiskers) of bnnc, ORT FP32 and OpenVINO (layer-bench rows)."""
+    """Latency per layer shape (p50 bars, p90 whiskers) of bnnc (TVM backend, and the ONNX Runtime custom-op
+    library where the rows have it), ORT FP32 and OpenVINO (layer-bench rows)."""
     plt, fig, ax = _figure()
     labels = [f"{r['shape']} ({r['threads']}t)" for r in rows]
-    series = {"bnnc": [r["bnnc_ms"] for r in rows], "ORT FP32": [r["ort_fp32_ms"] for r in rows],
+    series = {"bnnc TVM": [r["bnnc_ms"] for r in rows], "ORT FP32": [r["ort_fp32_ms"] for r in rows],
               "OpenVINO": [r.get("openvino_ms") for r in rows]}
-    p90 = {"bnnc": [r.get("bnnc_p90_ms") for r in rows], "ORT FP32": [r.get("ort_fp32_p90_ms") for r in rows],
+    p90 = {"bnnc TVM": [r.get("bnnc_p90_ms") for r in rows], "ORT FP32": [r.get("ort_fp32_p90_ms") for r in rows],
            "OpenVINO": [r.get("openvino_p90_ms") for r in rows]}
+    if any(r.get("ort_lib_ms") is not None for r in rows):
+        series["bnnc ORT library"] = [r.get("ort_lib_ms") for r in rows]
+        p90["bnnc ORT library"] = [r.get("ort_lib_p90_ms") for r in rows]
     _bars(ax, labels, series, "latency (ms, batch 1; bar p50, whisker p90)", p90)
     ax.set_title(title or "binary 3×3 conv layer latency")
     return _save(plt, fig, path)

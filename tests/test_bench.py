@@ -70,15 +70,24 @@ def test_layer_bench_rows_well_formed():
     else:
         # no number without a reason
         assert r["openvino_ms"] is None and r["ratio_vs_openvino"] is None and r["openvino_note"]
+    ok, isa = bench.ort_lib_status()
+    if ok:  # the ORT custom-op library's column (its output checked bit for bit inside the bench)
+        assert r["ort_lib_note"] == isa and r["ort_lib_ms"] > 0 and r["ort_lib_bits_ms"] > 0
+        assert r["ort_lib_speedup_vs_ort"] == pytest.approx(r["ort_fp32_ms"] / r["ort_lib_ms"])
+        assert r["ort_lib_vs_bnnc"] == pytest.approx(r["ort_lib_ms"] / r["bnnc_ms"])
+    else:
+        assert r["ort_lib_ms"] is None and r["ort_lib_speedup_vs_ort"] is None and r["ort_lib_note"]
     table = bench.format_layer_table(rows)
     assert TINY.label in table and table.count("\n") == 2
+    assert table.splitlines()[0].count("|") == table.splitlines()[2].count("|")  # one cell per column
 
 
 def test_layer_bench_without_openvino():
     rows = bench.run_layer_bench([bench.LayerShape(4, 4, 32, 32)], threads=1, repeat=1, block_s=0.001,
-                                 include_openvino=False, chain=False, bound={})
+                                 include_openvino=False, chain=False, bound={}, include_ort_lib=False)
     r = rows[0]
     assert r["openvino_ms"] is None and r["openvino_note"] == "not requested"
+    assert r["ort_lib_ms"] is None and r["ort_lib_note"] == "not requested"
     assert r["bnnc_ms"] == r["bnnc_sum_float_ms"] > 0 and r["bitmacs_per_cycle"] is None
     assert "n/a: not requested" in bench.format_layer_table(rows)
 
@@ -118,3 +127,9 @@ def test_train_overhead_bench_rows():
                                           rounds=1)
     assert [r["quantizers"] for r in rows] == ["fp32", "sign/sign", "rbnn/rbnn"]
     assert rows[0]["ratio_vs_fp32"] == 1.0 and all(r["step_ms"] > 0 for r in rows)
+
+
+def test_ort_lib_status_names_a_missing_library(monkeypatch, tmp_path):
+    monkeypatch.setenv("BNNC_ORT_LIBRARY", str(tmp_path / "nope.so"))
+    ok, why = bench.ort_lib_status()
+    assert not ok and "nope.so" in why and "no such file" in why

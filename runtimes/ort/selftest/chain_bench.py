@@ -27,57 +27,6 @@ import sys
 import numpy as np
 
 
-def _ort_chain(case, mode, lib, isa, threads):
-    import onnxruntime as ort
-
-    from bnnc import bench as B
-
-    model = B._deploy_chain_model(case, mode)
-    model.ir_version = min(model.ir_version, 10)  # onnx writes a newer IR than ORT reads; nothing IR-11+ is used
-    old = os.environ.get("BNNC_ORT_ISA")
-    os.environ["BNNC_ORT_ISA"] = isa
-    try:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3
-        opts.register_custom_ops_library(lib)
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    finally:
-        if old is None:
-            os.environ.pop("BNNC_ORT_ISA", None)
-        else:
-            os.environ["BNNC_ORT_ISA"] = old
-    feed = {"x": case["x"]}
-    got = sess.run(None, feed)[0]
-    want = case["ref_bits" if mode == "bits" else "ref_float"]
-    if got.shape != want.shape or not np.array_equal(got.view(np.uint32), want.view(np.uint32)):
-        raise AssertionError(f"ORT {isa} {mode}: output differs from bnnc.ops.deploy")
-    keep, timer = _bound_timer(sess, case["x"], got)
-    if not np.array_equal(keep[-1].numpy().view(np.uint32), want.view(np.uint32)):
-        raise AssertionError(f"ORT {isa} {mode}: output through IOBinding differs from bnnc.ops.deploy")
-    return (sess, keep), timer
-
-
-def _bound_timer(sess, x, like):
-    """A timer of ``sess`` run through IOBinding on OrtValues bound once (input ``x``, an output buffer
-    shaped as ``like``): ORT's own time without the per-call numpy conversion and output allocation of
-    ``InferenceSession.run``, as TVM's ``time_evaluator`` times the compiled function alone. Returns the
-    objects to keep alive (the output OrtValue last) and the timer."""
-    import onnxruntime as ort
-
-    from bnnc import bench as B
-
-    io = sess.io_binding()
-    xv = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x))
-    yv = ort.OrtValue.ortvalue_from_numpy(np.empty_like(like))
-    io.bind_ortvalue_input(sess.get_inputs()[0].name, xv)
-    io.bind_ortvalue_output(sess.get_outputs()[0].name, yv)
-    sess.run_with_iobinding(io)
-    return [io, xv, yv], B._py_timer(lambda: sess.run_with_iobinding(io))
-
-
 def run(shapes, isas, before=None, tvm=True, repeat=15, threads=1, block_s=0.02, log=print):
     from bnnc import bench as B
     from bnnc.runtimes.ort import library_path, resolve_isa
@@ -88,16 +37,15 @@ def run(shapes, isas, before=None, tvm=True, repeat=15, threads=1, block_s=0.02,
     for shape in shapes:
         case = B.make_layer_case(shape)
         timers, keep = {}, []
-        sess, _ = B._ort_conv(case, threads)
-        kept, timers["ort_fp32"] = _bound_timer(sess, case["x"], sess.run(None, {"x": case["x"]})[0])
-        keep.append((sess, kept))
+        sess, timers["ort_fp32"] = B._ort_conv(case, threads)
+        keep.append(sess)
         for mode in ("float", "bits"):
             for isa in isas:
-                sess, timers[f"ort_{isa}_{mode}"] = _ort_chain(case, mode, lib, isa, threads)
+                sess, timers[f"ort_{isa}_{mode}"] = B._ort_lib_chain(case, mode, threads, lib, isa)
                 keep.append(sess)
             if before:
                 best = resolve_isa("auto", before)
-                sess, timers[f"before_{best}_{mode}"] = _ort_chain(case, mode, before, best, threads)
+                sess, timers[f"before_{best}_{mode}"] = B._ort_lib_chain(case, mode, threads, before, best)
                 keep.append(sess)
             if tvm:
                 tm, t = B._bnnc_chain(case, mode, threads)
