@@ -304,23 +304,14 @@ def _ort_lib_chain(case: dict, mode: str, threads: int, lib: str | None = None, 
     default: :func:`bnnc.runtimes.ort.library_path`; kernels ``isa``, forced through ``BNNC_ORT_ISA``),
     checked bit for bit against ``bnnc.ops.deploy`` (also through IOBinding). Returns (objects to keep alive,
     timer)."""
-    import onnxruntime as ort
-
     from bnnc.runtimes.ort import library_path
 
-    lib = lib or library_path()
     model = _deploy_chain_model(case, mode)
     model.ir_version = min(model.ir_version, 10)  # onnx writes a newer IR than ORT reads; nothing IR-11+ is used
     old = os.environ.get("BNNC_ORT_ISA")
     os.environ["BNNC_ORT_ISA"] = isa
     try:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3
-        opts.register_custom_ops_library(lib)
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = _ort_session(model.SerializeToString(), threads, library=lib or library_path())
     finally:
         if old is None:
             os.environ.pop("BNNC_ORT_ISA", None)
@@ -351,7 +342,6 @@ def ort_lib_status() -> tuple[bool, str]:
 
 
 def _ort_conv(case: dict, threads: int):
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     s = case["shape"]
@@ -363,12 +353,7 @@ def _ort_conv(case: dict, threads: int):
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, s.cout, oh, ow])],
                           [numpy_helper.from_array(case["wsign"], "W")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(threads)
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = _ort_session(m.SerializeToString(), threads)
     keep, timer = _ort_bound_timer(sess, case["x"], sess.run(None, {"x": case["x"]})[0])
     return (sess, keep), timer
 
@@ -600,8 +585,9 @@ def run_layer_bench(shapes=RESNET18_3X3, threads: int = 1, repeat: int = 15, inc
     with the bnnc custom-op library, ``ort_lib_speedup_vs_ort`` (ORT FP32 ms / ort_lib_ms),
     ``ort_lib_vs_bnnc`` (ort_lib_ms / bnnc_ms: the library's time in units of the TVM backend's) and
     ``ort_lib_note`` (the ISA its kernels run, or why there is no number; ``include_ort_lib=False``: not
-    requested). Every ONNX Runtime contender is timed through IOBinding on buffers bound once; ``speedup_vs_ort`` (ORT ms / bnnc ms), ``ratio_vs_openvino`` (OpenVINO ms / bnnc ms: > 1
-    means bnnc is faster); ``gbops`` (BOPs / bnnc_ms, in 1e9/s); ``bitmacs_per_cycle`` (the bits conv
+    requested); every ONNX Runtime contender is timed through IOBinding on buffers bound once;
+    ``speedup_vs_ort`` (ORT ms / bnnc ms), ``ratio_vs_openvino`` (OpenVINO ms / bnnc ms: > 1 means bnnc is
+    faster); ``gbops`` (BOPs / bnnc_ms, in 1e9/s); ``bitmacs_per_cycle`` (the bits conv
     kernel alone, per thread) and ``frac_of_bound`` (of the theoretical popcount bound) when the clock
     is known; ``bnnc_p90_ms``, ``ort_fp32_p90_ms``, ``openvino_p90_ms``: the 90th percentile over rounds.
     """
@@ -777,7 +763,9 @@ def fp32_twin(export_model):
     return m
 
 
-def _ort_session(model_bytes: bytes, threads: int, optimize: bool):
+def _ort_session(model_bytes: bytes, threads: int, optimize: bool = True, library: str | None = None):
+    """A CPU ONNX Runtime session on ``threads`` intra-op threads (sequential execution, the default), with
+    the custom-op ``library`` registered when given."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -786,6 +774,8 @@ def _ort_session(model_bytes: bytes, threads: int, optimize: bool):
     opts.log_severity_level = 3
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if library:
+        opts.register_custom_ops_library(library)
     return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
 

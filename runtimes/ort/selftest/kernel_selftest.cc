@@ -73,6 +73,12 @@ void run_bands_avx512(const ConvPlan& p, int64_t band) {
     for (int64_t y0 = 0; y0 < p.OH; y0 += band)
       conv_band_float_avx512(p, n, y0, y0 + band < p.OH ? y0 + band : p.OH, patch.data(), pc.data());
 }
+
+void run_bits_fused_avx512(const ConvPlan& p) {
+  std::vector<uint32_t> patch(static_cast<size_t>(row_buf_words(p)) + 1);
+  for (int64_t n = 0; n < p.N; ++n)
+    for (int64_t y = 0; y < p.OH; ++y) conv_row_bits_avx512(p, n, y, gather_row(p, n, y, patch.data()));
+}
 #endif
 
 // conv == nullptr: the AMX whole-image kernels
@@ -168,11 +174,8 @@ bool run_case(const Case& c, std::mt19937& rng, ConvRowPcFn conv, EpilogueRowFn 
   else if (g_band != 0 && !c.bits) run_bands_avx512(p, g_band);
   else if (g_bits_fused) {
     if (p.tpc == nullptr) return false;  // every P0 in {-1, 0, 1} here: prepare_plan must give the table
-    std::vector<uint32_t> patch(static_cast<size_t>(row_buf_words(p)) + 1);
-    for (int64_t n = 0; n < p.N; ++n)
-      for (int64_t y = 0; y < p.OH; ++y) conv_row_bits_avx512(p, n, y, gather_row(p, n, y, patch.data()));
-  }
-  else
+    run_bits_fused_avx512(p);
+  } else
 #endif
     run_conv_serial(p, conv, epi);
   if (packed && gpb != pb) return false;

@@ -80,6 +80,10 @@ struct IsaImpl {
   bool forced = false;  // requested by name (BNNC_ORT_ISA): AMX then runs every layer
 };
 
+// The AVX-512 row kernels run (ISA avx512, or amx for the layers AMX does not take): their float epilogue is
+// alias-safe and in bands of rows, their bits output decided in the GEMM register blocks.
+bool avx512_rows(const IsaImpl& impl) { return impl.isa == Isa::Avx512 || impl.isa == Isa::Amx; }
+
 // AMX pays a per-image cost (unpacking the image to bytes, expanding the weight tiles) and wastes half of
 // every 64-byte chunk when 32·Cw is odd: below ~16 M bit-MACs per image (CIFAR ResNet-20: 32×32×16 → 16,
 // 8×8×64 → 64, measured 1.3-2.4× slower than AVX-512), with ≤ 32 input channels or < 32 outputs the
@@ -432,14 +436,14 @@ void conv_row_task(void* data, size_t idx) {
   const int64_t n = static_cast<int64_t>(idx) / p.OH, y = static_cast<int64_t>(idx) % p.OH;
   const size_t np = static_cast<size_t>(row_buf_words(p)), nc = static_cast<size_t>(p.OW * p.Opad);
   if (t_patch.size() < np) t_patch.resize(np);
-  if (t_pc.size() < nc) t_pc.resize(nc);
-  if (!p.bits && t_fbuf.size() < nc) t_fbuf.resize(nc);
 #if defined(__x86_64__) || defined(__i386__)
-  if (p.bits && p.tpc && (task.impl.isa == Isa::Avx512 || task.impl.isa == Isa::Amx)) {
+  if (p.bits && p.tpc && avx512_rows(task.impl)) {  // no count rows
     conv_row_bits_avx512(p, n, y, gather_row(p, n, y, t_patch.data()));
     return;
   }
 #endif
+  if (t_pc.size() < nc) t_pc.resize(nc);
+  if (!p.bits && t_fbuf.size() < nc) t_fbuf.resize(nc);
   task.impl.conv(p, gather_row(p, n, y, t_patch.data()), t_pc.data());
   task.impl.epi(p, n, y, t_pc.data(), p.bits ? nullptr : t_fbuf.data());
 }
@@ -612,7 +616,7 @@ struct ConvKernel {
         p.res = r.data;
         // Y in R's buffer (GetMayInplace): only the AVX-512 epilogue (AVX-512 and AMX kernels) reads each
         // residual element before writing it; the row kernels of the other ISAs store the row first.
-        if (static_cast<const void*>(p.res) == p.y && impl.isa != Isa::Avx512 && impl.isa != Isa::Amx) {
+        if (static_cast<const void*>(p.res) == p.y && !avx512_rows(impl)) {
           res_copy.assign(r.data, r.data + r.size);
           p.res = res_copy.data();
         }
@@ -662,7 +666,7 @@ struct ConvKernel {
     }
 #endif
 #if defined(__x86_64__) || defined(__i386__)
-    if (!p.bits && (impl.isa == Isa::Avx512 || impl.isa == Isa::Amx)) {  // float output in bands of rows
+    if (!p.bits && avx512_rows(impl)) {  // float output in bands of rows
       task.band = float_band_rows_avx512(p);
       task.nband = (p.OH + task.band - 1) / task.band;
       parallel_for(ctx, static_cast<size_t>(p.N * task.nband), conv_band_task, &task);

@@ -103,13 +103,13 @@ void conv_row_pc_avx2(const ConvPlan& p, const RowSrc& src, int32_t* pc);
 void epilogue_row_avx2(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, float* fbuf);
 void conv_row_pc_avx512(const ConvPlan& p, const RowSrc& src, int32_t* pc);
 void epilogue_row_avx512(const ConvPlan& p, int64_t n, int64_t y, const int32_t* pc, float* fbuf);
-// Bits output with p.tpc (every P0 in {-1, 0, 1}): output row y of image n decided in the register blocks
-// of the popcount GEMM, no counts stored (replaces conv_row_pc_avx512 + epilogue_row_avx512).
-void conv_row_bits_avx512(const ConvPlan& p, int64_t n, int64_t y, const RowSrc& src);
 // The same from AMX dot products (D = etamx + dot) for output rows [y0, y1), row y at dot + (y - y0)·dot_row·Opad;
 // bits output needs p.small_dir.
 void epilogue_dot_rows_avx512(const ConvPlan& p, int64_t n, int64_t y0, int64_t y1, const int32_t* dot,
                               int64_t dot_row);
+// Bits output with p.tpc (every P0 in {-1, 0, 1}): output row y of image n decided in the register blocks
+// of the popcount GEMM, no counts stored (replaces conv_row_pc_avx512 + epilogue_row_avx512).
+void conv_row_bits_avx512(const ConvPlan& p, int64_t n, int64_t y, const RowSrc& src);
 // Float output (popcount kernels) of output rows [y0, y1) of image n as one band: each row's counts into a
 // ring of float_band_slots_avx512(p, y1 - y0) rows of `pc` (OW·Opad int32 each), the epilogue on whole
 // 16-pixel vectors across row ends (the band's last one partial). `patch`: row_buf_words(p) words.
